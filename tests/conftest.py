@@ -1,0 +1,52 @@
+"""Shared pytest fixtures.
+
+``built_state`` builds the real sample data and every store (image index,
+PatchCore banks, manual store) once per test session into a temporary state
+directory, with the same code ``python cli.py build`` runs. Tests that only read
+use it directly; tests that write copy it first (``writable_state``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import pytest  # noqa: E402
+
+
+def _use_state(path: Path) -> None:
+    os.environ["DRA_STATE_DIR"] = str(path)
+    from stores.settings import get_settings
+
+    get_settings.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def built_state(tmp_path_factory) -> Path:
+    """Path of a fully built state directory (sample data + all stores)."""
+    root = tmp_path_factory.mktemp("state")
+    _use_state(root)
+    from stores.pipeline import build_state
+
+    build_state()
+    return root
+
+
+@pytest.fixture()
+def writable_state(built_state, tmp_path) -> Path:
+    """A private copy of ``built_state`` that a test may modify."""
+    dst = tmp_path / "state"
+    shutil.copytree(built_state, dst)
+    _use_state(dst)
+    yield dst
+    _use_state(built_state)
