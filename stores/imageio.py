@@ -55,6 +55,10 @@ def load_rgb(source: str | Path | bytes | Image.Image | np.ndarray, max_pixels: 
         try:
             probe = Image.open(io.BytesIO(data))
             w, h = probe.size
+        except Image.DecompressionBombError as exc:
+            raise InvalidImageError(
+                f"{name} is above the limit of {max_pixels:,} pixels (decompression bomb guard): {exc}"
+            ) from None
         except UnidentifiedImageError:
             raise InvalidImageError(f"{name} is not a recognised image file (PNG, JPEG, BMP, TIFF, WebP ...)") from None
         except Exception as exc:  # noqa: BLE001 - PIL raises many types on bad headers

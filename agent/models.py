@@ -1,0 +1,351 @@
+"""Agent model backends: a smolagents ``Model`` for llama.cpp, and the backend registry.
+
+:class:`LlamaCppModel` runs a GGUF chat model in-process with llama-cpp-python
+(``llama_cpp.Llama``). For tool calls it constrains decoding with a llama.cpp grammar
+compiled from a JSON schema (``LlamaGrammar.from_json_schema``): the output is always
+``{"name": <tool name>, "arguments": {...}}`` valid against that tool's input schema
+(smolagents' ``get_tool_json_schema``), which makes a 1.5B model a usable tool caller.
+Sampling is greedy (temperature 0) so runs are reproducible.
+
+Prompt processing dominates on a 2-core CPU: the chat prompt is tokenized here and
+passed as token ids, so llama.cpp reuses the KV cache of the longest common prefix with
+the previous call (the system prompt and earlier steps are not evaluated again).
+
+:func:`get_agent_model` resolves ``settings.agent_backend`` through a registry of named
+backend factories (:data:`AGENT_BACKENDS`; "llamacpp" today; "transformers-qwen2vl"
+and "openai-server" are registered by their own modules with
+:func:`register_agent_backend`).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from smolagents.models import (
+    ChatMessage,
+    ChatMessageToolCall,
+    ChatMessageToolCallFunction,
+    MessageRole,
+    Model,
+    get_clean_message_list,
+    get_tool_json_schema,
+    remove_content_after_stop_sequences,
+    tool_role_conversions,
+)
+from smolagents.monitoring import TokenUsage
+
+from stores.settings import Settings, get_settings
+
+
+class GenerationTimeout(TimeoutError):
+    """Generation passed the deadline set with :meth:`LlamaCppModel.set_deadline`."""
+
+
+def tool_call_schema(tools: list) -> dict:
+    """JSON schema of one tool call ``{"name": ..., "arguments": {...}}`` over ``tools``.
+
+    Args:
+        tools: smolagents ``Tool`` objects (``final_answer`` included when the agent has it).
+
+    Returns:
+        ``{"oneOf": [per-tool object schema, ...]}``; each branch fixes ``name`` with
+        ``const`` and restricts ``arguments`` to the tool's properties (required ones
+        required, nullable ones optional, no extra keys). Descriptions are dropped (they
+        do not change the grammar).
+    """
+    branches = []
+    for tool in tools:
+        params = get_tool_json_schema(tool)["function"]["parameters"]
+        props = {}
+        for key, spec in params["properties"].items():
+            clean = {k: v for k, v in spec.items() if k in ("type", "enum", "items", "minimum", "maximum")}
+            if isinstance(clean.get("type"), list):  # ["string", "null"] from anyOf: drop null, key is optional
+                types = [t for t in clean["type"] if t != "null"]
+                clean["type"] = types[0] if len(types) == 1 else types
+            if clean.get("type") == "any":
+                clean["type"] = "string"
+            if clean.get("type") == "object" and "properties" not in clean:
+                clean = {"type": "object"}
+            props[key] = clean
+        branches.append(
+            {
+                "type": "object",
+                "properties": {
+                    "name": {"const": tool.name},
+                    "arguments": {
+                        "type": "object",
+                        "properties": props,
+                        "required": list(params["required"]),
+                        "additionalProperties": False,
+                    },
+                },
+                "required": ["name", "arguments"],
+                "additionalProperties": False,
+            }
+        )
+    return {"oneOf": branches}
+
+
+class LlamaCppModel(Model):
+    """smolagents ``Model`` running a GGUF chat model with llama-cpp-python, in-process.
+
+    Args:
+        model_path: GGUF file.
+        n_ctx: context length in tokens.
+        n_threads: CPU threads for llama.cpp (prompt and generation).
+        max_tokens: default cap on generated tokens per call.
+        temperature: sampling temperature; 0 = greedy (default, deterministic).
+        n_batch: prompt-processing batch size in tokens.
+        seed: sampler seed.
+        model_id: name shown in logs / results (default: the file name).
+        verbose: llama.cpp logging to stderr.
+
+    ``generate(messages, stop_sequences, response_format, tools_to_call_from, max_tokens=...)``
+    follows smolagents' ``Model.generate``: messages are flattened to text with
+    smolagents' role conversions (tool-call → assistant, tool-response → user),
+    rendered with the GGUF's own Jinja chat template, and completed. With
+    ``tools_to_call_from`` the output is grammar-constrained to one tool call and
+    returned in ``ChatMessage.tool_calls`` (content ``""``); with ``response_format``
+    ``{"type": "json_schema", "json_schema": {"schema": ...}}`` or
+    ``{"type": "json_object", "schema": ...}`` the text is constrained to that schema.
+    ``token_usage`` holds prompt and completion token counts.
+
+    Raises (from ``generate``):
+        GenerationTimeout: the deadline set with :meth:`set_deadline` passed.
+        ValueError: the prompt does not fit in ``n_ctx``.
+
+    Source: llama.cpp (ggml-org) via llama-cpp-python; JSON-schema grammars from
+    llama.cpp's ``json_schema_to_grammar``.
+    """
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        n_ctx: int = 8192,
+        n_threads: int = 2,
+        max_tokens: int = 700,
+        temperature: float = 0.0,
+        n_batch: int = 512,
+        seed: int = 0,
+        model_id: str | None = None,
+        verbose: bool = False,
+        **kwargs,
+    ):
+        from llama_cpp import Llama
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        super().__init__(flatten_messages_as_text=True, model_id=model_id or Path(model_path).name, **kwargs)
+        self.model_path = str(model_path)
+        self.max_tokens = int(max_tokens)
+        self.temperature = float(temperature)
+        self.n_ctx = int(n_ctx)
+        self.llm = Llama(
+            model_path=self.model_path,
+            n_ctx=self.n_ctx,
+            n_threads=int(n_threads),
+            n_threads_batch=int(n_threads),
+            n_batch=int(n_batch),
+            seed=int(seed),
+            verbose=verbose,
+        )
+        template = self.llm.metadata.get("tokenizer.chat_template")
+        if not template:
+            raise ValueError(f"{self.model_path} has no chat template (tokenizer.chat_template) in its metadata")
+        eos_id, bos_id = self.llm.token_eos(), self.llm.token_bos()
+        self._eos_id = eos_id
+        self._formatter = Jinja2ChatFormatter(
+            template=template,
+            eos_token=self.llm._model.token_get_text(eos_id) if eos_id != -1 else "",
+            bos_token=self.llm._model.token_get_text(bos_id) if bos_id != -1 else "",
+            stop_token_ids=[eos_id],
+        )
+        self._grammars: dict[str, Any] = {}
+        self._lock = threading.RLock()
+        self._local = threading.local()
+        self._n_calls = 0
+
+    # ---- deadline (per thread) ----
+    def set_deadline(self, deadline: float | None) -> None:
+        """Abort generations of this thread after ``deadline`` (``time.monotonic()`` seconds; None: no limit)."""
+        self._local.deadline = deadline
+
+    @property
+    def deadline(self) -> float | None:
+        return getattr(self._local, "deadline", None)
+
+    # ---- helpers ----
+    def _grammar(self, schema: dict):
+        from llama_cpp import LlamaGrammar
+
+        key = json.dumps(schema, sort_keys=True)
+        if key not in self._grammars:
+            self._grammars[key] = LlamaGrammar.from_json_schema(key, verbose=False)
+        return self._grammars[key]
+
+    def render_prompt(self, messages: list[ChatMessage | dict]) -> tuple[list[int], list[str]]:
+        """Chat-template the messages and tokenize: ``(prompt token ids, extra stop strings)``."""
+        clean = get_clean_message_list(
+            messages, role_conversions=tool_role_conversions, flatten_messages_as_text=True
+        )
+        chat = [{"role": str(getattr(m["role"], "value", m["role"])), "content": m["content"] or ""} for m in clean]
+        result = self._formatter(messages=chat)
+        tokens = self.llm.tokenize(result.prompt.encode("utf-8"), add_bos=not result.added_special, special=True)
+        stops = result.stop if isinstance(result.stop, list) else [result.stop] if result.stop else []
+        return tokens, [s for s in stops if s]
+
+    def generate(
+        self,
+        messages: list[ChatMessage | dict],
+        stop_sequences: list[str] | None = None,
+        response_format: dict | None = None,
+        tools_to_call_from: list | None = None,
+        **kwargs,
+    ) -> ChatMessage:
+        """One chat completion; see the class docstring for the contract."""
+        max_tokens = int(kwargs.get("max_tokens") or kwargs.get("max_new_tokens") or self.max_tokens)
+        schema = None
+        if tools_to_call_from:
+            schema = tool_call_schema(tools_to_call_from)
+        elif response_format:
+            if response_format.get("type") == "json_schema":
+                schema = response_format.get("json_schema", {}).get("schema")
+            elif response_format.get("type") == "json_object":
+                schema = response_format.get("schema") or {"type": "object"}
+        with self._lock:
+            tokens, template_stops = self.render_prompt(messages)
+            if len(tokens) >= self.n_ctx - 16:
+                raise ValueError(f"prompt of {len(tokens)} tokens does not fit the context of {self.n_ctx} tokens")
+            max_tokens = max(1, min(max_tokens, self.n_ctx - len(tokens) - 1))
+            # With a grammar the grammar ends the output; free-text stop strings could cut a JSON string short.
+            stops = list(template_stops) + ([] if schema is not None else list(stop_sequences or []))
+            deadline = self.deadline
+            timed_out = [False]
+
+            def past_deadline(input_ids, logits) -> bool:
+                if deadline is not None and time.monotonic() > deadline:
+                    timed_out[0] = True
+                    return True
+                return False
+
+            from llama_cpp import StoppingCriteriaList
+
+            criteria = list(self._formatter_stop_criteria()) + [past_deadline]
+            if deadline is not None and time.monotonic() > deadline:
+                raise GenerationTimeout("agent deadline passed before generation started")
+            completion = self.llm.create_completion(
+                prompt=tokens,
+                max_tokens=max_tokens,
+                temperature=self.temperature,
+                top_k=1 if self.temperature == 0 else 40,
+                stop=stops,
+                stopping_criteria=StoppingCriteriaList(criteria),
+                grammar=self._grammar(schema) if schema is not None else None,
+                seed=0,
+            )
+            self._n_calls += 1
+        if timed_out[0]:
+            raise GenerationTimeout("agent deadline passed during generation")
+        text = completion["choices"][0]["text"]
+        finish = completion["choices"][0].get("finish_reason")
+        usage = completion.get("usage") or {}
+        token_usage = TokenUsage(
+            input_tokens=int(usage.get("prompt_tokens", len(tokens))),
+            output_tokens=int(usage.get("completion_tokens", 0)),
+        )
+        raw = {"text": text, "finish_reason": finish, "usage": usage}
+        if tools_to_call_from:
+            try:
+                call = json.loads(text)
+                name, arguments = call["name"], call.get("arguments") or {}
+            except (ValueError, KeyError, TypeError):
+                # truncated (max_tokens) output: let smolagents report a parsing error to the model
+                return ChatMessage(role=MessageRole.ASSISTANT, content=text, raw=raw, token_usage=token_usage)
+            return ChatMessage(
+                role=MessageRole.ASSISTANT,
+                content="",
+                tool_calls=[
+                    ChatMessageToolCall(
+                        id=f"call_{self._n_calls}",
+                        type="function",
+                        function=ChatMessageToolCallFunction(name=name, arguments=arguments),
+                    )
+                ],
+                raw=raw,
+                token_usage=token_usage,
+            )
+        if schema is None:
+            text = remove_content_after_stop_sequences(text, stop_sequences)
+        return ChatMessage(role=MessageRole.ASSISTANT, content=text, raw=raw, token_usage=token_usage)
+
+    def _formatter_stop_criteria(self):
+        eos = self._eos_id
+
+        def stop_on_eos(input_ids, logits) -> bool:
+            return len(input_ids) > 0 and int(input_ids[-1]) == eos
+
+        return [stop_on_eos]
+
+
+# ---------------------------------------------------------------- backend registry
+AgentBackend = Callable[[Settings], tuple[Model, str]]
+AGENT_BACKENDS: dict[str, AgentBackend] = {}
+_MODEL_CACHE: dict[tuple, tuple[Model, str]] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def register_agent_backend(name: str) -> Callable[[AgentBackend], AgentBackend]:
+    """Decorator: register ``factory(settings) -> (Model, display name)`` under ``name``."""
+
+    def deco(factory: AgentBackend) -> AgentBackend:
+        AGENT_BACKENDS[name] = factory
+        return factory
+
+    return deco
+
+
+@register_agent_backend("llamacpp")
+def _llamacpp_backend(settings: Settings) -> tuple[Model, str]:
+    """Qwen2.5-Coder-1.5B-Instruct Q4_K_M (assembled from PyPI slices) or ``settings.agent_model``."""
+    if settings.agent_model:
+        path = Path(settings.agent_model).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"DRA_AGENT_MODEL={settings.agent_model}: no such GGUF file")
+    else:
+        from agent.assemble import assemble_gguf
+
+        path = assemble_gguf(settings)
+    model = LlamaCppModel(
+        path,
+        n_ctx=settings.llm_ctx,
+        n_threads=max(1, settings.llm_threads),
+        max_tokens=settings.agent_max_tokens,
+    )
+    return model, f"llamacpp:{path.name}"
+
+
+def get_agent_model(settings: Settings | None = None) -> tuple[Model, str]:
+    """The agent's model for ``settings.agent_backend`` (loaded once per process and configuration).
+
+    Returns:
+        ``(model, name)``: a smolagents ``Model`` and a display name such as
+        ``"llamacpp:qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"``.
+
+    Raises:
+        ValueError: unknown backend name (the message lists the registered ones).
+        agent.assemble.ModelAssemblyError / FileNotFoundError: the weights are missing.
+    """
+    settings = settings or get_settings()
+    backend = settings.agent_backend
+    if backend not in AGENT_BACKENDS:
+        raise ValueError(f"unknown agent backend {backend!r}; registered: {sorted(AGENT_BACKENDS)}")
+    key = (backend, settings.agent_model, str(settings.models_dir), settings.llm_ctx, settings.llm_threads,
+           settings.agent_max_tokens)
+    with _CACHE_LOCK:
+        if key not in _MODEL_CACHE:
+            _MODEL_CACHE[key] = AGENT_BACKENDS[backend](settings)
+        return _MODEL_CACHE[key]

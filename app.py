@@ -1,0 +1,472 @@
+"""Gradio app of the defect response agent (UI only: no model state of its own).
+
+A person uploads a photo of a part in the chat (optionally with a question and a
+product). The tool-calling agent (:class:`agent.agents.DefectAgent`) runs PatchCore
+anomaly scoring, similar-defect search and manual retrieval; every tool call is
+streamed into the chat as a collapsible "thought" message (title = the call,
+content = the observation, with its duration), the anomaly overlay appears inline,
+the heat-map comparison and the similar past defects appear beside the chat, and
+the run ends with the response manual (markdown citing manual pages).
+
+Named API endpoints (``gradio_client``)::
+
+    from gradio_client import Client, handle_file
+    client = Client("http://127.0.0.1:7860/")
+    result, overlay = client.predict(handle_file("part.png"), "what should I do?", "auto (infer)",
+                                     api_name="/chat")
+    # result: dict answer, steps, citations, product, defect_type, model, fallback, ...
+    # overlay: local path of the downloaded overlay PNG (None when no scoring ran)
+    banner = client.predict(api_name="/models")   # {"agent", "image_embedder", ...}
+
+Bad input (not an image, truncated file, unknown product) makes ``/chat`` raise a
+``gr.Error`` whose message says what is wrong; ``gradio_client`` re-raises it as
+``gradio_client.exceptions.AppError``. The server keeps serving.
+
+Run ``python app.py`` to serve on ``Settings.host:Settings.port`` (127.0.0.1:7860).
+``demo`` is built at import time (Hugging Face Spaces style).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from stores.settings import get_settings  # sets the offline / no-telemetry environment first
+
+import gradio as gr  # noqa: E402
+
+from stores.catalog import UnknownProductError, check_product, products  # noqa: E402
+from stores.imageio import InvalidImageError  # noqa: E402
+
+log = logging.getLogger("dra.app")
+
+AUTO_PRODUCT = "auto (infer)"
+AGENT_CONCURRENCY_ID = "agent"  # the LLM is single: every agent run shares one slot
+DEFAULT_AGENT_NAME = "Qwen2.5-Coder-1.5B-Instruct Q4_K_M GGUF (llama.cpp)"
+
+# ---------------------------------------------------------------------------
+# process-wide lazy singleton: the agent (loads its model on first use)
+# ---------------------------------------------------------------------------
+_AGENT: Any = None
+_AGENT_LOCK = threading.Lock()
+
+
+def get_agent():
+    """The process's :class:`agent.agents.DefectAgent`, created on first call (thread-safe).
+
+    Its tools are bound per run to a fresh :class:`tools.context.RunContext` and to the
+    process's :func:`stores.services.get_services` (resolved at run time, so a changed
+    ``DRA_STATE_DIR`` is honoured).
+    """
+    global _AGENT
+    with _AGENT_LOCK:
+        if _AGENT is None:
+            from agent.agents import DefectAgent
+            from stores.services import get_services
+            from tools import build_tools
+
+            _AGENT = DefectAgent(tools_factory=lambda ctx: build_tools(ctx, get_services()))
+        return _AGENT
+
+
+def reset_agent() -> None:
+    """Drop the agent singleton (the next run builds it again from the current settings)."""
+    global _AGENT
+    with _AGENT_LOCK:
+        _AGENT = None
+
+
+# ---------------------------------------------------------------------------
+# model banner
+# ---------------------------------------------------------------------------
+def _loaded_store(name: str):
+    """A store of the process's services if it is already loaded, else None (never loads)."""
+    try:
+        from stores.services import get_services
+
+        return get_services().__dict__.get(name)
+    except Exception:  # noqa: BLE001 - the banner must never fail
+        return None
+
+
+def active_models(agent_model: str | None = None) -> dict[str, str]:
+    """Names of the active model per role (JSON-friendly, for the banner and ``/models``).
+
+    Stores already loaded report their own ``.model`` name; roles not loaded yet
+    report the configured choice from :class:`stores.settings.Settings`.
+    """
+    s = get_settings()
+    if not agent_model:
+        agent_model = Path(s.agent_model).name if s.agent_model else DEFAULT_AGENT_NAME
+        if _AGENT is not None:
+            agent_model = str(getattr(_AGENT, "model_name", None) or getattr(_AGENT, "model_id", None) or agent_model)
+    roles = {"agent": agent_model}
+    for role, store, configured in (
+        ("image_embedder", "image_index", s.image_embedder),
+        ("patchcore_backbone", "patchcore", s.patchcore_backbone),
+        ("text_embedder", "manuals", s.text_embedder),
+    ):
+        obj = _loaded_store(store)
+        roles[role] = str(getattr(obj, "model", None) or configured)
+    roles["profile"] = s.profile
+    return roles
+
+
+def banner_markdown(agent_model: str | None = None) -> str:
+    """The banner line naming the active models."""
+    m = active_models(agent_model)
+    return (
+        "## 🔧 Defect response agent\n"
+        "Upload a photo of a part (optionally ask a question and pick the product). "
+        "The agent scores it with PatchCore, searches similar past defects, reads the manuals "
+        "and writes a response manual citing manual pages.\n\n"
+        f"**Agent:** `{m['agent']}` · **Image embedder:** `{m['image_embedder']}` · "
+        f"**PatchCore backbone:** `{m['patchcore_backbone']}` · **Text embedder:** `{m['text_embedder']}` · "
+        f"**Profile:** `{m['profile']}`"
+    )
+
+
+# ---------------------------------------------------------------------------
+# the analysis shared by the chat UI and the /chat endpoint
+# ---------------------------------------------------------------------------
+def _product_arg(product: str | None) -> str | None:
+    """Dropdown / API value → product id or None (infer). Raises UnknownProductError."""
+    if product is None:
+        return None
+    p = str(product).strip()
+    if not p or p.lower() in ("auto", AUTO_PRODUCT, "none"):
+        return None
+    return check_product(p)
+
+
+def _check_upload(path: str | Path | None) -> Path:
+    """The uploaded file's path; InvalidImageError when missing or above the size limit."""
+    if not path:
+        raise InvalidImageError("no image was attached: upload a photo of the part (PNG, JPEG, ...)")
+    p = Path(path)
+    if not p.is_file():
+        raise InvalidImageError(f"the uploaded file {p.name} could not be found on the server")
+    limit = get_settings().max_upload_mb
+    if p.stat().st_size > limit * 1024 * 1024:
+        raise InvalidImageError(f"{p.name} is larger than the upload limit of {limit:g} MB (DRA_MAX_UPLOAD_MB)")
+    return p
+
+
+def start_run(path: str | Path | None, question: str | None, product: str | None):
+    """Validate the inputs and build the run context.
+
+    Returns:
+        :class:`tools.context.RunContext` with the decoded photo (RGB uint8 ``(H, W, 3)``).
+
+    Raises:
+        InvalidImageError: missing, oversized, non-image or truncated file.
+        UnknownProductError: a product id that is not in the catalog.
+    """
+    from tools.context import RunContext
+
+    p = _check_upload(path)
+    prod = _product_arg(product)
+    q = (question or "").strip() or None
+    return RunContext.from_path(p, product=prod, question=q)
+
+
+def _fmt_args(arguments: dict | None) -> str:
+    if not arguments:
+        return ""
+    return ", ".join(f"{k}={v!r}" for k, v in arguments.items() if v is not None)
+
+
+def _step_dict(step) -> dict:
+    return {
+        "tool": step.tool,
+        "arguments": dict(step.arguments or {}),
+        "observation": step.observation,
+        "duration_s": round(float(step.duration_s or 0.0), 3),
+        "error": step.error,
+    }
+
+
+def _hits(ctx) -> list[dict]:
+    return list((ctx.search or {}).get("hits") or [])
+
+
+def _gallery(ctx) -> list[tuple[str, str]]:
+    out = []
+    for h in _hits(ctx):
+        img = h.get("image")
+        if img and Path(img).is_file():
+            out.append((str(img), f"{h.get('defect_type')} · {h.get('product')} · {float(h.get('score', 0)):.2f}"))
+    return out
+
+
+def result_dict(result, ctx) -> dict:
+    """JSON-friendly digest of an :class:`agent.agents.AgentResult` and its run context."""
+    insp = ctx.inspection or {}
+    return {
+        "answer": result.answer,
+        "steps": [_step_dict(s) for s in result.steps],
+        "citations": [dict(c) for c in (result.citations or [])],
+        "product": result.product or ctx.product,
+        "product_source": ctx.product_source,
+        "defect_type": result.defect_type or ctx.defect_type,
+        "model": result.model,
+        "fallback": bool(result.fallback),
+        "fallback_reason": result.fallback_reason,
+        "elapsed_s": round(float(result.elapsed_s), 3),
+        "score": insp.get("score"),
+        "threshold": insp.get("threshold"),
+        "is_anomalous": insp.get("is_anomalous"),
+        "regions": insp.get("regions", []),
+        "similar": [{k: h.get(k) for k in ("id", "product", "defect_type", "score")} for h in _hits(ctx)],
+        "overlay": insp.get("overlay"),
+        "run_id": ctx.run_id,
+    }
+
+
+# ---------------------------------------------------------------------------
+# /chat endpoint (JSON)
+# ---------------------------------------------------------------------------
+def chat_api(image: str | None, question: str | None = "", product: str | None = AUTO_PRODUCT):
+    """Analyse one photo and return the response manual (endpoint ``/chat``).
+
+    Args:
+        image: server path of the uploaded file (send it with ``gradio_client.handle_file``).
+        question: optional question ("" for none); a Korean question gets a Korean manual when available.
+        product: a product id from the catalog, or ``"auto (infer)"`` / ``""`` to infer it.
+
+    Returns:
+        ``(result, overlay)``: ``result`` is a dict with ``answer`` (markdown), ``steps``
+        [{tool, arguments, observation, duration_s, error}], ``citations`` [{source, page}],
+        ``product``, ``defect_type``, ``model``, ``fallback``, ``fallback_reason``,
+        ``elapsed_s``, ``score``, ``threshold``, ``is_anomalous``, ``regions``, ``similar``,
+        ``overlay`` (server path); ``overlay`` is the overlay PNG as a file (None if absent).
+
+    Raises:
+        gr.Error: bad input (not an image, truncated, too large, unknown product) or a
+            failed run, with a message that says what is wrong.
+    """
+    try:
+        ctx = start_run(image, question, product)
+    except (InvalidImageError, UnknownProductError) as exc:
+        raise gr.Error(f"Bad input: {exc}", print_exception=False) from None
+    result = None
+    try:
+        for event in get_agent().stream(ctx):
+            if not _is_step(event):
+                result = event
+    except Exception as exc:  # noqa: BLE001 - reported to the caller, server keeps serving
+        log.exception("agent run failed")
+        raise gr.Error(f"The analysis failed: {type(exc).__name__}: {exc}") from None
+    if result is None:
+        raise gr.Error("The analysis ended without a result")
+    out = result_dict(result, ctx)
+    overlay = out["overlay"] if out["overlay"] and Path(out["overlay"]).is_file() else None
+    return out, overlay
+
+
+def _is_step(event) -> bool:
+    return hasattr(event, "tool") and hasattr(event, "observation")
+
+
+# ---------------------------------------------------------------------------
+# streaming chat handler (UI)
+# ---------------------------------------------------------------------------
+def _user_messages(text: str, path: str | None) -> list[dict]:
+    msgs = []
+    if path:
+        msgs.append({"role": "user", "content": {"path": path, "alt_text": Path(path).name}})
+    if text:
+        msgs.append({"role": "user", "content": text})
+    return msgs
+
+
+def _final_markdown(result, ctx) -> str:
+    parts = [result.answer.strip() if result.answer else "_(empty answer)_"]
+    notes = []
+    if result.fallback:
+        reason = f": {result.fallback_reason}" if result.fallback_reason else ""
+        notes.append(f"ℹ️ This manual was written by the deterministic fallback from the tool results{reason}.")
+    src = f" ({ctx.product_source})" if ctx.product_source and ctx.product_source != "user" else ""
+    notes.append(
+        f"Product: **{result.product or ctx.product}**{src} · defect type: **{result.defect_type or ctx.defect_type}**"
+        f" · model `{result.model}` · {float(result.elapsed_s):.1f} s"
+    )
+    return "\n\n".join(parts) + "\n\n---\n" + "\n\n".join(notes)
+
+
+def respond(message: dict | None, history: list, product: str, last_image: str | None) -> Iterator[tuple]:
+    """Chat handler (streaming): yields ``(history, textbox, comparison, gallery, banner, last_image)``.
+
+    ``message`` is the MultimodalTextbox value ``{"text": str, "files": [path]}``. A
+    message without a photo re-analyses the session's last photo with the new question.
+    """
+    message = message or {}
+    text = (message.get("text") or "").strip()
+    files = message.get("files") or []
+    new_path = None
+    if files:
+        f = files[-1]
+        new_path = f if isinstance(f, str) else (f.get("path") if isinstance(f, dict) else getattr(f, "path", None))
+    history = list(history or []) + _user_messages(text, new_path)
+    path = new_path or last_image
+    keep = gr.update()
+    cleared = gr.update(value=None)
+
+    if not path:
+        history.append({"role": "assistant",
+                        "content": "Please attach a photo of the part (📎 button or drag & drop), "
+                                   "optionally with a question."})
+        yield history, cleared, keep, keep, keep, last_image
+        return
+    try:
+        ctx = start_run(path, text, product)
+    except (InvalidImageError, UnknownProductError) as exc:
+        history.append({"role": "assistant", "content": f"⚠️ **Cannot analyse this upload.** {exc}"})
+        yield history, cleared, keep, keep, keep, last_image
+        return
+    last_image = str(path)
+
+    t0 = time.perf_counter()
+    working = gr.ChatMessage(content="", metadata={"title": "⏳ Agent at work …", "status": "pending"})
+    history.append(working)
+    yield history, cleared, None, [], keep, last_image
+
+    shown_overlay = shown_gallery = False
+    comparison, gallery = keep, keep
+    try:
+        for event in get_agent().stream(ctx):
+            if _is_step(event):
+                body = event.observation or ""
+                if event.error:
+                    body = f"❌ {event.error}\n\n{body}".strip()
+                history.insert(len(history) - 1, gr.ChatMessage(
+                    content=body or "(no observation)",
+                    metadata={"title": f"🛠️ {event.tool}({_fmt_args(event.arguments)})",
+                              "status": "done", "duration": round(float(event.duration_s or 0.0), 2)},
+                ))
+                insp = ctx.inspection or {}
+                if not shown_overlay and insp.get("overlay") and Path(insp["overlay"]).is_file():
+                    shown_overlay = True
+                    verdict = "ANOMALOUS" if insp.get("is_anomalous") else "NORMAL"
+                    history.insert(len(history) - 1, {"role": "assistant", "content": {
+                        "path": insp["overlay"],
+                        "alt_text": f"anomaly overlay: score {insp.get('score')} / threshold "
+                                    f"{insp.get('threshold')} ({verdict})"}})
+                    comp = insp.get("comparison") or insp.get("heatmap")
+                    comparison = comp if comp and Path(comp).is_file() else keep
+                if not shown_gallery and _hits(ctx):
+                    shown_gallery = True
+                    gallery = _gallery(ctx)
+                yield history, keep, comparison, gallery, keep, last_image
+            else:
+                result = event
+                working.metadata = {"title": "✅ Agent finished", "status": "done",
+                                    "duration": round(time.perf_counter() - t0, 2)}
+                working.content = f"{len(result.steps)} tool call(s) · model `{result.model}`"
+                history.append({"role": "assistant", "content": _final_markdown(result, ctx)})
+                yield history, keep, comparison, gallery, banner_markdown(result.model), last_image
+    except Exception as exc:  # noqa: BLE001 - shown in the chat, the app keeps running
+        log.exception("agent run failed")
+        working.metadata = {"title": "❌ Agent failed", "status": "done",
+                            "duration": round(time.perf_counter() - t0, 2)}
+        history.append({"role": "assistant", "content": f"❌ **The analysis failed.** {type(exc).__name__}: {exc}"})
+        yield history, keep, comparison, gallery, keep, last_image
+
+
+# ---------------------------------------------------------------------------
+# layout
+# ---------------------------------------------------------------------------
+CSS = """
+#banner {padding: 4px 8px;}
+#chat .message img {max-height: 320px;}
+"""
+
+
+def build_app() -> gr.Blocks:
+    """The Blocks app: banner, chat with image upload, product picker, side panel, API endpoints."""
+    with gr.Blocks(title="Defect response agent") as demo:
+        banner = gr.Markdown(banner_markdown(), elem_id="banner")
+        last_image = gr.State(None)  # per session: the last photo, for follow-up questions
+        with gr.Row():
+            with gr.Column(scale=3):
+                chatbot = gr.Chatbot(
+                    label="Defect response agent", elem_id="chat", height=680,
+                    buttons=["copy_all"], feedback_options=None,
+                    placeholder="Upload a photo of a part to get a response manual.",
+                )
+                textbox = gr.MultimodalTextbox(
+                    file_types=["image"], file_count="single", elem_id="msg", show_label=False,
+                    placeholder="Attach a photo and (optionally) ask a question, e.g. 'what should I do?'",
+                )
+            with gr.Column(scale=2):
+                product = gr.Dropdown(
+                    choices=[AUTO_PRODUCT] + products(), value=AUTO_PRODUCT, label="Product",
+                    elem_id="product", allow_custom_value=False,
+                )
+                comparison = gr.Image(label="Input | anomaly heat map", type="filepath",
+                                      interactive=False, elem_id="comparison", height=260)
+                gallery = gr.Gallery(label="Similar past defects", columns=3, height=300,
+                                     elem_id="similar", allow_preview=True)
+                clear = gr.Button("New conversation", variant="secondary")
+
+        textbox.submit(
+            respond, [textbox, chatbot, product, last_image],
+            [chatbot, textbox, comparison, gallery, banner, last_image],
+            api_visibility="private", concurrency_id=AGENT_CONCURRENCY_ID, concurrency_limit=1,
+        )
+        clear.click(lambda: ([], None, None, [], None), None,
+                    [chatbot, textbox, comparison, gallery, last_image], api_visibility="private", queue=False)
+
+        # ---- API-only endpoints (hidden components) ----
+        with gr.Group(visible=False):
+            api_image = gr.File(label="image", type="filepath")
+            api_question = gr.Textbox(label="question")
+            api_product = gr.Textbox(label="product", value=AUTO_PRODUCT)
+            api_result = gr.JSON(label="result")
+            api_overlay = gr.Image(label="overlay", type="filepath")
+            api_models = gr.JSON(label="models")
+            api_button = gr.Button("chat")
+            models_button = gr.Button("models")
+        api_button.click(
+            chat_api, [api_image, api_question, api_product], [api_result, api_overlay], api_name="chat",
+            concurrency_id=AGENT_CONCURRENCY_ID, concurrency_limit=1,
+        )
+        models_button.click(lambda: active_models(), None, api_models, api_name="models", queue=False)
+        demo.load(_on_load, None, [banner, product], api_visibility="private", queue=False)
+    demo.queue(default_concurrency_limit=2)
+    return demo
+
+
+def _on_load():
+    """Page load: fresh banner and product list (products fitted since start-up appear)."""
+    return banner_markdown(), gr.update(choices=[AUTO_PRODUCT] + products())
+
+
+def launch_kwargs() -> dict:
+    """Arguments for ``demo.launch``: state directory allowed, upload limit, no SSR, no analytics."""
+    s = get_settings()
+    return {
+        "allowed_paths": [str(s.state_dir)],
+        "max_file_size": f"{s.max_upload_mb:g}mb",
+        "ssr_mode": False,
+        "css": CSS,
+        "footer_links": ["api"],
+    }
+
+
+demo = build_app()
+
+
+def main() -> None:
+    """Serve the app on ``Settings.host:Settings.port``."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    s = get_settings()
+    demo.launch(server_name=s.host, server_port=s.port, **launch_kwargs())
+
+
+if __name__ == "__main__":
+    main()

