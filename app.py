@@ -120,7 +120,7 @@ def banner_markdown(agent_model: str | None = None) -> str:
     """The banner line naming the active models."""
     m = active_models(agent_model)
     return (
-        "## 🔧 Defect response agent\n"
+        "## Defect response agent\n"
         "Upload a photo of a part (optionally ask a question and pick the product). "
         "The agent scores it with PatchCore, searches similar past defects, reads the manuals "
         "and writes a response manual citing manual pages.\n\n"
@@ -325,6 +325,11 @@ def respond(message: dict | None, history: list, product: str, last_image: str |
     try:
         ctx = start_run(path, text, product)
     except (InvalidImageError, UnknownProductError) as exc:
+        if new_path and isinstance(exc, InvalidImageError):  # show the name, not a broken picture
+            history = [m for m in history if not (isinstance(m, dict) and isinstance(m.get("content"), dict)
+                                                  and m["content"].get("path") == new_path)]
+            history.insert(len(history) - (1 if text else 0),
+                           {"role": "user", "content": f"📎 {Path(new_path).name}"})
         history.append({"role": "assistant", "content": f"⚠️ **Cannot analyse this upload.** {exc}"})
         yield history, cleared, keep, keep, keep, last_image
         return

@@ -89,7 +89,10 @@ def check_manual(result: dict) -> None:
     """A response manual: non-empty markdown, sections, citations of retrieved pages."""
     answer = result["answer"]
     assert isinstance(answer, str) and len(answer) > 200
-    assert len(re.findall(r"^#{1,4} ", answer, flags=re.M)) >= 3, answer[:500]
+    from agent.checks import SECTIONS
+
+    headings = re.findall(r"^#{1,4} +(.+?)\s*$", answer, flags=re.M)
+    assert all(any(sec.lower() in h.lower() for h in headings) for sec in SECTIONS), headings
     assert result["citations"], "the manual cites no manual page"
     for c in result["citations"]:
         assert c["source"].endswith(".pdf") and int(c["page"]) >= 1
@@ -162,7 +165,7 @@ def test_chat_endpoint_bad_inputs(client, tmp_path, built_state):
 
 def test_models_endpoint_names_active_models(client):
     models = client.predict(api_name="/models")
-    assert models["agent"] == SMOLLM2_FILE or "smollm2" in models["agent"].lower()
+    assert "smollm2" in models["agent"].lower(), models
     for role in ("image_embedder", "patchcore_backbone", "text_embedder"):
         assert isinstance(models[role], str) and models[role]
 

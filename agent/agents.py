@@ -1,0 +1,329 @@
+"""The defect response agent: a smolagents ``ToolCallingAgent`` run with checks and a fallback.
+
+Why ``ToolCallingAgent`` and not ``CodeAgent``: the offline model is a 1.5B model on a
+2-core CPU. Asked for JSON tool calls it can be *grammar-constrained* (llama.cpp
+JSON-schema grammar, see :mod:`agent.models`), so every step is a syntactically valid
+call of an existing tool with schema-valid arguments; writing Python instead would
+need a code sandbox and fails far more often at this size (syntax errors, invented
+helpers), and each failed step costs tens of seconds here.
+
+One run (:meth:`DefectAgent.stream`):
+
+1. the model calls tools (anomaly scoring, similar-defect search, manual retrieval;
+   the photo is implicit in the run context) and ends with ``final_answer`` — the
+   response manual in markdown with six fixed sections and ``[file p.N]`` citations;
+2. :func:`agent.checks.check_answer` verifies the manual; on problems the model gets
+   them back once (smolagents ``final_answer_checks``) and retries;
+3. if it still fails, or the model fails (invalid tool calls, exception, timeout
+   ``settings.agent_timeout_s``, max steps), :mod:`agent.fallback` writes the manual
+   deterministically from the tools' records and says so at the top.
+
+Prompts are YAML (``agent/prompts/toolcalling_agent.yaml``) layered over smolagents'
+default ``toolcalling_agent.yaml``.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+from smolagents import ToolCallingAgent
+from smolagents.agents import ToolOutput, populate_template
+from smolagents.memory import ActionStep, FinalAnswerStep, ToolCall
+from smolagents.monitoring import LogLevel
+from smolagents.utils import AgentError, AgentMaxStepsError
+
+from agent.checks import check_answer, find_citations
+from stores.settings import Settings, get_settings
+
+if TYPE_CHECKING:  # pragma: no cover
+    from smolagents import Model, Tool
+
+    from tools.context import RunContext
+
+PROMPTS_PATH = Path(__file__).resolve().parent / "prompts" / "toolcalling_agent.yaml"
+_EXTRA_PROMPT_KEYS = ("task", "answer_problems")
+
+
+@dataclass
+class AgentStep:
+    """One tool call of a run.
+
+    Attributes:
+        tool: tool name (``"invalid_tool_call"`` when the model output was not a valid call).
+        arguments: the call's arguments.
+        observation: what the tool returned to the model ("" on error).
+        duration_s: wall time of the tool call in seconds.
+        error: error message when the call failed, else None.
+    """
+
+    tool: str
+    arguments: dict
+    observation: str
+    duration_s: float
+    error: str | None = None
+
+
+@dataclass
+class AgentResult:
+    """Outcome of one run.
+
+    Attributes:
+        steps: tool calls in order (the model's, then the fallback's if any).
+        answer: the response manual (markdown).
+        citations: ``[{"source": file, "page": 1-based page}]`` cited in ``answer``, in order.
+        model: display name of the model (e.g. ``"llamacpp:qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"``).
+        elapsed_s: wall time of the run in seconds.
+        fallback: True when :mod:`agent.fallback` wrote the answer.
+        fallback_reason: why (None when the model's answer passed the checks).
+        product: product id (given or inferred), or None.
+        defect_type: defect type id found by similar-defect search, or None.
+    """
+
+    steps: list[AgentStep]
+    answer: str
+    citations: list[dict]
+    model: str
+    elapsed_s: float
+    fallback: bool
+    fallback_reason: str | None
+    product: str | None
+    defect_type: str | None
+
+    def to_dict(self) -> dict:
+        """JSON-friendly dict (the CLI ``ask`` output)."""
+        return {
+            "steps": [vars(s).copy() for s in self.steps],
+            "answer": self.answer,
+            "citations": self.citations,
+            "model": self.model,
+            "elapsed_s": round(self.elapsed_s, 2),
+            "fallback": self.fallback,
+            "fallback_reason": self.fallback_reason,
+            "product": self.product,
+            "defect_type": self.defect_type,
+        }
+
+
+def load_prompts(path: Path = PROMPTS_PATH) -> tuple[dict, dict]:
+    """smolagents' default ToolCallingAgent templates overridden by our YAML.
+
+    Returns:
+        ``(prompt_templates for ToolCallingAgent, extra templates {"task", "answer_problems"})``.
+    """
+    base = yaml.safe_load(
+        importlib.resources.files("smolagents.prompts").joinpath("toolcalling_agent.yaml").read_text()
+    )
+    ours = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    extra = {k: ours.pop(k) for k in _EXTRA_PROMPT_KEYS if k in ours}
+    for key, value in ours.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            base[key] = {**base[key], **value}
+        else:
+            base[key] = value
+    return base, extra
+
+
+class _DefectToolCallingAgent(ToolCallingAgent):
+    """ToolCallingAgent that raises at max steps instead of asking the model for a free-text answer
+    (that extra generation would cost a minute on a 2-core CPU; the fallback is better)."""
+
+    def _handle_max_steps_reached(self, task: str) -> Any:
+        raise AgentMaxStepsError(f"reached max steps ({self.max_steps}) without a final answer", self.logger)
+
+
+class DefectAgent:
+    """Runs the defect response agent for one photo (a ``RunContext``) at a time.
+
+    Args:
+        tools_factory: ``factory(ctx) -> list[Tool]``: the tools bound to a run context
+            (e.g. ``lambda ctx: tools.build_tools(ctx, services)``).
+        model: a smolagents ``Model``; default: :func:`agent.models.get_agent_model`
+            (loaded on first use).
+        settings: settings (max steps, timeout, ...); default ``get_settings()``.
+    """
+
+    def __init__(
+        self,
+        tools_factory: Callable[["RunContext"], list["Tool"]],
+        model: "Model | None" = None,
+        settings: Settings | None = None,
+    ):
+        self.tools_factory = tools_factory
+        self.settings = settings or get_settings()
+        self._model = model
+        self._model_name = (getattr(model, "model_id", None) or type(model).__name__) if model is not None else None
+        self.prompt_templates, self.extra_prompts = load_prompts()
+
+    def _resolve_model(self) -> tuple["Model", str]:
+        if self._model is None:
+            from agent.models import get_agent_model
+
+            self._model, self._model_name = get_agent_model(self.settings)
+        return self._model, self._model_name
+
+    @property
+    def model_name(self) -> str:
+        """Display name of the model ("" before it is loaded)."""
+        return self._model_name or ""
+
+    def task_text(self, ctx: "RunContext") -> str:
+        """The task message of a run (product if the user gave one, question)."""
+        return populate_template(
+            self.extra_prompts["task"],
+            variables={
+                "product": getattr(ctx, "product", None),
+                "product_source": getattr(ctx, "product_source", None),
+                "question": getattr(ctx, "question", None),
+            },
+        )
+
+    def run(self, ctx: "RunContext") -> AgentResult:
+        """Run to the end; returns the final :class:`AgentResult`."""
+        result = None
+        for item in self.stream(ctx):
+            result = item
+        assert isinstance(result, AgentResult)
+        return result
+
+    def stream(self, ctx: "RunContext") -> Iterator[AgentStep | AgentResult]:
+        """Yield each tool step as it finishes, then the final :class:`AgentResult`.
+
+        Never raises for model failures: they lead to the fallback, whose reason is in
+        ``AgentResult.fallback_reason``. Tool errors appear as steps with ``error`` set.
+        """
+        t0 = time.monotonic()
+        tools = self.tools_factory(ctx)
+        steps: list[AgentStep] = []
+        answer: str | None = None
+        reason: str | None = None
+        try:
+            model, name = self._resolve_model()
+        except Exception as exc:  # missing weights, llama.cpp not installed, ...
+            model, name, reason = None, "", f"the model could not be loaded ({type(exc).__name__}: {exc})"
+
+        if model is not None:
+            answer, reason = yield from self._model_run(ctx, tools, model, steps, t0)
+
+        fallback = reason is not None
+        if fallback:
+            from agent.fallback import run_missing_tools, write_manual
+
+            for step in run_missing_tools(ctx, tools):
+                steps.append(step)
+                yield step
+            answer = write_manual(ctx, reason)
+        citations = [{"source": s, "page": p} for s, p in find_citations(answer or "")]
+        yield AgentResult(
+            steps=steps,
+            answer=answer or "",
+            citations=citations,
+            model=(name or self.model_name) + (" + deterministic fallback" if fallback else ""),
+            elapsed_s=time.monotonic() - t0,
+            fallback=fallback,
+            fallback_reason=reason,
+            product=getattr(ctx, "product", None),
+            defect_type=getattr(ctx, "defect_type", None),
+        )
+
+    # ------------------------------------------------------------------ internals
+    def _problems(self, answer: Any, ctx: "RunContext") -> list[str]:
+        problems = []
+        called = set(getattr(ctx, "tool_calls", []) or [])
+        if not getattr(ctx, "product", None):
+            problems.append("the product is unknown: call anomaly_scoring or similar_defect_search first")
+        if not getattr(ctx, "defect_type", None) and "similar_defect_search" not in called:
+            problems.append("the defect type is unknown: call similar_defect_search first")
+        if not getattr(ctx, "manual_hits", None):
+            problems.append("no manual passages retrieved: call manual_retrieval first")
+        return problems + check_answer(answer, ctx)
+
+    def _model_run(self, ctx, tools, model, steps: list[AgentStep], t0: float):
+        """Generator: yields AgentSteps of the model's run; returns ``(answer | None, fallback reason | None)``."""
+        settings = self.settings
+        state = {"failures": 0, "problems": []}
+        template = self.extra_prompts["answer_problems"]
+
+        def manual_check(final_answer, memory, agent=None) -> bool:
+            problems = self._problems(final_answer, ctx)
+            state["problems"] = problems
+            if not problems:
+                return True
+            state["failures"] += 1
+            if state["failures"] >= 2:  # second failure: accept, the caller falls back
+                return True
+            raise ValueError(populate_template(template, variables={"problems": "; ".join(problems)}))
+
+        agent = _DefectToolCallingAgent(
+            tools=tools,
+            model=model,
+            prompt_templates=self.prompt_templates,
+            max_steps=settings.agent_max_steps,
+            final_answer_checks=[manual_check],
+            verbosity_level=LogLevel.OFF,
+        )
+        deadline = t0 + settings.agent_timeout_s
+        set_deadline = getattr(model, "set_deadline", None)
+        if set_deadline:
+            set_deadline(deadline)
+        pending: dict[str, tuple[ToolCall, float]] = {}
+        answer, errors = None, 0
+        try:
+            for event in agent.run(self.task_text(ctx), stream=True):
+                if isinstance(event, ToolCall):
+                    pending[event.id] = (event, time.perf_counter())
+                elif isinstance(event, ToolOutput):
+                    call, started = pending.pop(event.id, (event.tool_call, time.perf_counter()))
+                    if not event.is_final_answer:
+                        step = AgentStep(tool=call.name, arguments=dict(call.arguments or {}),
+                                         observation=event.observation, duration_s=time.perf_counter() - started)
+                        steps.append(step)
+                        yield step
+                elif isinstance(event, ActionStep) and event.error is not None:
+                    errors += 1
+                    if pending:
+                        for call, started in pending.values():
+                            step = AgentStep(tool=call.name,
+                                             arguments=dict(call.arguments) if isinstance(call.arguments, dict) else
+                                             {"raw": str(call.arguments)},
+                                             observation="", duration_s=time.perf_counter() - started,
+                                             error=str(event.error))
+                            steps.append(step)
+                            yield step
+                        pending.clear()
+                    else:
+                        checked = "manual_check" in str(event.error)  # answer check failed: the model retries
+                        step = AgentStep(tool="final_answer" if checked else "invalid_tool_call", arguments={},
+                                         observation="", duration_s=0.0, error=str(event.error))
+                        steps.append(step)
+                        yield step
+                    if errors > 2:
+                        return None, f"the model failed {errors} steps ({event.error})"
+                elif isinstance(event, FinalAnswerStep):
+                    answer = event.output
+                if time.monotonic() > deadline:
+                    return None, f"timeout: the model did not finish within {settings.agent_timeout_s:.0f} s"
+        except AgentMaxStepsError:
+            return None, f"the model reached the maximum of {settings.agent_max_steps} steps without a valid answer"
+        except AgentError as exc:
+            cause = exc.__cause__
+            if cause is not None and isinstance(cause, TimeoutError):
+                return None, f"timeout: the model did not finish within {settings.agent_timeout_s:.0f} s"
+            return None, f"the model failed: {type(exc).__name__}: {str(exc)[:300]}"
+        except Exception as exc:  # tool or model crash outside smolagents' handling
+            return None, f"the model run failed: {type(exc).__name__}: {str(exc)[:300]}"
+        finally:
+            if set_deadline:
+                set_deadline(None)
+        if answer is None:
+            return None, "the model gave no final answer"
+        answer = str(answer)
+        problems = self._problems(answer, ctx)
+        if problems:
+            return None, "the model's manual failed the checks after one retry: " + "; ".join(problems)
+        return answer, None
