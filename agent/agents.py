@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
-from smolagents import ToolCallingAgent
+from smolagents import Model, ToolCallingAgent
 from smolagents.agents import ToolOutput, populate_template
 from smolagents.memory import ActionStep, FinalAnswerStep, ToolCall
 from smolagents.monitoring import LogLevel
@@ -42,7 +42,7 @@ from agent.checks import check_answer, find_citations
 from stores.settings import Settings, get_settings
 
 if TYPE_CHECKING:  # pragma: no cover
-    from smolagents import Model, Tool
+    from smolagents import Tool
 
     from tools.context import RunContext
 
@@ -137,6 +137,32 @@ class _DefectToolCallingAgent(ToolCallingAgent):
         raise AgentMaxStepsError(f"reached max steps ({self.max_steps}) without a final answer", self.logger)
 
 
+class _RunModel(Model):
+    """Per-run view of the agent's model: enforces the run's deadline on every generation.
+
+    The deadline is passed to ``generate`` for backends that support it
+    (``supports_deadline``, e.g. :class:`agent.models.LlamaCppModel`, which stops
+    mid-generation); for others it is checked before each call.
+    """
+
+    def __init__(self, inner: Model, deadline: float):
+        super().__init__(model_id=getattr(inner, "model_id", None))
+        self.inner, self.deadline = inner, deadline
+
+    def generate(self, messages, stop_sequences=None, response_format=None, tools_to_call_from=None, **kwargs):
+        from agent.models import GenerationTimeout
+
+        if time.monotonic() > self.deadline:
+            raise GenerationTimeout("agent deadline passed")
+        if getattr(self.inner, "supports_deadline", False):
+            kwargs["deadline"] = self.deadline
+        return self.inner.generate(messages, stop_sequences=stop_sequences, response_format=response_format,
+                                   tools_to_call_from=tools_to_call_from, **kwargs)
+
+    def parse_tool_calls(self, message):
+        return self.inner.parse_tool_calls(message)
+
+
 class DefectAgent:
     """Runs the defect response agent for one photo (a ``RunContext``) at a time.
 
@@ -151,7 +177,7 @@ class DefectAgent:
     def __init__(
         self,
         tools_factory: Callable[["RunContext"], list["Tool"]],
-        model: "Model | None" = None,
+        model: Model | None = None,
         settings: Settings | None = None,
     ):
         self.tools_factory = tools_factory
@@ -160,7 +186,7 @@ class DefectAgent:
         self._model_name = (getattr(model, "model_id", None) or type(model).__name__) if model is not None else None
         self.prompt_templates, self.extra_prompts = load_prompts()
 
-    def _resolve_model(self) -> tuple["Model", str]:
+    def _resolve_model(self) -> tuple[Model, str]:
         if self._model is None:
             from agent.models import get_agent_model
 
@@ -205,7 +231,8 @@ class DefectAgent:
         try:
             model, name = self._resolve_model()
         except Exception as exc:  # missing weights, llama.cpp not installed, ...
-            model, name, reason = None, "", f"the model could not be loaded ({type(exc).__name__}: {exc})"
+            model, name = None, f"{self.settings.agent_backend}:unavailable"
+            reason = f"the model could not be loaded ({type(exc).__name__}: {exc})"
 
         if model is not None:
             answer, reason = yield from self._model_run(ctx, tools, model, steps, t0)
@@ -259,18 +286,15 @@ class DefectAgent:
                 return True
             raise ValueError(populate_template(template, variables={"problems": "; ".join(problems)}))
 
+        deadline = t0 + settings.agent_timeout_s
         agent = _DefectToolCallingAgent(
             tools=tools,
-            model=model,
+            model=_RunModel(model, deadline),
             prompt_templates=self.prompt_templates,
             max_steps=settings.agent_max_steps,
             final_answer_checks=[manual_check],
             verbosity_level=LogLevel.OFF,
         )
-        deadline = t0 + settings.agent_timeout_s
-        set_deadline = getattr(model, "set_deadline", None)
-        if set_deadline:
-            set_deadline(deadline)
         pending: dict[str, tuple[ToolCall, float]] = {}
         answer, errors = None, 0
         try:
@@ -303,10 +327,10 @@ class DefectAgent:
                         steps.append(step)
                         yield step
                     if errors > 2:
-                        return None, f"the model failed {errors} steps ({event.error})"
+                        return None, f"the model failed {errors} steps (last: {str(event.error)[:300]})"
                 elif isinstance(event, FinalAnswerStep):
                     answer = event.output
-                if time.monotonic() > deadline:
+                if answer is None and time.monotonic() > deadline:
                     return None, f"timeout: the model did not finish within {settings.agent_timeout_s:.0f} s"
         except AgentMaxStepsError:
             return None, f"the model reached the maximum of {settings.agent_max_steps} steps without a valid answer"
@@ -317,9 +341,6 @@ class DefectAgent:
             return None, f"the model failed: {type(exc).__name__}: {str(exc)[:300]}"
         except Exception as exc:  # tool or model crash outside smolagents' handling
             return None, f"the model run failed: {type(exc).__name__}: {str(exc)[:300]}"
-        finally:
-            if set_deadline:
-                set_deadline(None)
         if answer is None:
             return None, "the model gave no final answer"
         answer = str(answer)

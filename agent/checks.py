@@ -132,11 +132,12 @@ def check_answer(answer: Any, ctx: Any) -> list[str]:
         if unlisted:
             problems.append("'## Sources' must list every cited file and page; missing: "
                             + ", ".join(f"{s} p.{p}" for s, p in unlisted[:5]))
-    low = answer.lower()
+    # named in the summary (citations like brick_manual_en.pdf must not count as naming the product)
+    low = canon_body.get("Defect summary", answer).lower()
     product = getattr(ctx, "product", None)
     if product and not any(n.lower() in low for n in _names(product, "product")):
-        problems.append(f"the answer must name the product '{product}'")
+        problems.append(f"the Defect summary must name the product '{product}'")
     defect = getattr(ctx, "defect_type", None)
     if defect and not any(n.lower() in low for n in _names(defect, "defect")):
-        problems.append(f"the answer must name the defect type '{defect}'")
+        problems.append(f"the Defect summary must name the defect type '{defect}'")
     return problems

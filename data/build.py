@@ -117,7 +117,7 @@ def random_crop(rows: np.ndarray, rng: np.random.Generator, product: str) -> tup
     g = np.clip((g - mean) * contrast + mean + brightness, 0, 255)
     g = 255.0 * (g / 255.0) ** gamma
     stops, colours = _PALETTES[product]
-    colours = np.asarray(colours, np.float32) * rng.uniform(0.95, 1.05, size=(1, 3)).astype(np.float32)
+    colours = np.asarray(colours, np.float32) * rng.uniform(0.975, 1.025, size=(1, 3)).astype(np.float32)
     rgb = np.stack([np.interp(g, stops, colours[:, c]) for c in range(3)], axis=-1)
     noise = float(rng.uniform(0, 2.0))
     rgb = rgb + rng.normal(0, noise, size=rgb.shape) if noise > 0 else rgb

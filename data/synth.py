@@ -7,8 +7,8 @@ Every synthesizer takes a clean RGB crop (``(H, W, 3)`` uint8) and a seeded
 * ``image``: the defective crop, ``(H, W, 3)`` uint8;
 * ``mask``: ``(H, W)`` uint8 with values 0 / 255: exactly the pixels whose
   colour the defect changed meaningfully (see :func:`changed_mask`);
-* ``note``: a short human description ("dark diagonal crack, 70 px, branching,
-  low contrast");
+* ``note``: a short human description ("dark diagonal jagged crack, 70 px,
+  2 branches, up to 3.1 px wide, low contrast, top-left");
 * ``bbox``: ``[x0, y0, x1, y1]`` in pixels, the tight box of the mask with
   exclusive upper bounds (``mask[y0:y1, x0:x1]`` holds every mask pixel).
 
@@ -97,6 +97,15 @@ def orientation_word(angle_rad: float) -> str:
     a = abs(np.degrees(angle_rad)) % 180.0
     a = min(a, 180.0 - a)
     return "horizontal" if a < 20 else "vertical" if a > 70 else "diagonal"
+
+
+def position_word(bbox: list[int], shape: tuple[int, int]) -> str:
+    """Where a box lies in the image: 'top-left', 'centre', 'bottom' ... (3 x 3 grid of its centre)."""
+    h, w = shape
+    cx, cy = (bbox[0] + bbox[2]) / 2 / w, (bbox[1] + bbox[3]) / 2 / h
+    row = "top" if cy < 1 / 3 else "bottom" if cy > 2 / 3 else ""
+    col = "left" if cx < 1 / 3 else "right" if cx > 2 / 3 else ""
+    return "-".join(p for p in (row, col) if p) or "centre"
 
 
 def _smooth_noise(rng: np.random.Generator, n: int, scale: float) -> np.ndarray:
@@ -239,7 +248,7 @@ def crack(image: np.ndarray, rng: np.random.Generator, product: str = "brick") -
     """Jagged, branching dark fracture with variable width.
 
     Mean-reverting random walk with kinks (30-200 px), 0-3 side branches,
-    width tapering from a 1.2-4.5 px maximum, darkened by 35-90 %.
+    width tapering from a 1.2-4.5 px maximum, darkened by 20-90 %.
     """
     h, w = image.shape[:2]
     img = image.astype(np.float32)
@@ -264,7 +273,7 @@ def crack(image: np.ndarray, rng: np.random.Generator, product: str = "brick") -
     alpha = np.zeros((h, w), np.float32)
     for p, wd in zip(paths, widths):
         alpha = np.maximum(alpha, _stroke_alpha((h, w), p, np.maximum(wd, 0.6)))
-    darkness = float(rng.uniform(0.35, 0.9))
+    darkness = float(rng.uniform(0.2, 0.9))
     out, mask = _finish(image, img * (1 - darkness * alpha[..., None]))
     branching = f"{n_branch} branch{'es' if n_branch != 1 else ''}" if n_branch else "no branches"
     note = (f"dark {orientation_word(angle)} jagged crack, {int(round(length))} px, {branching}, "
@@ -275,7 +284,7 @@ def crack(image: np.ndarray, rng: np.random.Generator, product: str = "brick") -
 def hole(image: np.ndarray, rng: np.random.Generator, product: str = "brick") -> Defect:
     """Dark cavity / pit: an irregular ellipse, darker towards its centre, with a shaded rim.
 
-    Radii 3-28 px (aspect 0.5-1), any orientation, depth 0.3-0.9; the wall facing
+    Radii 3-28 px (aspect 0.5-1), any orientation, depth 0.2-0.9; the wall facing
     a random light direction is lit, the rim casts a highlight / shadow pair.
     """
     h, w = image.shape[:2]
@@ -294,7 +303,7 @@ def hole(image: np.ndarray, rng: np.random.Generator, product: str = "brick") ->
     ph = rng.uniform(0, 2 * np.pi, size=4)
     wobble = 1 + (amp[:, None, None] * np.cos(k[:, None, None] * theta[None] + ph[:, None, None])).sum(0)
     r = np.sqrt((u / a) ** 2 + (v / b) ** 2) / wobble
-    depth = float(rng.uniform(0.3, 0.9))
+    depth = float(rng.uniform(0.2, 0.9))
     light = float(rng.uniform(-np.pi, np.pi))
     facing = np.cos(theta - light)
     inside = np.clip(1 - r, 0, 1)
@@ -369,14 +378,14 @@ def contamination(image: np.ndarray, rng: np.random.Generator, product: str = "b
     particles: 6-60 discs (r 0.8-3.5 px) scattered around a centre (sigma 5-35 px);
     fibres: 1-4 thin wandering strands 25-120 px; debris: 1-3 irregular flakes
     5-22 px with a small cast shadow. Colour from a product-specific list
-    (mortar splash, plastic fragments, rubber infill ...), opacity 0.55-1.
+    (mortar splash, plastic fragments, rubber infill ...), opacity 0.3-1.
     """
     h, w = image.shape[:2]
     img = image.astype(np.float32)
     name, colour = _DEBRIS.get(product, _DEBRIS["brick"])[int(rng.integers(4))]
     colour = np.float32(colour) * np.float32(rng.uniform(0.85, 1.1, size=3))
     variant = str(rng.choice(["particles", "fibres", "debris"]))
-    opacity = float(rng.uniform(0.55, 1.0))
+    opacity = float(rng.uniform(0.3, 1.0))
     cx, cy = rng.uniform([0.15 * w, 0.15 * h], [0.85 * w, 0.85 * h])
     alpha = np.zeros((h, w), np.float32)
     texture = ndi.gaussian_filter(rng.normal(size=(h, w)).astype(np.float32), 1.0)
@@ -441,7 +450,8 @@ def synthesize(defect_type: str, image: np.ndarray, rng: np.random.Generator, pr
     """Draw one defect of ``defect_type`` onto ``image`` and return ``(image, mask, note, bbox)``.
 
     Redraws (same generator, new parameters) until the mask has at least
-    ``MIN_AREA`` pixels; the mask is uint8 0/255 and ``bbox`` its tight box.
+    ``MIN_AREA`` pixels; the mask is uint8 0/255, ``bbox`` its tight box, and the
+    note ends with the contrast and the position ("..., low contrast, top-left").
 
     Args:
         defect_type: one of :data:`DEFECT_TYPES`.
@@ -460,5 +470,6 @@ def synthesize(defect_type: str, image: np.ndarray, rng: np.random.Generator, pr
         d = fn(image, rng, product)
         if int(d.mask.sum()) >= MIN_AREA:
             mask = d.mask.astype(np.uint8) * 255
-            return Defect(d.image, mask, d.note, mask_bbox(mask))
+            bbox = mask_bbox(mask)
+            return Defect(d.image, mask, f"{d.note}, {position_word(bbox, mask.shape)}", bbox)
     raise ValueError(f"could not draw a visible {defect_type} in {MAX_TRIES} tries")
