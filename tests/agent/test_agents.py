@@ -215,7 +215,7 @@ def make_ctx(product: str | None = None, question: str | None = None) -> RunCont
 
 @pytest.fixture(scope="module")
 def smol():
-    return LlamaCppModel(smollm2_gguf_path(), n_ctx=4096, n_threads=2, max_tokens=400)
+    return LlamaCppModel(smollm2_gguf_path(), n_ctx=4096, n_threads=2, max_tokens=160)
 
 
 def _assert_valid_result(result: AgentResult, ctx: RunContext) -> None:

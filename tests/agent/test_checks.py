@@ -105,3 +105,42 @@ def test_no_retrieval_means_no_citable_page(ctx):
     ctx.manual_hits = []
     problems = check_answer(GOOD, ctx)
     assert any("did not return" in p and "none" in p for p in problems)
+
+
+def test_manual_pattern_admits_only_valid_manuals(ctx):
+    import re
+
+    from agent.checks import complete_sources, manual_pattern
+
+    for i, h in enumerate(ctx.manual_hits):
+        h["section"] = ("cause", "action", "prevention")[i]
+    body = manual_pattern(ctx)[1:-1]  # strip ^ $
+    ok = GOOD.replace("- Uneven drying [brick_manual_en.pdf p.5 cause]\n", "").replace("1. Quarantine", "- Quarantine")
+    assert re.fullmatch(body, ok)
+    assert check_answer(complete_sources(ok), ctx) == []
+    # a page not retrieved, a cause citing an action page, a missing section: rejected
+    assert not re.fullmatch(body, ok.replace("p.7]", "p.9]"))
+    assert not re.fullmatch(body, ok.replace("firing [brick_manual_en.pdf p.5]", "firing [brick_manual_en.pdf p.6]"))
+    assert not re.fullmatch(body, ok.replace("## Location and extent\n", ""))
+    # the summary must start with the run's product and defect type
+    assert not re.fullmatch(body, ok.replace("Product: brick. Defect type: crack.", "Product: gravel."))
+
+
+def test_manual_pattern_none_without_retrieval(ctx):
+    from agent.checks import manual_pattern
+
+    ctx.manual_hits = []
+    assert manual_pattern(ctx) is None
+
+
+def test_complete_sources_adds_missing_pages(ctx):
+    from agent.checks import complete_sources
+
+    partial = GOOD.replace("- brick_manual_en.pdf p.6\n", "")
+    fixed = complete_sources(partial)
+    assert check_answer(fixed, ctx) == []
+    assert fixed.startswith(partial.rstrip("\n"))
+    once = complete_sources(GOOD)
+    assert once.endswith("- brick_manual_en.pdf p.7\n") and complete_sources(once) == once
+    no_sources = GOOD.split("## Sources")[0]
+    assert check_answer(complete_sources(no_sources), ctx) == []

@@ -127,3 +127,10 @@ def test_backend_registry():
     assert name == "llamacpp:SmolLM2-135M-Instruct.Q4_1.gguf"
     assert isinstance(model, LlamaCppModel) and model.n_ctx == 1024
     assert get_agent_model(settings)[0] is model  # loaded once
+
+
+def test_truncated_tool_call_raises(smol):
+    from agent.models import ToolCallTruncated
+
+    with pytest.raises(ToolCallTruncated, match="max_tokens=3"):
+        smol.generate(_msgs("Count the words of 'a b c'."), tools_to_call_from=[WordCountTool()], max_tokens=3)

@@ -11,7 +11,7 @@ import pytest
 from skimage import data as skdata
 
 from stores.image_index import ImageIndex
-from stores.imageio import save_png
+from stores.imageio import load_rgb, save_png
 from stores.settings import Settings
 
 ROWS = 320  # rows >= 320 of the sample photos are reserved and never read
@@ -135,3 +135,61 @@ def test_build_from_manifest_idempotent_and_evaluate(settings, tmp_path):
     assert report["recall_at_5"] == 1.0  # both defect types of the product are within 5 of 8 items
     # val queries are not part of the gallery
     assert all(not it["source"].startswith(("brick-val", "gravel-val")) for it in reopened.items())
+
+
+# --------------------------------------------------------------------------- real built state (PatchCore banks)
+
+R1_FLOOR = 0.80  # measured on the sample data: see stores/defect_descriptor.py
+
+
+def _val_defects(data_dir: Path) -> list[dict]:
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    return [it for it in manifest["items"] if it["split"] == "val" and it["label"] == "defect"]
+
+
+def test_built_index_retrieves_defect_type(built_state):
+    from stores.settings import get_settings
+
+    settings = get_settings()
+    index = ImageIndex(settings)
+    assert set(index.projections) == {"brick", "gravel", "grass"}  # metric fitted per product at build
+    assert index.dim == index.embedder.dim + 8
+    report = index.evaluate()
+    assert report["n_queries"] == 120 and report["product_accuracy"] == 1.0
+    assert report["recall_at_1"] >= R1_FLOOR, report
+    assert report["recall_at_5"] >= report["recall_at_1"] and report["mrr_at_10"] >= report["recall_at_1"]
+    assert set(report["per_product"]) == {"brick", "gravel", "grass"}
+    assert all(r["recall_at_1"] >= 0.6 for r in report["per_product"].values()), report["per_product"]
+    # gallery only: no val image is indexed
+    assert all("-val-" not in (it["source"] or "") for it in index.items())
+
+
+def test_built_index_map_argument_restart_and_add(built_state, writable_state):
+    from stores.patchcore import PatchCoreStore
+    from stores.settings import get_settings
+
+    settings = get_settings()
+    q = _val_defects(settings.data_dir)[3]
+    rgb = load_rgb(settings.data_dir / q["image"])
+    index = ImageIndex(settings)
+    auto = index.search(rgb, k=5, product=q["product"])
+    assert len(auto) == 5 and all(h["product"] == q["product"] for h in auto)
+    # the caller's PatchCore anomaly map gives the same answer as the one computed inside
+    amap = PatchCoreStore(settings).inspect(rgb, q["product"]).anomaly_map
+    given = index.search(rgb, k=5, product=q["product"], anomaly_map=amap)
+    assert [h["id"] for h in given] == [h["id"] for h in auto]
+    np.testing.assert_allclose([h["score"] for h in given], [h["score"] for h in auto], atol=1e-5)
+    # without a product, the product is inferred and results stay within it
+    assert all(h["product"] == q["product"] for h in index.search(rgb, k=5))
+    # restart: identical results from the persisted index, metric and configuration
+    again = ImageIndex(settings)
+    assert again.model == index.model and len(again) == len(index)
+    rerun = again.search(rgb, k=5, product=q["product"])
+    assert [h["id"] for h in rerun] == [h["id"] for h in auto]
+    np.testing.assert_allclose([h["score"] for h in rerun], [h["score"] for h in auto], atol=1e-5)
+    # a registered image is searchable at once, and after a restart
+    new_id = again.add(rgb, q["product"], q["defect_type"], note="registered from a user report")
+    top = again.search(rgb, k=1, product=q["product"])[0]
+    assert top["id"] == new_id and top["score"] == pytest.approx(1.0, abs=1e-4)
+    assert ImageIndex(settings).search(rgb, k=1)[0]["id"] == new_id
+    assert again.delete(new_id) and all(h["id"] != new_id for h in again.search(rgb, k=5))

@@ -112,11 +112,11 @@ def test_fit_reports_bank_and_threshold(fitted):
     assert fitted["store"].products() == ["brick"]
     folder = fitted["settings"].banks_dir / "brick"
     meta = json.loads((folder / "meta.json").read_text())
-    assert meta["backbone"] == "efficientnet-lite0" and meta["blocks"] == [4, 10]
+    assert meta["backbone"] == "efficientnet-lite0" and meta["blocks"] == [4, 7]
     assert meta["threshold"] == pytest.approx(info["threshold"])
     assert meta["color_scale"][0] < meta["pixel_threshold"] < meta["color_scale"][1]
     bank = np.load(folder / "memory_bank.npy")
-    assert bank.dtype == np.float32 and bank.shape == (info["bank_size"], 40 + 112)
+    assert bank.dtype == np.float32 and bank.shape == (info["bank_size"], 40 + 80)
     assert not [p.name for p in fitted["settings"].banks_dir.iterdir() if p.name.startswith(".")]
 
 
@@ -140,7 +140,7 @@ def test_defect_above_threshold_normal_below(fitted):
         near = np.zeros_like(mask)
         near[max(0, y - 12):y + 13, max(0, x - 12):x + 13] = True
         assert (near & mask).any()
-    assert results[3].model == "patchcore/efficientnet-lite0[blocks 4,10]/coreset0.01"
+    assert results[3].model == "patchcore/efficientnet-lite0[blocks 4,7]/coreset0.01"
 
 
 def test_anomaly_map_shape_any_input_size(fitted):
@@ -181,14 +181,14 @@ def test_persistence_roundtrip_identical(fitted):
 
 def test_refit_replaces_bank_atomically(fitted, tmp_path):
     settings = Settings(state_dir=tmp_path)
-    store = PatchCoreStore(settings, coreset_ratio=0.01)
+    store = PatchCoreStore(settings, coreset_ratio=0.01, image_size=128)  # small: this test is about files
     train, val = _crops(6, seed=31), _crops(3, seed=32)
     store.fit("brick", train, val)  # normal-only calibration
     meta1 = store.meta("brick")
     assert meta1["threshold"] >= max(meta1["val_normal_scores"]) and meta1["n_val_defect"] == 0
     store.fit("brick", train[:4], val)
     meta2 = PatchCoreStore(settings).meta("brick")
-    assert meta2["n_train"] == 4
+    assert meta2["n_train"] == 4 and meta2["image_size"] == 128
     assert sorted(p.name for p in settings.banks_dir.iterdir()) == ["brick"]
 
 

@@ -1,0 +1,391 @@
+"""Defect descriptor: what the defect looks like, located by PatchCore's anomaly map.
+
+Draft; numbers are filled in below once measured.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+SIZE = 256  # working resolution (pixels, square)
+EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class DescriptorConfig:
+    """Configuration of :func:`describe` (persisted with the index; changing it re-embeds).
+
+    Attributes:
+        blocks: EfficientNet-Lite0 MBConv blocks whose feature maps are pooled under the anomaly map.
+        region_quantile: relative map level (0..1 between image median and peak) that delimits the region.
+        ring_px: width (pixels at 256 px) of the surrounding ring used as local reference.
+        highpass_sigma: Gaussian sigma (pixels) of the local background removed for fine structure.
+        fine_k: fine-structure pixels are ``|highpass| > fine_k * robust sigma``.
+        use_deep / use_stats: feature groups to include.
+        deep_weight / stats_weight: group weights after standardisation.
+    """
+
+    blocks: tuple[int, ...] = (2, 4, 7)
+    region_quantile: float = 0.5
+    ring_px: int = 12
+    highpass_sigma: float = 6.0
+    fine_k: float = 2.5
+    use_deep: bool = True
+    use_stats: bool = True
+    use_tail: bool = False
+    use_tail_weighted: bool = False
+    deep_weight: float = 1.0
+    stats_weight: float = 1.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["blocks"] = list(self.blocks)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DescriptorConfig":
+        d = dict(d)
+        d["blocks"] = tuple(d.get("blocks", cls.blocks))
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+STAT_NAMES = (
+    "log_area", "n_components", "elongation", "solidity", "extent", "map_peak_rel",
+    "dL", "da", "db", "dchroma", "std_ratio_L", "std_ratio_ab", "edge_in", "edge_ratio",
+    "fine_frac", "fine_dark", "fine_bright", "fine_elong", "fine_thick", "fine_ncomp", "fine_largest",
+    "fine_solidity", "hp_mean", "hp_absmean", "lowfreq_dL", "abs_dL",
+)
+
+
+def _relative_map(anomaly_map: np.ndarray) -> np.ndarray:
+    """Anomaly map rescaled per image: 0 at its median, 1 at its peak (float32, clipped 0..1)."""
+    a = np.asarray(anomaly_map, np.float32)
+    med = float(np.median(a))
+    peak = float(a.max())
+    return np.clip((a - med) / max(peak - med, EPS), 0.0, 1.0)
+
+
+def _resize(x: np.ndarray, size: int, order: int = 1) -> np.ndarray:
+    from skimage.transform import resize
+
+    if x.shape[:2] == (size, size):
+        return x
+    return resize(x, (size, size) + x.shape[2:], order=order, preserve_range=True, anti_aliasing=order > 0).astype(np.float32)
+
+
+def _shape_stats(mask: np.ndarray) -> tuple[float, float, float, float, float]:
+    """(n_components, elongation, solidity, extent, largest_frac) of a bool mask."""
+    from skimage.measure import label, regionprops
+
+    if not mask.any():
+        return 0.0, 1.0, 1.0, 1.0, 0.0
+    lab = label(mask, connectivity=2)
+    props = regionprops(lab)
+    n = len(props)
+    big = max(props, key=lambda p: p.area)
+    ys, xs = np.nonzero(mask)
+    if len(ys) >= 3:
+        cov = np.cov(np.stack([ys, xs]).astype(np.float64))
+        ev = np.sort(np.linalg.eigvalsh(cov))
+        elong = float(np.sqrt((ev[1] + 1.0) / (ev[0] + 1.0)))
+    else:
+        elong = 1.0
+    return float(n), elong, float(big.solidity), float(big.extent), float(big.area) / float(mask.sum())
+
+
+def region_stats(rgb: np.ndarray, anomaly_map: np.ndarray, cfg: DescriptorConfig) -> np.ndarray:
+    """Shape / colour / edge statistics of the anomalous region, float32 ``(len(STAT_NAMES),)``.
+
+    The region is where the per-image relative anomaly map (see :func:`_relative_map`)
+    exceeds ``cfg.region_quantile``; the reference is a ring of ``cfg.ring_px`` around it.
+    Colour differences are in CIELAB (skimage ``rgb2lab``). Fine structure is the
+    grey image minus its Gaussian-blurred background, thresholded at ``cfg.fine_k``
+    robust sigmas (MAD of the whole image) inside the dilated region.
+    """
+    from scipy import ndimage as ndi
+    from skimage.color import rgb2lab
+    from skimage.morphology import skeletonize
+
+    img = _resize(np.asarray(rgb, np.float32) / 255.0, SIZE)
+    rel = _resize(_relative_map(anomaly_map), SIZE)
+    lab = rgb2lab(np.clip(img, 0, 1)).astype(np.float32)
+    L = lab[..., 0]
+    region = rel >= cfg.region_quantile
+    if region.sum() < 4:
+        region = rel >= np.quantile(rel, 0.99)
+    dil = ndi.binary_dilation(region, iterations=cfg.ring_px)
+    ring = dil & ~region
+    if ring.sum() < 4:
+        ring = ~region
+    if ring.sum() < 4:  # flat map: no region stands out; compare the image with itself
+        region = np.ones_like(region)
+        ring = region
+    n_comp, elong, solidity, extent, _ = _shape_stats(region)
+    reg_lab, ring_lab = lab[region], lab[ring]
+    d = reg_lab.mean(0) - ring_lab.mean(0)
+    std_L = (reg_lab[:, 0].std() + EPS) / (ring_lab[:, 0].std() + EPS)
+    std_ab = (reg_lab[:, 1:].std(0).mean() + EPS) / (ring_lab[:, 1:].std(0).mean() + EPS)
+    gy, gx = np.gradient(ndi.gaussian_filter(L, 1.0))
+    grad = np.hypot(gx, gy)
+    edge_in, edge_ring = float(grad[region].mean()), float(grad[ring].mean())
+    # fine structure: grey minus local background
+    hp = L - ndi.gaussian_filter(L, cfg.highpass_sigma)
+    sigma = 1.4826 * float(np.median(np.abs(hp - np.median(hp)))) + EPS
+    hpn = hp / sigma
+    win = ndi.binary_dilation(region, iterations=4)
+    fine = (np.abs(hpn) > cfg.fine_k) & win
+    fine_dark = float(((hpn < -cfg.fine_k) & win).sum()) / max(1.0, float(win.sum()))
+    fine_bright = float(((hpn > cfg.fine_k) & win).sum()) / max(1.0, float(win.sum()))
+    f_n, f_elong, f_sol, _, f_largest = _shape_stats(fine)
+    if fine.any():
+        skel = skeletonize(fine).sum()
+        thick = float(fine.sum()) / max(1.0, float(skel))
+    else:
+        thick = 0.0
+    low = ndi.gaussian_filter(L, cfg.highpass_sigma)
+    lowfreq_dL = float(low[region].mean() - low[ring].mean())
+    stats = [
+        np.log(region.mean() + 1e-4), np.log1p(n_comp), np.log(elong), solidity, extent,
+        float(np.log1p(rel[region].mean())),
+        d[0], d[1], d[2], float(np.hypot(d[1], d[2])), np.log(std_L), np.log(std_ab),
+        edge_in, np.log((edge_in + EPS) / (edge_ring + EPS)),
+        float(fine.sum()) / max(1.0, float(win.sum())), fine_dark, fine_bright, np.log(f_elong), thick,
+        np.log1p(f_n), f_largest, f_sol, float(hpn[win].mean()), float(np.abs(hpn[win]).mean()),
+        lowfreq_dL, abs(float(d[0])),
+    ]
+    return np.asarray(stats, np.float32)
+
+
+class DeepPooler:
+    """EfficientNet-Lite0 feature maps pooled under the anomaly map, minus the surroundings.
+
+    For each block ``b`` in ``blocks`` with feature map ``F_b (C_b, h, w)``:
+    ``v_b = sum(w * F_b) / sum(w) - sum(r * F_b) / sum(r)`` where ``w`` is the relative
+    anomaly map (resized to ``h x w``, squared) and ``r = 1 - w`` (the normal
+    surroundings). The texture common to the defect and its surroundings cancels.
+    Output: float32 ``(N, sum C_b)``.
+    """
+
+    def __init__(self, blocks: tuple[int, ...] = (2, 4, 7), pretrained: bool = True):
+        from stores.backbones import load_lite0
+
+        self.blocks = tuple(sorted(blocks))
+        self._net = load_lite0(blocks=self.blocks, pretrained=pretrained, with_head=False)
+        self._lock = threading.Lock()
+
+    def __call__(self, images: list[np.ndarray], maps: list[np.ndarray]) -> np.ndarray:
+        import torch
+        from torch.nn import functional as F  # noqa: N812
+
+        from stores.backbones import to_tensor
+
+        out = []
+        with self._lock, torch.inference_mode():
+            for i in range(0, len(images), 16):
+                x = to_tensor(list(images[i:i + 16]), SIZE)
+                feats = self._net(x)
+                rel = torch.from_numpy(np.stack([_resize(_relative_map(m), SIZE) for m in maps[i:i + 16]]))[:, None]
+                parts = []
+                for b in self.blocks:
+                    f = feats[f"block{b}"]
+                    w = F.interpolate(rel, size=f.shape[-2:], mode="area") ** 2
+                    r = 1.0 - w
+                    pin = (f * w).sum((2, 3)) / (w.sum((2, 3)) + EPS)
+                    pout = (f * r).sum((2, 3)) / (r.sum((2, 3)) + EPS)
+                    parts.append(pin - pout)
+                out.append(torch.cat(parts, 1).float().numpy())
+        return np.concatenate(out).astype(np.float32)
+
+
+class DefectDescriber:
+    """Raw defect descriptor of images given their anomaly maps: float32 ``(N, dim)``.
+
+    ``[stats_weight * region_stats, deep_weight * DeepPooler]`` (groups per ``cfg``).
+    Not standardised: :class:`DefectProjection` standardises on the gallery.
+    """
+
+    def __init__(self, cfg: DescriptorConfig | None = None, pretrained: bool = True):
+        self.cfg = cfg or DescriptorConfig()
+        self._pool = DeepPooler(self.cfg.blocks, pretrained=pretrained) if self.cfg.use_deep else None
+
+    @property
+    def dim(self) -> int:
+        from stores.backbones import LITE0_BLOCKS
+
+        d = len(STAT_NAMES) if self.cfg.use_stats else 0
+        if self.cfg.use_deep:
+            d += sum(LITE0_BLOCKS[b][0] for b in self.cfg.blocks)
+        n_tail = len(RESPONSE_NAMES) * len(TAIL_NAMES) + len(SHAPE_RESPONSES) * len(SHAPE_NAMES)
+        return d + n_tail * (int(self.cfg.use_tail) + int(self.cfg.use_tail_weighted))
+
+    def __call__(self, images: list[np.ndarray], maps: list[np.ndarray]) -> np.ndarray:
+        if len(images) != len(maps):
+            raise ValueError("one anomaly map per image is required")
+        if not images:
+            return np.zeros((0, self.dim), np.float32)
+        parts = []
+        if self.cfg.use_stats:
+            parts.append(self.cfg.stats_weight * np.stack([region_stats(im, m, self.cfg) for im, m in zip(images, maps)]))
+        if self._pool is not None:
+            parts.append(self.cfg.deep_weight * self._pool(images, maps))
+        if self.cfg.use_tail:
+            parts.append(np.stack([tail_stats(im) for im in images]))
+        if self.cfg.use_tail_weighted:
+            parts.append(np.stack([tail_stats(im, _relative_map(m)) for im, m in zip(images, maps)]))
+        return np.nan_to_num(np.hstack(parts).astype(np.float32))
+
+
+class DefectProjection:
+    """Per-product learned metric: standardisation + shrinkage LDA, applied with numpy.
+
+    Fitted with scikit-learn (``StandardScaler``, ``LinearDiscriminantAnalysis(solver="eigen",
+    shrinkage="auto")``, Ledoit-Wolf shrinkage) on the product's labelled gallery
+    descriptors; ``transform`` reproduces sklearn's ``transform`` from the stored
+    arrays (``(X - mean) / scale - xbar) @ scalings``), so a reloaded projection gives
+    identical vectors without pickles.
+
+    Attributes:
+        mean, scale: float32 ``(D,)``; xbar: float32 ``(D,)``; scalings: float32 ``(D, K)``.
+    """
+
+    def __init__(self, mean: np.ndarray, scale: np.ndarray, xbar: np.ndarray, scalings: np.ndarray):
+        self.mean, self.scale = np.asarray(mean, np.float32), np.asarray(scale, np.float32)
+        self.xbar, self.scalings = np.asarray(xbar, np.float32), np.asarray(scalings, np.float32)
+
+    @property
+    def out_dim(self) -> int:
+        return int(self.scalings.shape[1])
+
+    @classmethod
+    def fit(cls, X: np.ndarray, y: list[str], n_components: int | None = None) -> "DefectProjection":
+        """Fit on descriptors ``X (N, D)`` with defect-type labels ``y``.
+
+        Raises:
+            ValueError: fewer than 2 classes or fewer than 3 samples.
+        """
+        from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+        from sklearn.preprocessing import StandardScaler
+
+        X = np.asarray(X, np.float64)
+        if len(set(y)) < 2 or len(X) < 3:
+            raise ValueError("the projection needs at least 2 defect types and 3 labelled images")
+        sc = StandardScaler().fit(X)
+        Z = np.nan_to_num(sc.transform(X))
+        lda = LinearDiscriminantAnalysis(solver="eigen", shrinkage="auto", n_components=n_components).fit(Z, y)
+        k = lda._max_components
+        return cls(sc.mean_, np.where(sc.scale_ > 0, sc.scale_, 1.0), Z.mean(axis=0), lda.scalings_[:, :k])
+
+    def transform(self, X: np.ndarray) -> np.ndarray:
+        """Project descriptors ``(N, D)`` -> float32 ``(N, K)``."""
+        Z = (np.asarray(X, np.float32) - self.mean) / self.scale
+        return np.nan_to_num((Z - self.xbar) @ self.scalings).astype(np.float32)
+
+    def arrays(self, prefix: str) -> dict[str, np.ndarray]:
+        return {f"{prefix}/mean": self.mean, f"{prefix}/scale": self.scale, f"{prefix}/xbar": self.xbar,
+                f"{prefix}/scalings": self.scalings}
+
+    @classmethod
+    def from_arrays(cls, arrays, prefix: str) -> "DefectProjection":
+        return cls(arrays[f"{prefix}/mean"], arrays[f"{prefix}/scale"], arrays[f"{prefix}/xbar"],
+                   arrays[f"{prefix}/scalings"])
+
+
+RESPONSE_NAMES = ("dark_fine", "bright_fine", "dark_mid", "bright_mid", "dark_ridge", "bright_ridge", "dark_blob",
+                  "bright_blob", "chroma", "dark_low", "bright_low", "texture")
+TAIL_NAMES = ("q99", "q999", "max", "frac3", "frac5")
+SHAPE_RESPONSES = ("dark_ridge", "bright_ridge", "dark_blob", "chroma", "dark_low", "bright_low")
+SHAPE_NAMES = ("log_ncomp", "log_area", "log_elong")
+
+
+def _robust(r: np.ndarray) -> np.ndarray:
+    """Response in robust units of the image itself: (r - median) / (1.4826 * MAD)."""
+    med = float(np.median(r))
+    mad = 1.4826 * float(np.median(np.abs(r - med))) + EPS
+    return (r - med) / mad
+
+
+def filter_responses(rgb: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-pixel filter-bank responses at 256 px in robust units of the image (float32 ``(256, 256)`` each).
+
+    Fine/mid high-pass of CIELAB lightness (Gaussian sigma 2 / 6), Sato ridge filter
+    (skimage ``sato``, dark and bright ridges, sigmas 1-2), Laplacian-of-Gaussian blobs
+    (sigma 4), chroma distance from the image's median (a, b), low-frequency lightness
+    (sigma 8) and local texture energy. The defect is a small part of the image, so
+    the image's own median / MAD is the normal reference.
+    """
+    from scipy import ndimage as ndi
+    from skimage.color import rgb2lab
+    from skimage.filters import sato
+
+    img = _resize(np.asarray(rgb, np.float32) / 255.0, SIZE)
+    lab = rgb2lab(np.clip(img, 0, 1)).astype(np.float32)
+    L = lab[..., 0]
+    hp2 = L - ndi.gaussian_filter(L, 2)
+    hp6 = L - ndi.gaussian_filter(L, 6)
+    low = ndi.gaussian_filter(L, 8)
+    ab = lab[..., 1:]
+    chroma = np.linalg.norm(ndi.gaussian_filter(ab, (1, 1, 0)) - np.median(ab.reshape(-1, 2), 0), axis=-1)
+    log4 = ndi.gaussian_laplace(L, 4)
+    r = {
+        "dark_fine": _robust(-hp2), "bright_fine": _robust(hp2), "dark_mid": _robust(-hp6), "bright_mid": _robust(hp6),
+        "dark_ridge": _robust(sato(L, sigmas=(1, 2), black_ridges=True)),
+        "bright_ridge": _robust(sato(L, sigmas=(1, 2), black_ridges=False)),
+        "dark_blob": _robust(log4), "bright_blob": _robust(-log4), "chroma": _robust(chroma),
+        "dark_low": _robust(-low), "bright_low": _robust(low),
+        "texture": _robust(np.sqrt(ndi.gaussian_filter(hp2 ** 2, 4))),
+    }
+    return {k: v.astype(np.float32) for k, v in r.items()}
+
+
+def tail_stats(rgb: np.ndarray, weight: np.ndarray | None = None) -> np.ndarray:
+    """Tail statistics of :func:`filter_responses`: float32 ``(12 * 5 + 6 * 3,)``.
+
+    Per response: 99th / 99.9th percentile, max, fraction above 3 and above 5 robust
+    sigmas; for the responses in ``SHAPE_RESPONSES`` the shape of the pixels above 5
+    sigmas (number of components, area, elongation). With ``weight`` (e.g. the
+    relative anomaly map, ``(H, W)`` in 0..1) the responses are multiplied by
+    ``0.25 + 0.75 * weight`` first, so pixels PatchCore flags count more.
+    """
+    resp = filter_responses(rgb)
+    w = None if weight is None else 0.25 + 0.75 * _resize(np.asarray(weight, np.float32), SIZE)
+    feats = []
+    masks = {}
+    for name in RESPONSE_NAMES:
+        r = resp[name] if w is None else resp[name] * w
+        q99, q999 = np.quantile(r, (0.99, 0.999))
+        feats += [q99, q999, r.max(), (r > 3).mean(), (r > 5).mean()]
+        masks[name] = r > 5
+    for name in SHAPE_RESPONSES:
+        n, elong, _, _, _ = _shape_stats(masks[name])
+        feats += [np.log1p(n), np.log(masks[name].mean() + 1e-5), np.log(elong)]
+    return np.nan_to_num(np.asarray(feats, np.float32))
+
+
+def synthesize_training_defects(normals: list[np.ndarray], product: str, per_type: int,
+                                seed: int = 777) -> tuple[list[np.ndarray], list[str]]:
+    """Extra labelled defects for fitting the metric: the project's synthesiser on normal images.
+
+    Draws each defect type of :data:`stores.settings.DEFECT_TYPES` with
+    :func:`data.synth.synthesize` onto ``per_type`` normal images (cycled), with
+    generators seeded by ``(seed, product, type, i)`` (deterministic). Only the
+    metric sees these images; they are never indexed or shown.
+
+    Returns:
+        ``(images, defect_types)``: RGB uint8 ``(H, W, 3)`` images and their labels.
+    """
+    from data import synth
+    from stores.settings import DEFECT_TYPES
+
+    if not normals or per_type <= 0:
+        return [], []
+    pseed = int.from_bytes(product.encode()[:8].ljust(8, b"\0"), "little") % (2**31)
+    images, labels = [], []
+    for ti, defect in enumerate(DEFECT_TYPES):
+        for i in range(per_type):
+            rng = np.random.default_rng([seed, pseed, ti, i])
+            images.append(synth.synthesize(defect, normals[i % len(normals)], rng, product).image)
+            labels.append(defect)
+    return images, labels
