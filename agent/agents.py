@@ -173,7 +173,8 @@ class _RunModel(Model):
     - ``product`` arguments: offered only when the user's question names a catalog
       product and the run does not know the product yet (a text-only model cannot see
       the photo, so any other product it names is a guess); ``defect_type`` restricted
-      to the taxonomy ids;
+      to the taxonomy ids; ``k`` of similar-defect search left to ``settings.search_k``
+      (the model tends to ask for 1, too few for a majority vote);
     - ``final_answer``'s ``answer``: constrained by :func:`agent.checks.manual_pattern`
       (six sections in order, summary naming the product and defect type, every item
       ending with a citation of a page retrieved in this run) for backends that honour
@@ -217,6 +218,8 @@ class _RunModel(Model):
                     if getattr(ctx, "product", None) or not named:
                         continue
                     spec["enum"] = named
+                elif key == "k" and name == "similar_defect_search":
+                    continue  # the model tends to ask for k=1: a vote needs the configured k
                 elif key == "defect_type" and _known("defect"):
                     spec["enum"] = _known("defect")
                 elif name == "final_answer" and key == "answer":

@@ -23,8 +23,9 @@ Vector of an image (``dim = 2 * 1280 + DEFECT_DIM``), L2-normalised::
   feature + residual from the product's normal mean), unit norm: product identity.
 * ``d``: the defect part (:mod:`stores.defect_descriptor`): region statistics and
   anomaly-weighted Lite0 features, located by the PatchCore anomaly map (predicted,
-  never a ground-truth mask), projected with the product's LDA metric learned on the
-  labelled gallery, zero-padded to ``DEFECT_DIM`` and unit-normalised; all zeros when
+  never a ground-truth mask), mapped by the product's metric (defect-type class
+  probabilities of a logistic regression learned on the labelled gallery plus
+  defects synthesized on val normals), zero-padded to ``DEFECT_DIM`` and unit-normalised; all zeros when
   the product has no PatchCore bank or no fitted metric (the index then behaves
   like a global-feature index).
 
@@ -56,7 +57,7 @@ from stores.imageio import content_hash, load_rgb, save_png
 from stores.settings import Settings, get_settings
 
 INDEX_VERSION = 2
-DEFECT_DIM = 8  # width of the defect part (LDA gives n_types - 1 = 4 dims; zero-padded)
+DEFECT_DIM = 8  # width of the defect part (the metric gives 5 class probabilities; zero-padded)
 GLOBAL_WEIGHT = 0.3
 DEFECT_WEIGHT = 1.0
 SYNTH_PER_TYPE = 30  # synthesized defects per type and product that the metric also learns from
@@ -137,7 +138,7 @@ class ImageIndex:
     @property
     def model(self) -> str:
         """Name of the pipeline that produced the stored vectors."""
-        return f"{self.embedder.name}+patchcore-defect-lda"
+        return f"{self.embedder.name}+patchcore-defect-logreg"
 
     @property
     def dim(self) -> int:
@@ -624,7 +625,8 @@ class ImageIndex:
         Steps: per-product normal mean from train normals; PatchCore anomaly maps of
         the gallery images (banks must be fitted first, as ``stores.pipeline`` does;
         products without a bank get no defect part); defect descriptors; per-product
-        LDA metric fitted on the gallery's labels; vectors into FAISS. Idempotent: a
+        metric (:class:`~stores.defect_descriptor.DefectProjection`) fitted on the
+        gallery's labels (+ synthesized defects); vectors into FAISS. Idempotent: a
         second call with the same manifest, banks and configuration only checks.
 
         Args:

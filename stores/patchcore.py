@@ -60,9 +60,12 @@ FORMAT_VERSION = 1
 # gravel 0.709 -> 0.752, grass 0.662 -> 0.752 against blocks (4, 10); blocks (2, 4, 10)
 # (stride 4 added) gave gravel 0.729 at 6x the fit and inference time.
 DEFAULT_LITE0_BLOCKS = (4, 7)
+DEFAULT_POOL_SIZE = 3  # anomalib's AvgPool2d(3, 1, 1)
 NUM_NEIGHBORS = 9  # anomalib / paper default for the re-weighted image score
 BATCH_SIZE = 8
 SEED = 0
+# coreset selection in a random projection of this many dims (None: exact features)
+CORESET_PROJ_DIM: int | None = None
 # pixel threshold: this quantile of all normal validation pixel scores
 PIXEL_QUANTILE = 0.999
 # image threshold without defects: mean + 3 sigma of normal val scores, at least max(normal) * margin
@@ -169,8 +172,15 @@ def backbone_spec(name: str, blocks: Sequence[int] | None = None) -> BackboneSpe
     return BackboneSpec(name, ("layer2", "layer3"), f"{name}[layer2,layer3]", IMAGENET_MEAN, IMAGENET_STD)
 
 
-def build_model(spec: BackboneSpec):
-    """A fresh anomalib ``PatchcoreModel`` (eval mode, empty memory bank) for ``spec``."""
+def build_model(spec: BackboneSpec, pool_size: int = DEFAULT_POOL_SIZE):
+    """A fresh anomalib ``PatchcoreModel`` (eval mode, empty memory bank) for ``spec``.
+
+    ``pool_size``: side of the local neighbourhood average pooling of the
+    feature maps (anomalib / the paper use 3, i.e. ``AvgPool2d(3, 1, 1)``; odd
+    sizes keep the map size, 1 disables it).
+    """
+    if pool_size < 1 or pool_size % 2 == 0:
+        raise ValueError(f"pool_size must be an odd integer >= 1, got {pool_size}")
     from anomalib.models.image.patchcore.torch_model import PatchcoreModel
 
     if spec.name == "efficientnet-lite0":
@@ -185,6 +195,7 @@ def build_model(spec: BackboneSpec):
     else:  # pragma: no cover - needs hub weights
         model = PatchcoreModel(layers=list(spec.layers), backbone=spec.name, pre_trained=True,
                                num_neighbors=NUM_NEIGHBORS)
+    model.feature_pooler = torch.nn.AvgPool2d(pool_size, 1, pool_size // 2) if pool_size > 1 else torch.nn.Identity()
     return model.eval()
 
 
@@ -297,6 +308,71 @@ class _IdentityProjection:
         return embedding
 
 
+def greedy_coreset_indices(features: torch.Tensor, n_select: int, *, seed: int | None = SEED,
+                           start: int | None = None, proj_dim: int | None = None,
+                           progress: Callable[[float], None] | None = None) -> list[int]:
+    """k-center-greedy coreset (Sener & Savarese 2018; PatchCore Alg. 1) in O(N) memory.
+
+    Repeatedly picks the row farthest from all rows picked so far. Each step is
+    one fused matrix-vector product over the float32 features
+    (``|x|^2 - 2 x.c + |c|^2`` with cached squared norms, ``torch.addmv``) and an
+    in-place running minimum of SQUARED distances (same argmax as distances, no
+    sqrt); no ``N x N`` (or ``N x d`` temporary) matrix is ever allocated. The
+    loop runs on one torch thread: it is memory-bound, and on a loaded 2-core
+    machine a second thread made each step ~5x slower (thread hand-off), not faster.
+
+    Args:
+        features: float ``(N, D)`` patch features.
+        n_select: number of rows to keep (1..N).
+        seed: seeds the random first centre and the projection (None: torch's global RNG).
+        start: explicit first centre (overrides the random one).
+        proj_dim: if set and smaller than ``D``, select in a Gaussian random
+            projection to ``proj_dim`` dims (Johnson-Lindenstrauss; the paper's
+            approximate greedy coreset) to cut the per-step cost.
+        progress: optional ``progress(fraction 0..1)``.
+
+    Returns:
+        ``n_select`` distinct row indices, in pick order.
+
+    Raises:
+        ValueError: ``n_select`` outside ``1..N`` or features not 2-D.
+    """
+    if features.ndim != 2:
+        raise ValueError(f"features must be (N, D), got shape {tuple(features.shape)}")
+    n = int(features.shape[0])
+    if not 1 <= n_select <= n:
+        raise ValueError(f"n_select must be in 1..{n}, got {n_select}")
+    gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
+    x = features.detach().float()
+    if proj_dim is not None and proj_dim < x.shape[1]:
+        proj = torch.randn(x.shape[1], proj_dim, generator=gen) / float(np.sqrt(proj_dim))
+        x = x @ proj
+    x = x.contiguous()
+    if start is None:
+        start = int(torch.randint(n, (1,), generator=gen)) if gen is not None else int(torch.randint(n, (1,)))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        sq = x.pow(2).sum(dim=1)
+        min_d2 = torch.full((n,), float("inf"))
+        picks = [int(start)]
+        idx = int(start)
+        step = max(1, n_select // 20)
+        for i in range(1, n_select):
+            center = x[idx]
+            d2 = torch.addmv(sq, x, center, alpha=-2.0)
+            d2.add_(torch.dot(center, center))
+            torch.minimum(min_d2, d2, out=min_d2)
+            min_d2[idx] = 0.0
+            idx = int(torch.argmax(min_d2))
+            picks.append(idx)
+            if progress is not None and i % step == 0:
+                progress(i / n_select)
+    finally:
+        torch.set_num_threads(threads)
+    return picks
+
+
 @lru_cache(maxsize=1)
 def coreset_sampler_class() -> type:
     """The :class:`CoresetSampler` class (built lazily: importing anomalib takes seconds)."""
@@ -309,9 +385,9 @@ def coreset_sampler_class() -> type:
         PatchCore): sparse random projection (Johnson-Lindenstrauss, eps 0.9),
         random first centre included, then repeatedly the point farthest from the
         chosen centres. Memory is O(N) (one distance vector, never an N x N
-        matrix). Differences: the distance update is one matrix-vector product
-        with cached squared norms instead of materialising ``features - center``
-        (N x d) each step; the projection is skipped when the JL dimension is not
+        matrix). Differences: the greedy loop is :func:`greedy_coreset_indices`
+        (one fused matrix-vector product per step with cached squared norms,
+        instead of materialising ``features - center`` (N x d) each step); the projection is skipped when the JL dimension is not
         smaller than the embedding dimension (it would only add noise and cost);
         progress goes to a callback instead of a tqdm bar.
 
@@ -328,39 +404,20 @@ def coreset_sampler_class() -> type:
             if embedding.ndim == 2 and jl_dim >= embedding.shape[1]:
                 self.model = _IdentityProjection()
             self._progress = progress
-            self._sq_norms: torch.Tensor | None = None
-
-        def update_distances(self, cluster_center: int | torch.Tensor | None) -> None:
-            """min_distances <- min(min_distances, ||features - features[center]||) via one matvec."""
-            if cluster_center is None:
-                return
-            if self._sq_norms is None:
-                self._sq_norms = self.features.pow(2).sum(dim=1)
-            center = self.features[cluster_center].reshape(-1)
-            dist = (self._sq_norms - 2.0 * (self.features @ center) + center.dot(center)).clamp_min_(0).sqrt_()
-            dist = dist.unsqueeze(1)
-            self.min_distances = dist if self.min_distances is None else torch.minimum(self.min_distances, dist)
 
         def select_coreset_idxs(self) -> list[int]:
-            """Indices of the coreset rows (k-center greedy, see class doc)."""
+            """Indices of the coreset rows: :func:`greedy_coreset_indices` after the projection.
+
+            The first centre is drawn from torch's global RNG (as anomalib does).
+            """
             if self.embedding.ndim == 2:
                 self.model.fit(self.embedding)
                 self.features = self.model.transform(self.embedding)
             else:
                 self.features = self.embedding.reshape(self.embedding.shape[0], -1)
-            self.reset_distances()
-            self._sq_norms = None
-            idx = torch.randint(high=self.n_observations, size=(1,), device=self.features.device).squeeze()
-            selected = [idx]
-            step = max(1, self.coreset_size // 20)
-            for i in range(self.coreset_size - 1):
-                self.update_distances(cluster_center=idx)
-                idx = self.get_new_idx()
-                self.min_distances.scatter_(0, idx.unsqueeze(0).unsqueeze(1), 0.0)
-                selected.append(idx)
-                if self._progress is not None and i % step == 0:
-                    self._progress(i / max(1, self.coreset_size - 1))
-            return torch.stack(selected).cpu().tolist()
+            start = int(torch.randint(high=self.n_observations, size=(1,)))
+            return greedy_coreset_indices(self.features, self.coreset_size, seed=None, start=start,
+                                          progress=self._progress)
 
     return CoresetSampler
 
@@ -386,16 +443,20 @@ class PatchCoreStore:
             image size and coreset ratio come from ``patchcore_*`` fields.
         blocks: Lite0 block indices (default (4, 7), strides 8 and 16).
         coreset_ratio: override of ``settings.patchcore_coreset_ratio``.
-        image_size: override of ``settings.patchcore_image_size`` (pixels, square).
+        image_size: override of ``settings.patchcore_image_size`` (pixels, square;
+            every input is resized to it before the backbone, e.g. a 256 crop upscaled to 512).
+        pool_size: neighbourhood average-pooling size (default ``DEFAULT_POOL_SIZE``).
     """
 
     def __init__(self, settings: Settings | None = None, *, blocks: Sequence[int] | None = None,
-                 coreset_ratio: float | None = None, image_size: int | None = None):
+                 coreset_ratio: float | None = None, image_size: int | None = None,
+                 pool_size: int | None = None):
         self.settings = settings or get_settings()
         self.banks_dir = Path(self.settings.banks_dir)
         self.blocks = tuple(blocks) if blocks else DEFAULT_LITE0_BLOCKS
         self.coreset_ratio = float(coreset_ratio if coreset_ratio is not None else self.settings.patchcore_coreset_ratio)
         self.image_size = int(image_size or self.settings.patchcore_image_size)
+        self.pool_size = int(pool_size or DEFAULT_POOL_SIZE)
         self._banks: dict[str, _Bank] = {}
         self._lock = threading.Lock()
 
@@ -487,7 +548,7 @@ class PatchCoreStore:
         val_defect = [load_rgb(im) for im in (val_defect or [])]
 
         spec = backbone_spec(self.settings.patchcore_backbone, self.blocks)
-        model = build_model(spec)
+        model = build_model(spec, self.pool_size)
         model.train()
         model.feature_extractor.eval()  # BatchNorm keeps its running statistics
         descs = []
@@ -501,22 +562,17 @@ class PatchCoreStore:
             raise ValueError(f"coreset ratio {self.coreset_ratio} keeps no patch of {n_patches}")
         report(0.5, f"coreset subsampling {n_patches} patches x {self.coreset_ratio}")
         t_core = time.perf_counter()
-        np_state = np.random.get_state()
-        try:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(SEED)
-                np.random.seed(SEED)
-                # same steps as anomalib's PatchcoreModel.subsample_embedding, with our sampler
-                embedding = torch.vstack(model.embedding_store)
-                model.embedding_store.clear()
-                sampler = coreset_sampler_class()(embedding, self.coreset_ratio,
-                                         progress=lambda f: report(0.5 + 0.3 * f, "coreset subsampling"))
-                model.memory_bank = sampler.sample_coreset()
-        finally:
-            np.random.set_state(np_state)
+        # same steps as anomalib's PatchcoreModel.subsample_embedding, with the O(N) greedy coreset
+        embedding = torch.vstack(model.embedding_store)
+        model.embedding_store.clear()
+        picks = greedy_coreset_indices(embedding, int(n_patches * self.coreset_ratio), seed=SEED,
+                                       proj_dim=CORESET_PROJ_DIM,
+                                       progress=lambda f: report(0.5 + 0.3 * f, "coreset subsampling"))
+        model.memory_bank = embedding[torch.as_tensor(picks)].contiguous()
+        del embedding
         coreset_s = time.perf_counter() - t_core
         model.eval()
-        bank = _Bank(model=model, spec=spec, meta={"image_size": self.image_size},
+        bank = _Bank(model=model, spec=spec, meta={"image_size": self.image_size, "pool_size": self.pool_size},
                      descriptors=torch.cat(descs), train_paths=list(train_paths or [None] * n))
 
         report(0.8, "calibrating thresholds on the validation split")
@@ -547,12 +603,15 @@ class PatchCoreStore:
             "format_version": FORMAT_VERSION,
             "product": product,
             "method": "PatchCore (Roth et al. 2022), anomalib 2.7 PatchcoreModel",
-            "model": self._label(spec, self.coreset_ratio),
+            "model": self._label(spec, self.coreset_ratio, self.image_size, self.pool_size),
             "backbone": spec.name,
             "layers": list(spec.layers),
             "blocks": list(self.blocks) if spec.name == "efficientnet-lite0" else None,
             "image_size": self.image_size,
+            "pool_size": self.pool_size,
             "coreset_ratio": self.coreset_ratio,
+            "coreset_rule": f"k-center greedy, seed {SEED}, random projection to {CORESET_PROJ_DIM} dims"
+                            if CORESET_PROJ_DIM else f"k-center greedy, seed {SEED}",
             "num_neighbors": NUM_NEIGHBORS,
             "bank_size": out["bank_size"],
             "embedding_dim": int(model.memory_bank.shape[1]),
@@ -690,8 +749,8 @@ class PatchCoreStore:
 
     # ---- persistence
     @staticmethod
-    def _label(spec: BackboneSpec, ratio: float) -> str:
-        return f"patchcore/{spec.label}/coreset{ratio:g}"
+    def _label(spec: BackboneSpec, ratio: float, image_size: int, pool_size: int) -> str:
+        return f"patchcore/{spec.label}@{image_size}px/pool{pool_size}/coreset{ratio:g}"
 
     def _rel_path(self, path: str | None) -> str | None:
         """Store paths under the state dir relative to it (state copies stay valid)."""
@@ -743,7 +802,7 @@ class PatchCoreStore:
                     f"(run `python cli.py build` or fit the product first)")
             meta = json.loads((folder / META_NAME).read_text(encoding="utf-8"))
             spec = backbone_spec(meta["backbone"], meta.get("blocks"))
-            model = build_model(spec)
+            model = build_model(spec, int(meta.get("pool_size", 3)))
             model.memory_bank = torch.from_numpy(np.load(folder / BANK_NAME))
             descriptors = torch.from_numpy(np.load(folder / DESCRIPTORS_NAME))
             paths = [self._abs_path(p) for p in meta.get("train_paths", [])]

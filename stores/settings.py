@@ -21,6 +21,8 @@ for _k, _v in {
     "GRADIO_ANALYTICS_ENABLED": "False",
     "ANONYMIZED_TELEMETRY": "False",  # chromadb
     "TOKENIZERS_PARALLELISM": "false",
+    # idle OpenMP threads sleep instead of spinning: llama.cpp and torch share 2 cores
+    "OMP_WAIT_POLICY": "PASSIVE",
 }.items():
     os.environ.setdefault(_k, _v)
 

@@ -84,24 +84,33 @@ def test_deep_pooler_and_describer_shapes():
 
 def test_projection_matches_sklearn_and_round_trips():
     from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+    from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(4, 30)) * 3
     y = [f"c{i}" for i in range(4) for _ in range(10)]
     X = np.concatenate([c + rng.normal(size=(10, 30)) for c in centres]).astype(np.float32)
-    proj = DefectProjection.fit(X, y)
-    assert proj.out_dim == 3
     Z = StandardScaler().fit_transform(X)
+    lda = DefectProjection.fit(X, y, kind="lda")
+    assert lda.out_dim == 3
     ref = LinearDiscriminantAnalysis(solver="eigen", shrinkage="auto").fit(Z, y).transform(Z)
-    np.testing.assert_allclose(proj.transform(X), ref - ref.mean(0), atol=1e-3)
-    again = DefectProjection.from_arrays(proj.arrays("p"), "p")
-    np.testing.assert_array_equal(again.transform(X), proj.transform(X))
-    # nearest class mean in the projected space recovers the labels of new samples
+    np.testing.assert_allclose(lda.transform(X), ref - ref.mean(0), atol=1e-3)
+    lr = DefectProjection.fit(X, y)  # default: logistic regression probabilities
+    assert lr.kind == "logreg" and lr.out_dim == 4
+    ref = LogisticRegression(C=0.1, max_iter=5000).fit(Z, y).predict_proba(Z)
+    np.testing.assert_allclose(lr.transform(X), ref, atol=1e-4)
     Q = np.concatenate([c + rng.normal(size=(5, 30)) for c in centres]).astype(np.float32)
-    P, PQ = proj.transform(X), proj.transform(Q)
-    means = np.stack([P[i * 10:(i + 1) * 10].mean(0) for i in range(4)])
-    pred = np.argmin(((PQ[:, None] - means[None]) ** 2).sum(-1), 1)
-    assert (pred == np.repeat(np.arange(4), 5)).mean() >= 0.9
+    for proj in (lda, lr):
+        again = DefectProjection.from_arrays(proj.arrays("p"), "p")
+        assert again.kind == proj.kind
+        np.testing.assert_array_equal(again.transform(Q), proj.transform(Q))
+        # nearest class mean in the projected space recovers the labels of new samples
+        P, PQ = proj.transform(X), proj.transform(Q)
+        means = np.stack([P[i * 10:(i + 1) * 10].mean(0) for i in range(4)])
+        pred = np.argmin(((PQ[:, None] - means[None]) ** 2).sum(-1), 1)
+        assert (pred == np.repeat(np.arange(4), 5)).mean() >= 0.9
     with pytest.raises(ValueError):
         DefectProjection.fit(X[:5], ["a"] * 5)
+    with pytest.raises(ValueError):
+        DefectProjection.fit(X, y, kind="svm")

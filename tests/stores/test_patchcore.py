@@ -21,6 +21,7 @@ from stores.patchcore import (
     calibrate_threshold,
     coreset_sampler_class,
     find_regions,
+    greedy_coreset_indices,
     save_artifacts,
 )
 from stores.settings import Settings
@@ -104,7 +105,8 @@ def fitted(tmp_path_factory):
 
 def test_fit_reports_bank_and_threshold(fitted):
     info = fitted["info"]
-    assert info["bank_size"] == int(20 * 32 * 32 * 0.01)  # 20 images x 32x32 patches (stride 8) x 1 %
+    side = fitted["store"].image_size // 8  # blocks 4, 7: patch grid at stride 8 of the resized input
+    assert info["bank_size"] == int(20 * side * side * 0.01)  # 20 images x side^2 patches x 1 %
     assert info["threshold"] > 0 and info["pixel_threshold"] > 0
     assert info["image_auroc"] >= 0.9
     fracs = [f for f, _ in fitted["events"]]
@@ -113,6 +115,7 @@ def test_fit_reports_bank_and_threshold(fitted):
     folder = fitted["settings"].banks_dir / "brick"
     meta = json.loads((folder / "meta.json").read_text())
     assert meta["backbone"] == "efficientnet-lite0" and meta["blocks"] == [4, 7]
+    assert meta["pool_size"] == fitted["store"].pool_size and meta["image_size"] == fitted["store"].image_size
     assert meta["threshold"] == pytest.approx(info["threshold"])
     assert meta["color_scale"][0] < meta["pixel_threshold"] < meta["color_scale"][1]
     bank = np.load(folder / "memory_bank.npy")
@@ -140,7 +143,8 @@ def test_defect_above_threshold_normal_below(fitted):
         near = np.zeros_like(mask)
         near[max(0, y - 12):y + 13, max(0, x - 12):x + 13] = True
         assert (near & mask).any()
-    assert results[3].model == "patchcore/efficientnet-lite0[blocks 4,7]/coreset0.01"
+    st = fitted["store"]
+    assert results[3].model == f"patchcore/efficientnet-lite0[blocks 4,7]@{st.image_size}px/pool{st.pool_size}/coreset0.01"
 
 
 def test_anomaly_map_shape_any_input_size(fitted):
@@ -308,22 +312,39 @@ def test_find_regions_boxes():
     assert regions[0]["peak"] == 5.0 and regions[0]["area_frac"] == pytest.approx(800 / 20000)
 
 
-def test_coreset_sampler_is_k_center_greedy():
-    """Same picks as a brute-force k-center greedy (cdist) from the same start, without an N x N matrix."""
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(600, 12, generator=gen)
-    torch.manual_seed(3)
-    sampler = coreset_sampler_class()(x, 0.05)
-    picks = sampler.select_coreset_idxs()
-    assert len(picks) == 30 and len(set(picks)) == 30
-    ref = [picks[0]]
-    min_d = torch.cdist(x, x[picks[0]][None])[:, 0]
-    for _ in range(29):
+def _brute_force_greedy(x: torch.Tensor, start: int, k: int) -> list[int]:
+    ref = [start]
+    min_d = torch.cdist(x, x[start][None])[:, 0]
+    for _ in range(k - 1):
         nxt = int(torch.argmax(min_d))
         ref.append(nxt)
         min_d = torch.minimum(min_d, torch.cdist(x, x[nxt][None])[:, 0])
-    assert picks == ref
-    assert sampler.min_distances.shape == (600, 1)
+    return ref
+
+
+def test_greedy_coreset_matches_brute_force():
+    """Same picks as a brute-force k-center greedy (cdist) from the same start, seeded, no N x N matrix."""
+    x = torch.randn(600, 12, generator=torch.Generator().manual_seed(0))
+    picks = greedy_coreset_indices(x, 30, seed=5)
+    assert len(picks) == 30 and len(set(picks)) == 30
+    assert picks == _brute_force_greedy(x, picks[0], 30)
+    assert picks == greedy_coreset_indices(x, 30, seed=5)  # seeded: reproducible
+    assert greedy_coreset_indices(x, 30, start=7)[0] == 7
+    approx = greedy_coreset_indices(x, 30, seed=5, proj_dim=4)  # JL-projected selection still spreads out
+    assert len(set(approx)) == 30
+    assert torch.cdist(x, x[approx]).min(dim=1).values.max() < 2.0 * torch.cdist(x, x[picks[:1]]).max()
+    with pytest.raises(ValueError):
+        greedy_coreset_indices(x, 0)
+    with pytest.raises(ValueError):
+        greedy_coreset_indices(x, 601)
+
+
+def test_coreset_sampler_is_k_center_greedy():
+    """anomalib's KCenterGreedy interface (global RNG start) gives the brute-force greedy picks."""
+    x = torch.randn(600, 12, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(3)
+    sampler = coreset_sampler_class()(x, 0.05)
+    picks = sampler.select_coreset_idxs()
+    assert len(picks) == 30 and picks == _brute_force_greedy(x, picks[0], 30)
     coreset = coreset_sampler_class()(x, 0.05).sample_coreset()
     assert coreset.shape == (30, 12)
-

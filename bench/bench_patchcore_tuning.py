@@ -1,0 +1,226 @@
+"""Reproduce the PatchCore tuning measurements on the sample data's val split.
+
+Levers: input resolution (the 256 px crop resized before the backbone),
+EfficientNet-Lite0 blocks, neighbourhood pooling size, memory-bank sampler
+(k-center-greedy coreset vs random) and ratio, image-score re-weighting
+(paper Eq. 7 as in anomalib vs plain max patch distance).
+
+Backbone features are extracted once per (size, blocks) with the store's own
+anomalib ``PatchcoreModel`` feature extractor and cached under
+``/tmp/pc_tune`` (float16); every other lever is evaluated from the cache.
+Image AUROC / pixel AUROC use sklearn's ``roc_auc_score`` over the 30 normal
++ 40 defect val images of each product (pixel AUROC at 256 x 256, normal images
+all-negative), exactly like ``PatchCoreStore.evaluate``.
+
+Usage::
+
+    .venv/bin/python bench/bench_patchcore_tuning.py sweep --sizes 256 512 --blocks 4,7 2,4,7 \
+        --pools 3 5 --ratios 0.01 --samplers coreset random
+    .venv/bin/python bench/bench_patchcore_tuning.py latency      # store.inspect, 1 image, 2 threads
+    .venv/bin/python bench/bench_patchcore_tuning.py fit          # store.fit_from_manifest timings (tmp state)
+
+Prints one JSON object per line. Reads only the manifest's train/val images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F  # noqa: N812
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from stores.imageio import load_rgb  # noqa: E402
+from stores.patchcore import (  # noqa: E402
+    _read_manifest,
+    backbone_spec,
+    build_model,
+    greedy_coreset_indices,
+    preprocess,
+)
+from stores.settings import get_settings  # noqa: E402
+
+CACHE = Path("/tmp/pc_tune")
+PRODUCTS = ("brick", "gravel", "grass")
+
+
+def _items(product: str):
+    data_dir = Path(get_settings().data_dir)
+    items = [it for it in _read_manifest(data_dir) if it["product"] == product]
+    train = [it for it in items if it["split"] == "train" and it["label"] == "good"]
+    val = [it for it in items if it["split"] == "val"]
+    return data_dir, train, val
+
+
+def extract(size: int, blocks: tuple[int, ...], product: str) -> dict:
+    """Backbone block outputs (float16) for train and val images, cached on disk."""
+    key = CACHE / f"{product}_{size}_{'-'.join(map(str, blocks))}.pt"
+    if key.is_file():
+        return torch.load(key)
+    data_dir, train, val = _items(product)
+    spec = backbone_spec("efficientnet-lite0", blocks)
+    model = build_model(spec)
+
+    def feats(items):
+        out = {layer: [] for layer in spec.layers}
+        for i in range(0, len(items), 8):
+            imgs = [load_rgb(data_dir / it["image"]) for it in items[i:i + 8]]
+            with torch.inference_mode():
+                f = model.feature_extractor(preprocess(imgs, size, spec.mean, spec.std))
+            for layer in spec.layers:
+                out[layer].append(f[layer].half())
+        return {k: torch.cat(v) for k, v in out.items()}
+
+    masks = []
+    for it in val:
+        if it.get("mask"):
+            masks.append(np.asarray(load_rgb(data_dir / it["mask"]))[..., 0] > 0)
+        else:
+            masks.append(np.zeros((256, 256), dtype=bool))
+    res = {"train": feats(train), "val": feats(val), "labels": torch.tensor([it["label"] == "defect" for it in val]),
+           "masks": torch.from_numpy(np.stack(masks)), "layers": list(spec.layers),
+           "types": [it.get("defect_type") for it in val]}
+    CACHE.mkdir(parents=True, exist_ok=True)
+    torch.save(res, key)
+    return res
+
+
+def embed(feats: dict, layers: list[str], pool: int) -> torch.Tensor:
+    """anomalib PatchcoreModel.generate_embedding with AvgPool2d(pool, 1, pool // 2) -> (B, D, h, w)."""
+    pooler = torch.nn.AvgPool2d(pool, 1, pool // 2) if pool > 1 else torch.nn.Identity()
+    first = pooler(feats[layers[0]].float())
+    out = [first]
+    for layer in layers[1:]:
+        out.append(F.interpolate(pooler(feats[layer].float()), size=first.shape[-2:], mode="bilinear"))
+    return torch.cat(out, 1)
+
+
+def evaluate(cache: dict, pool: int, ratio: float, sampler: str, reweight: bool, size: int) -> dict:
+    from sklearn.metrics import roc_auc_score
+
+    spec_layers = cache["layers"]
+    train = embed(cache["train"], spec_layers, pool)
+    d = train.shape[1]
+    train = train.permute(0, 2, 3, 1).reshape(-1, d).contiguous()
+    n_keep = max(1, int(train.shape[0] * ratio))
+    t0 = time.perf_counter()
+    g = torch.Generator().manual_seed(0)
+    if sampler == "random":
+        idx = torch.randperm(train.shape[0], generator=g)[:n_keep]
+    else:
+        idx = torch.as_tensor(greedy_coreset_indices(train, n_keep, seed=0))
+    bank = train[idx].contiguous()
+    core_s = time.perf_counter() - t0
+    blocks = tuple(int(layer.split(".")[1]) for layer in spec_layers)
+    model = build_model(backbone_spec("efficientnet-lite0", blocks))
+    model.memory_bank = bank
+    val = embed(cache["val"], spec_layers, pool)
+    b, _, h, w = val.shape
+    scores, maps = [], []
+    for i in range(b):
+        emb = val[i:i + 1].permute(0, 2, 3, 1).reshape(-1, d)
+        ps, loc = model.nearest_neighbors(emb, n_neighbors=1)
+        if reweight:
+            s = model.compute_anomaly_score(ps.reshape(1, -1), loc.reshape(1, -1), emb)
+        else:
+            s = ps.max()[None]
+        amap = model.anomaly_map_generator(ps.reshape(1, 1, h, w), (size, size))
+        if size != 256:
+            amap = F.interpolate(amap, size=(256, 256), mode="bilinear", align_corners=False)
+        scores.append(float(s))
+        maps.append(amap[0, 0].numpy())
+    labels = cache["labels"].numpy()
+    scores = np.array(scores)
+    types = cache["types"]
+    per_type = {}
+    for t in sorted({t for t in types if t}):
+        sel = np.array([(tt == t) or (tt is None) for tt in types])
+        per_type[t] = round(float(roc_auc_score(labels[sel], scores[sel])), 3)
+    return {"image_auroc": round(float(roc_auc_score(labels, scores)), 4),
+            "pixel_auroc": round(float(roc_auc_score(cache["masks"].numpy().reshape(-1),
+                                                     np.stack(maps).reshape(-1))), 4),
+            "bank": int(n_keep), "coreset_s": round(core_s, 2), "per_type": per_type}
+
+
+def cmd_sweep(args) -> None:
+    torch.set_num_threads(args.threads)
+    for size in args.sizes:
+        for blocks_s in args.blocks:
+            blocks = tuple(int(b) for b in blocks_s.split(","))
+            for product in args.products:
+                t0 = time.perf_counter()
+                cache = extract(size, blocks, product)
+                ext_s = time.perf_counter() - t0
+                for pool in args.pools:
+                    for ratio in args.ratios:
+                        for sampler in args.samplers:
+                            for rw in args.reweight:
+                                r = evaluate(cache, pool, ratio, sampler, bool(rw), size)
+                                print(json.dumps({"product": product, "size": size, "blocks": blocks_s, "pool": pool,
+                                                  "ratio": ratio, "sampler": sampler, "reweight": bool(rw),
+                                                  "extract_s": round(ext_s, 1), **r}), flush=True)
+
+
+def cmd_latency(args) -> None:
+    """Single-image PatchCoreStore.inspect wall time (median of N, after warm-up), torch threads 2."""
+    from stores.patchcore import PatchCoreStore
+
+    torch.set_num_threads(args.threads)
+    store = PatchCoreStore()
+    for product in args.products:
+        data_dir, _, val = _items(product)
+        imgs = [load_rgb(data_dir / it["image"]) for it in val[:12]]
+        store.inspect(imgs[0], product)
+        times = []
+        for im in imgs:
+            t0 = time.perf_counter()
+            store.inspect(im, product)
+            times.append((time.perf_counter() - t0) * 1000)
+        print(json.dumps({"product": product, "model": store.meta(product)["model"],
+                          "inspect_ms_median": round(float(np.median(times)), 1),
+                          "inspect_ms_min": round(float(np.min(times)), 1)}), flush=True)
+
+
+def cmd_fit(args) -> None:
+    """fit_from_manifest into a temporary state dir (the default banks are untouched)."""
+    import shutil
+    import tempfile
+
+    from stores.patchcore import PatchCoreStore
+    from stores.settings import Settings
+
+    torch.set_num_threads(args.threads)
+    tmp = Path(tempfile.mkdtemp(prefix="pc_fit_"))
+    try:
+        store = PatchCoreStore(Settings(state_dir=tmp))
+        for product in args.products:
+            info = store.fit_from_manifest(product, data_dir=get_settings().data_dir)
+            ev = store.evaluate(product, data_dir=get_settings().data_dir)
+            print(json.dumps({"product": product, **info, "pixel_auroc": ev["pixel_auroc"]}), flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("command", choices=["sweep", "latency", "fit"])
+    ap.add_argument("--products", nargs="+", default=list(PRODUCTS))
+    ap.add_argument("--sizes", nargs="+", type=int, default=[256])
+    ap.add_argument("--blocks", nargs="+", default=["4,7"])
+    ap.add_argument("--pools", nargs="+", type=int, default=[3])
+    ap.add_argument("--ratios", nargs="+", type=float, default=[0.01])
+    ap.add_argument("--samplers", nargs="+", default=["coreset"], choices=["coreset", "random"])
+    ap.add_argument("--reweight", nargs="+", type=int, default=[1])
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    {"sweep": cmd_sweep, "latency": cmd_latency, "fit": cmd_fit}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
