@@ -76,8 +76,13 @@ def test_upload_photo_streams_tool_calls_and_manual(browser, app_url, built_stat
 
     # open the first tool call to show its observation
     chat.get_by_text("anomaly_scoring(", exact=False).first.click()
-    chat.get_by_text("threshold=", exact=False).first.wait_for()
-    page.screenshot(path=str(ARTIFACTS / "browser_3_manual.png"), full_page=True)
+    observation = chat.get_by_text("threshold=", exact=False).first
+    observation.wait_for()
+    observation.scroll_into_view_if_needed()
+    page.screenshot(path=str(ARTIFACTS / "browser_3_observation.png"), full_page=True)
+    # the response manual at the end of the chat
+    chat.get_by_text("Product:", exact=False).last.scroll_into_view_if_needed()
+    page.screenshot(path=str(ARTIFACTS / "browser_4_manual.png"), full_page=True)
     page.close()
 
 
@@ -91,5 +96,5 @@ def test_non_image_upload_shows_error_in_chat(browser, app_url, tmp_path):
     page.locator("#msg textarea").press("Enter")
     page.locator("#chat").get_by_text("Cannot analyse this upload", exact=False).wait_for()
     assert "not a recognised image" in page.locator("#chat").inner_text()
-    page.screenshot(path=str(ARTIFACTS / "browser_4_bad_upload.png"), full_page=True)
+    page.screenshot(path=str(ARTIFACTS / "browser_5_bad_upload.png"), full_page=True)
     page.close()

@@ -63,6 +63,7 @@ class AnomalyScoringTool(Tool):
         prod = resolve_product(ctx, self.services, product)
         result = self.services.patchcore.inspect(ctx.image, prod)
         paths = save_artifacts(result, ctx.image, ctx.out_dir)
+        ctx.anomaly_map = result.anomaly_map
         verdict = "ANOMALOUS" if result.is_anomalous else "NORMAL"
         ctx.inspection = {
             "product": prod,

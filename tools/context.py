@@ -59,6 +59,7 @@ class RunContext:
     manual_hits: list[dict] = field(default_factory=list)
     tool_calls: list[str] = field(default_factory=list)
     image_sha256: str = ""
+    anomaly_map: np.ndarray | None = field(default=None, repr=False)  # float32 (H, W) from anomaly scoring
 
     def __post_init__(self) -> None:
         if self.out_dir is None:

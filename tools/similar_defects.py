@@ -53,7 +53,9 @@ class SimilarDefectSearchTool(Tool):
         k = int(k) if k else self.services.settings.search_k
         k = max(1, min(k, 20))
         prod = resolve_product(ctx, self.services, product)
-        hits = self.services.image_index.search(ctx.image, k=k, product=prod)
+        # reuse the anomaly map of this run's scoring (same product) instead of recomputing it
+        amap = ctx.anomaly_map if ctx.inspection and ctx.inspection.get("product") == prod else None
+        hits = self.services.image_index.search(ctx.image, k=k, product=prod, anomaly_map=amap)
         defect, count = vote_defect_type(hits)
         ctx.defect_type = defect
         ctx.search = {"product": prod, "hits": hits, "defect_type": defect, "votes": count, "k": k,
