@@ -12,6 +12,8 @@ One model object serves two roles (design.md "Model roles"):
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import threading
 from functools import lru_cache
 
@@ -69,7 +71,9 @@ class EfficientNetLite0(nn.Module):
         from efficientnet_lite_pytorch import EfficientNet
 
         if pretrained:
-            net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=lite0_weights_path())
+            # the library prints "Loaded pretrained weights ..." to stdout: keep stdout for JSON output
+            with contextlib.redirect_stdout(sys.stderr):
+                net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=lite0_weights_path())
         else:
             net = EfficientNet.from_name("efficientnet-lite0")
         net.eval()
