@@ -27,6 +27,7 @@ for _k, _v in {
     os.environ.setdefault(_k, _v)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+SUPPORTED_PROFILES = ("offline",)
 PRODUCTS = ("brick", "gravel", "grass")
 DEFECT_TYPES = ("scratch", "crack", "hole", "stain", "contamination")
 
@@ -112,6 +113,13 @@ class Settings:
     def runs_dir(self) -> Path:
         """Per-request outputs: anomaly maps (.npy), overlays, masks."""
         return self.state_dir / "runs"
+
+    def __post_init__(self) -> None:
+        if self.profile not in SUPPORTED_PROFILES:
+            raise ValueError(
+                f"DRA_PROFILE={self.profile!r} is not available in this version; supported: "
+                f"{', '.join(SUPPORTED_PROFILES)} (the hub profile with Qwen2-VL / open_clip is not built yet)"
+            )
 
     def as_dict(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in fields(self)}

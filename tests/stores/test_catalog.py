@@ -49,3 +49,11 @@ def test_settings_from_env(monkeypatch, tmp_path):
     assert s.banks_dir == tmp_path.resolve() / "banks"
     assert os.environ["HF_HUB_OFFLINE"] == "1" and os.environ["GRADIO_ANALYTICS_ENABLED"] == "False"
     assert s.as_dict()["state_dir"] == str(tmp_path.resolve())
+
+
+def test_unsupported_profile_names_the_setting(monkeypatch):
+    from stores.settings import Settings
+
+    monkeypatch.setenv("DRA_PROFILE", "hub")
+    with pytest.raises(ValueError, match="DRA_PROFILE"):
+        Settings()
