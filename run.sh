@@ -34,8 +34,8 @@ setup_models_and_data() {
 }
 
 setup_chromium() {
-  if [ ! -x /usr/bin/chromium ]; then
-    echo "[setup] installing Debian chromium for the browser tests" >&2
+  if [ ! -x /usr/bin/chromium ] || ! fc-list 2>/dev/null | grep -qi "cjk"; then
+    echo "[setup] installing Debian chromium (+ a CJK font) for the browser tests" >&2
     if [ "$(id -u)" = 0 ]; then
       apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-noto-cjk >/dev/null
     else

@@ -95,9 +95,13 @@ def run_missing_tools(ctx: Any, tools: list) -> Iterator:
                     yield step
 
 
+# chunk headings written by the manual store ("3. Scratch (스크래치) — Prevention") are not claims
+_CHUNK_HEADING = re.compile(r"^\d+\.\s.*\s[—-]\s*(Cause|Immediate action|Prevention|General|원인|즉시 조치|예방)\s*$")
+
+
 def _items(text: str, limit: int = 3) -> list[str]:
     """Short claims from a manual passage: its bullet lines, else its sentences."""
-    lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
+    lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip() and not _CHUNK_HEADING.match(ln.strip())]
     bullets = [_BULLET.sub("", ln) for ln in lines if _BULLET.match(ln)]
     if not bullets:
         flat = " ".join(lines)
