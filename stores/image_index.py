@@ -60,7 +60,7 @@ INDEX_VERSION = 2
 DEFECT_DIM = 8  # width of the defect part (the metric gives 5 class probabilities; zero-padded)
 GLOBAL_WEIGHT = 0.3
 DEFECT_WEIGHT = 1.0
-SYNTH_PER_TYPE = 30  # synthesized defects per type and product that the metric also learns from
+SYNTH_PER_TYPE = 90  # measured: 30 -> Recall@1 0.633, 90 -> 0.683 (index build 80 s -> 190 s)
 Progress = Callable[[float, str], None] | None
 
 
