@@ -21,6 +21,8 @@ def run_cli(args: list[str], state: Path, timeout: float = 600, extra_env: dict 
                           capture_output=True, text=True, timeout=timeout)
     lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
     assert lines, f"no output; stderr:\n{proc.stderr[-3000:]}"
+    if "--json" in args:  # the contract: stdout is exactly one JSON object
+        assert len(lines) == 1, f"stdout is not one JSON line: {proc.stdout[:500]!r}"
     return proc.returncode, json.loads(lines[-1]), proc.stderr
 
 
