@@ -29,11 +29,9 @@ Run ``python app.py`` to serve on ``Settings.host:Settings.port`` (127.0.0.1:786
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from stores.settings import get_settings  # sets the offline / no-telemetry environment first
 
@@ -51,33 +49,18 @@ DEFAULT_AGENT_NAME = "Qwen2.5-Coder-1.5B-Instruct Q4_K_M GGUF (llama.cpp)"
 # ---------------------------------------------------------------------------
 # process-wide lazy singleton: the agent (loads its model on first use)
 # ---------------------------------------------------------------------------
-_AGENT: Any = None
-_AGENT_LOCK = threading.Lock()
-
-
 def get_agent():
-    """The process's :class:`agent.agents.DefectAgent`, created on first call (thread-safe).
+    """The process's :class:`agent.agents.DefectAgent` (see :func:`agent.agents.get_default_agent`)."""
+    from agent.agents import get_default_agent
 
-    Its tools are bound per run to a fresh :class:`tools.context.RunContext` and to the
-    process's :func:`stores.services.get_services` (resolved at run time, so a changed
-    ``DRA_STATE_DIR`` is honoured).
-    """
-    global _AGENT
-    with _AGENT_LOCK:
-        if _AGENT is None:
-            from agent.agents import DefectAgent
-            from stores.services import get_services
-            from tools import build_tools
-
-            _AGENT = DefectAgent(tools_factory=lambda ctx: build_tools(ctx, get_services()))
-        return _AGENT
+    return get_default_agent()
 
 
 def reset_agent() -> None:
     """Drop the agent singleton (the next run builds it again from the current settings)."""
-    global _AGENT
-    with _AGENT_LOCK:
-        _AGENT = None
+    from agent.agents import reset_default_agent
+
+    reset_default_agent()
 
 
 # ---------------------------------------------------------------------------
@@ -102,8 +85,11 @@ def active_models(agent_model: str | None = None) -> dict[str, str]:
     s = get_settings()
     if not agent_model:
         agent_model = Path(s.agent_model).name if s.agent_model else DEFAULT_AGENT_NAME
-        if _AGENT is not None:
-            agent_model = str(getattr(_AGENT, "model_name", None) or getattr(_AGENT, "model_id", None) or agent_model)
+        from agent.agents import loaded_default_agent
+
+        current = loaded_default_agent()
+        if current is not None:
+            agent_model = str(getattr(current, "model_name", None) or getattr(current, "model_id", None) or agent_model)
     roles = {"agent": agent_model}
     for role, store, configured in (
         ("image_embedder", "image_index", s.image_embedder),

@@ -187,14 +187,11 @@ def cmd_manual(args) -> dict:
 
 
 def _run_agent(path: str, product: str | None, question: str | None) -> dict:
-    from agent.agents import DefectAgent
-    from stores.services import get_services
-    from tools import RunContext, build_tools
+    from agent.agents import get_default_agent
+    from tools import RunContext
 
-    services = get_services()
     ctx = RunContext.from_path(path, product=product, question=question)
-    agent = _agent_singleton(services)
-    result = agent.run(ctx)
+    result = get_default_agent().run(ctx)
     return {
         "image": path,
         "product": result.product or ctx.product,
@@ -211,19 +208,6 @@ def _run_agent(path: str, product: str | None, question: str | None) -> dict:
         "model": result.model,
         "elapsed_s": round(result.elapsed_s, 2),
     }
-
-
-_AGENT = None
-
-
-def _agent_singleton(services):
-    global _AGENT
-    if _AGENT is None:
-        from agent.agents import DefectAgent
-        from tools import build_tools
-
-        _AGENT = DefectAgent(tools_factory=lambda ctx: build_tools(ctx, services))
-    return _AGENT
 
 
 def cmd_ask(args) -> dict:

@@ -25,6 +25,7 @@ default ``toolcalling_agent.yaml``.
 from __future__ import annotations
 
 import importlib.resources
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -435,3 +436,35 @@ class DefectAgent:
         if problems:
             return None, "the model's manual failed the checks after one retry: " + "; ".join(problems)
         return answer, None
+
+
+_DEFAULT_AGENT: DefectAgent | None = None
+_DEFAULT_LOCK = threading.Lock()
+
+
+def get_default_agent() -> DefectAgent:
+    """The process's agent, created on first call (thread-safe; the model loads once).
+
+    Its tools are bound per run to the run's context and to :func:`stores.services.get_services`,
+    resolved at run time so that a changed ``DRA_STATE_DIR`` is honoured.
+    """
+    global _DEFAULT_AGENT
+    with _DEFAULT_LOCK:
+        if _DEFAULT_AGENT is None:
+            from stores.services import get_services
+            from tools import build_tools
+
+            _DEFAULT_AGENT = DefectAgent(tools_factory=lambda ctx: build_tools(ctx, get_services()))
+        return _DEFAULT_AGENT
+
+
+def loaded_default_agent() -> DefectAgent | None:
+    """The default agent if it was already created, else None (never loads a model)."""
+    return _DEFAULT_AGENT
+
+
+def reset_default_agent() -> None:
+    """Drop the default agent; the next :func:`get_default_agent` builds it from the current settings."""
+    global _DEFAULT_AGENT
+    with _DEFAULT_LOCK:
+        _DEFAULT_AGENT = None

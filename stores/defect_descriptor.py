@@ -65,7 +65,7 @@ Index build: + ~10 min on that machine for 150 gallery + 450 synthesized images
 from __future__ import annotations
 
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 

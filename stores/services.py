@@ -33,7 +33,9 @@ class Services:
         with self._lock:
             from stores.image_index import ImageIndex
 
-            return ImageIndex(self.settings)
+            # share the PatchCore store: the index needs its anomaly maps, and a second
+            # store would load every memory bank and the backbone again
+            return ImageIndex(self.settings, patchcore=self.patchcore)
 
     @cached_property
     def manuals(self):

@@ -47,10 +47,8 @@ class ManualRetrievalTool(Tool):
             product = ctx.product
         else:
             product = check_product(product)
-        defect = normalize_defect(defect_type) if defect_type else None
-        if defect_type and defect is None:
-            defect = ctx.defect_type
-        defect = defect or ctx.defect_type
+        # an unknown or omitted defect name falls back to the type the search found
+        defect = normalize_defect(defect_type) or ctx.defect_type
         store = self.services.manuals
         k = self.services.settings.manual_k
         hits: list[dict] = []
