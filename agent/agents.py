@@ -380,11 +380,12 @@ class DefectAgent:
             max_steps=settings.agent_max_steps,
             final_answer_checks=[manual_check],
             verbosity_level=LogLevel.OFF,
+            step_callbacks=[_overlay_callback(ctx)] if getattr(model, "accepts_images", False) else None,
         )
         pending: dict[str, tuple[ToolCall, float]] = {}
         answer, errors = None, 0
         try:
-            for event in agent.run(self.task_text(ctx), stream=True):
+            for event in agent.run(self.task_text(ctx), stream=True, images=_task_images(ctx, model)):
                 if isinstance(event, ToolCall):
                     pending[event.id] = (event, time.perf_counter())
                 elif isinstance(event, ToolOutput):
@@ -436,6 +437,33 @@ class DefectAgent:
         if problems:
             return None, "the model's manual failed the checks after one retry: " + "; ".join(problems)
         return answer, None
+
+
+def _task_images(ctx, model) -> list | None:
+    """The photo as a PIL image on the task message, for models that see images (``accepts_images``)."""
+    if not getattr(model, "accepts_images", False) or getattr(ctx, "image", None) is None:
+        return None
+    from PIL import Image
+
+    return [Image.fromarray(ctx.image).convert("RGB")]
+
+
+def _overlay_callback(ctx):
+    """smolagents step callback: after the anomaly-scoring step, attach the overlay PNG to that
+    step's observation images, so a vision model sees it once (in that step's messages only)."""
+    sent: set[str] = set()
+
+    def attach_overlay(step, agent=None) -> None:
+        overlay = (getattr(ctx, "inspection", None) or {}).get("overlay")
+        if not isinstance(step, ActionStep) or not overlay or overlay in sent or not Path(overlay).is_file():
+            return
+        from PIL import Image
+
+        with Image.open(overlay) as im:
+            step.observations_images = [*(step.observations_images or []), im.convert("RGB")]
+        sent.add(overlay)
+
+    return attach_overlay
 
 
 _DEFAULT_AGENT: DefectAgent | None = None

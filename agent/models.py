@@ -12,9 +12,9 @@ passed as token ids, so llama.cpp reuses the KV cache of the longest common pref
 the previous call (the system prompt and earlier steps are not evaluated again).
 
 :func:`get_agent_model` resolves ``settings.agent_backend`` through a registry of named
-backend factories (:data:`AGENT_BACKENDS`; "llamacpp" today; "transformers-qwen2vl"
-and "openai-server" are registered by their own modules with
-:func:`register_agent_backend`).
+backend factories (:data:`AGENT_BACKENDS`; "llamacpp" here; "qwen2-vl"
+(:mod:`agent.qwen2_vl`) and "openai-server" (:mod:`agent.openai_server`) are registered by
+their own modules with :func:`register_agent_backend`, imported on first use).
 """
 
 from __future__ import annotations
@@ -326,6 +326,8 @@ def smollm2_gguf_path() -> Path:
 # ---------------------------------------------------------------- backend registry
 AgentBackend = Callable[[Settings], tuple[Model, str]]
 AGENT_BACKENDS: dict[str, AgentBackend] = {}
+# backends living in their own modules (heavy imports), imported on first use
+BACKEND_MODULES = {"qwen2-vl": "agent.qwen2_vl", "openai-server": "agent.openai_server"}
 _MODEL_CACHE: dict[tuple, tuple[Model, str]] = {}
 _CACHE_LOCK = threading.Lock()
 
@@ -373,10 +375,15 @@ def get_agent_model(settings: Settings | None = None) -> tuple[Model, str]:
     """
     settings = settings or get_settings()
     backend = settings.agent_backend
+    if backend not in AGENT_BACKENDS and backend in BACKEND_MODULES:
+        import importlib
+
+        importlib.import_module(BACKEND_MODULES[backend])  # registers itself on import
     if backend not in AGENT_BACKENDS:
         raise ValueError(f"unknown agent backend {backend!r}; registered: {sorted(AGENT_BACKENDS)}")
     key = (backend, settings.agent_model, str(settings.models_dir), settings.llm_ctx, settings.llm_threads,
-           settings.agent_max_tokens)
+           settings.agent_max_tokens, settings.vlm_precision, settings.openai_base_url, settings.openai_model,
+           settings.openai_send_images, settings.openai_tool_choice)
     with _CACHE_LOCK:
         if key not in _MODEL_CACHE:
             _MODEL_CACHE[key] = AGENT_BACKENDS[backend](settings)

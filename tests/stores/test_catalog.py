@@ -54,6 +54,6 @@ def test_settings_from_env(monkeypatch, tmp_path):
 def test_unsupported_profile_names_the_setting(monkeypatch):
     from stores.settings import Settings
 
-    monkeypatch.setenv("DRA_PROFILE", "hub")
+    monkeypatch.setenv("DRA_PROFILE", "cloud")  # offline / hub / auto exist (issue 3)
     with pytest.raises(ValueError, match="DRA_PROFILE"):
         Settings()
