@@ -2,18 +2,37 @@
 
 Layout in ``Settings.index_dir``::
 
-    index.faiss             faiss.IndexIDMap2(faiss.IndexFlatIP(dim)), int64 ids
-    items.json              {"version", "model", "dim", "next_fid", "manifest_fingerprint", "descriptor",
-                             "items": {item_id: {"fid", "product", "defect_type", "note", "source", "image"}}}
+    gallery.vectors.npz     the vector store (:mod:`stores.vector_store`; FAISS backend): two named
+                            vectors per item, "image" (dim below) and "caption" (text embedding of
+                            the item's caption), int64 ids = the items' "fid", payload product /
+                            defect_type for filters. Milvus backend: a collection "gallery" instead.
+    items.json              {"version", "model", "dim", "caption_model", "next_fid", "manifest_fingerprint",
+                             "descriptor", "items": {item_id: {"fid", "product", "defect_type", "note",
+                             "source", "image" (blob key), "description"}}}  <- the commit record
     normal_means.npz        per-product mean raw image feature of training normals (optional)
     defect_projection.npz   per-product fitted defect metric (:class:`stores.defect_descriptor.DefectProjection`)
     features.npz            per item: raw global feature and raw defect descriptor (re-embedding without
                             re-running PatchCore)
-    images/<hash16>.png     a copy of every indexed image
+    images/<hash16>.png     every indexed image (:mod:`stores.blobstore`; or an S3 bucket)
 
-Item ids are the first 16 hex digits of the image's content hash (same pixels,
-same id). Every write goes to a temp file first and is moved into place with
-``os.replace``. One ``threading.RLock`` serialises all access (Gradio threads).
+Item ids are the first 16 hex digits of :func:`stores.imageio.content_hash`, the
+sha256 of the decoded RGB pixels and shape (same picture in any lossless file,
+same id: duplicates are found whatever the file format or metadata).
+
+Crash safety: every file is written to a temp file and moved into place with
+``os.replace``, in the order blob -> features.npz -> vector store -> items.json.
+items.json is the commit record: on load, vectors of ids it does not list are
+removed and items it lists without vectors get them recomputed from the cached
+features (:meth:`ImageIndex._reconcile`). A process killed at any point therefore
+leaves the previous state or the new one, both usable (tested with SIGKILL).
+One ``threading.RLock`` serialises all access within a process (Gradio threads);
+several writer processes on one state directory are not supported.
+
+Search modes (:meth:`ImageIndex.query`): image -> image on the "image" vector,
+text -> caption on the "caption" vector (or, with a CLIP embedder, text -> image
+on the "image" vector), and fused: prefetch candidates on one vector, re-rank
+them by ``(1 - w) * image cosine + w * caption cosine`` (``w`` =
+``DRA_SEARCH_TEXT_WEIGHT``).
 
 Vector of an image (``dim = 2 * 1280 + DEFECT_DIM``), L2-normalised::
 
@@ -46,22 +65,35 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import faiss
 import numpy as np
 
+from stores.blobstore import open_blob_store
 from stores.defect_descriptor import (DefectDescriber, DefectProjection, DescriptorConfig,
                                       synthesize_training_defects)
 from stores.embedders import (DefectAwareEmbedder, ImageEmbedder, embed_queries, get_image_embedder,
                               get_text_embedder, l2_normalize)
-from stores.imageio import content_hash, load_rgb, save_png
-from stores.settings import Settings, get_settings
+from stores.imageio import InvalidImageError, content_hash, load_rgb
+from stores.settings import DEFECT_TYPES, Settings, get_settings
+from stores.vector_store import VectorStore, open_vector_store
 
-INDEX_VERSION = 2
+INDEX_VERSION = 3
 DEFECT_DIM = 8  # width of the defect part (the metric gives 5 class probabilities; zero-padded)
 GLOBAL_WEIGHT = 0.3
 DEFECT_WEIGHT = 1.0
 SYNTH_PER_TYPE = 90  # measured: 30 -> Recall@1 0.633, 90 -> 0.683 (index build 80 s -> 190 s)
+PREFETCH_MIN = 50  # fused search: candidates prefetched on the first vector (at least; 10 x k otherwise)
+MODES = ("auto", "image", "text", "fused")
 Progress = Callable[[float, str], None] | None
+# test hook (crash-safety test): DRA_INDEX_PAUSE_AT=<stage> makes a registration print
+# "wrote <stage>" and sleep DRA_INDEX_PAUSE_S seconds right after that write; stages:
+# blobs, features, vectors, items. Unset in normal use (no effect).
+_PAUSE_ENV = "DRA_INDEX_PAUSE_AT"
+
+
+def _write_pause(stage: str) -> None:
+    if os.environ.get(_PAUSE_ENV) == stage:
+        print(f"wrote {stage}", flush=True)
+        time.sleep(float(os.environ.get("DRA_INDEX_PAUSE_S", "60")))
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -91,10 +123,11 @@ def _load_manifest(data_dir: Path) -> dict:
 
 
 class ImageIndex:
-    """Persistent, thread-safe similar-defect image index (FAISS ``IndexFlatIP`` in ``IndexIDMap2``).
+    """Persistent, thread-safe similar-defect image index with two named vectors per item.
 
     Args:
-        settings: paths (``settings.index_dir``); default ``get_settings()``.
+        settings: paths (``settings.index_dir``), backends (``vector_backend``,
+            ``blob_store``), fusion weight; default ``get_settings()``.
         embedder: an :class:`~stores.embedders.ImageEmbedder`; default
             ``get_image_embedder()`` wrapped in :class:`~stores.embedders.DefectAwareEmbedder`
             when it exposes raw features.
@@ -102,22 +135,28 @@ class ImageIndex:
             (default: one created lazily on the same settings).
         descriptor_config: :class:`~stores.defect_descriptor.DescriptorConfig`; default the
             persisted one, else the module default.
+        text_embedder: embeds captions and text queries (default ``get_text_embedder()``).
+        captioner: optional ``callable(rgb uint8 (H, W, 3)) -> str`` (e.g. a VLM) whose
+            description of a registered image is appended to its caption; None: the
+            caption is product, defect type and note only.
 
     Scores are cosine similarities in [-1, 1], higher = closer.
     """
 
     def __init__(self, settings: Settings | None = None, embedder: ImageEmbedder | None = None,
-                 patchcore=None, descriptor_config: DescriptorConfig | None = None):
+                 patchcore=None, descriptor_config: DescriptorConfig | None = None, text_embedder=None,
+                 captioner: Callable[[np.ndarray], str] | None = None):
         self.settings = settings or get_settings()
         self.dir = Path(self.settings.index_dir)
         self.images_dir = self.dir / "images"
-        self._faiss_path = self.dir / "index.faiss"
         self._meta_path = self.dir / "items.json"
         self._normals_path = self.dir / "normal_means.npz"
         self._proj_path = self.dir / "defect_projection.npz"
         self._feat_path = self.dir / "features.npz"
         self._lock = threading.RLock()
-        self._caption_cache: dict[str, np.ndarray] = {}
+        self.captioner = captioner
+        self._text_embedder = text_embedder
+        self.blobs = open_blob_store(self.settings)
         base = embedder if embedder is not None else get_image_embedder()
         self._base = base
         normal_means = self._read_normal_means()
@@ -142,8 +181,27 @@ class ImageIndex:
 
     @property
     def dim(self) -> int:
-        """Vector width: global part + ``DEFECT_DIM``."""
+        """Width of the "image" vector: global part + ``DEFECT_DIM``."""
         return int(self.embedder.dim) + DEFECT_DIM
+
+    @property
+    def text_embedder(self):
+        """The caption / text-query embedder (loaded lazily)."""
+        if self._text_embedder is None:
+            self._text_embedder = get_text_embedder()
+        return self._text_embedder
+
+    @property
+    def caption_model(self) -> str:
+        return str(self.text_embedder.name)
+
+    @property
+    def index(self):
+        """The FAISS ``IndexIDMap2`` of the "image" vectors (FAISS backend only; for inspection)."""
+        indexes = getattr(self.vectors, "indexes", None)
+        if indexes is None:
+            raise AttributeError("the Milvus backend has no in-process FAISS index")
+        return indexes["image"]
 
     @property
     def patchcore(self):
@@ -195,35 +253,89 @@ class ImageIndex:
         return out
 
     def _empty_meta(self) -> dict:
-        return {"version": INDEX_VERSION, "model": self.model, "dim": self.dim, "next_fid": 0,
-                "manifest_fingerprint": None, "descriptor": self.descriptor_config.to_dict(), "items": {}}
+        return {"version": INDEX_VERSION, "model": self.model, "dim": self.dim, "caption_model": self.caption_model,
+                "next_fid": 0, "manifest_fingerprint": None, "descriptor": self.descriptor_config.to_dict(),
+                "items": {}}
 
-    def _new_faiss(self):
-        return faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
+    def _open_vectors(self) -> VectorStore:
+        fields = {"image": self.dim, "caption": int(self.text_embedder.dim)}
+        try:
+            return open_vector_store(self.settings, fields, name="gallery")
+        except ValueError:
+            # persisted with other widths (another embedder): start empty; _load re-embeds
+            if self.settings.vector_backend != "faiss":
+                return self._drop_milvus(fields)
+            from stores.vector_store import FaissVectorStore
+
+            return FaissVectorStore(fields, None, hnsw_threshold=int(self.settings.faiss_hnsw_threshold))
+
+    def _drop_milvus(self, fields: dict) -> VectorStore:
+        from pymilvus import MilvusClient
+
+        uri = self.settings.milvus_uri or str(self.dir / "milvus.db")
+        client = MilvusClient(uri=uri)
+        client.drop_collection("gallery")
+        client.close()
+        return open_vector_store(self.settings, fields, name="gallery")
 
     def _load(self) -> None:
         with self._lock:
-            if self._meta_path.is_file() and self._faiss_path.is_file():
-                meta = json.loads(self._meta_path.read_text(encoding="utf-8"))
-                index = faiss.read_index(str(self._faiss_path))
-                same_cfg = meta.get("descriptor") == self.descriptor_config.to_dict()
-                self.meta, self.index = meta, index
-                if meta.get("model") != self.model or int(meta.get("dim", -1)) != self.dim or not same_cfg \
-                        or index.ntotal != len(meta["items"]):
-                    # another embedder / descriptor (or a torn write): re-embed the stored images
-                    if not same_cfg:
-                        self._features = {}
-                    self.meta["descriptor"] = self.descriptor_config.to_dict()
-                    self._reembed_all()
+            self.vectors = self._open_vectors()
+            if getattr(self.vectors, "path", 0) is None:
+                self.vectors.path = self.dir / "gallery.vectors.npz"
+            if not self._meta_path.is_file():
+                self.meta = self._empty_meta()
+                if len(self.vectors):  # vectors written, first commit never happened
+                    self.vectors.remove(self.vectors.ids())
+                return
+            meta = json.loads(self._meta_path.read_text(encoding="utf-8"))
+            self.meta = meta
+            same_cfg = meta.get("descriptor") == self.descriptor_config.to_dict()
+            if meta.get("model") != self.model or int(meta.get("dim", -1)) != self.dim or not same_cfg \
+                    or meta.get("caption_model") != self.caption_model:
+                # another embedder / descriptor / caption model: re-embed the stored images
+                if not same_cfg:
+                    self._features = {}
+                self.meta["descriptor"] = self.descriptor_config.to_dict()
+                self._reembed_all()
             else:
-                self.meta, self.index = self._empty_meta(), self._new_faiss()
+                self._reconcile()
 
-    def _save(self) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
+    def _reconcile(self) -> None:
+        """Make the vector store match items.json (the commit record) after a crash or a migration.
+
+        Vectors of ids not committed are removed; committed items without vectors get
+        them from the cached features (recomputed from the stored image if missing).
+        """
+        items = self.meta["items"]
+        by_fid = {int(it["fid"]): i for i, it in items.items()}
+        stored = set(self.vectors.ids())
+        extra = [f for f in stored if f not in by_fid]
+        missing = [by_fid[f] for f in by_fid if f not in stored]
+        if stored:
+            self.meta["next_fid"] = max(int(self.meta.get("next_fid", 0)), max(stored) + 1)
+        if not extra and not missing:
+            return
+        if extra:
+            self.vectors.remove(extra)
+        if missing:
+            self._add_vectors(missing)
+        self.vectors.persist()
+        self._write_meta()
+
+    def _write_meta(self) -> None:
+        _atomic_write_bytes(self._meta_path, json.dumps(self.meta, ensure_ascii=False, indent=1).encode("utf-8"))
+
+    def _write_features(self) -> None:
         feats = {f"{i}/{kind}": v for i, d in self._features.items() if i in self.meta["items"] for kind, v in d.items()}
         _atomic_savez(self._feat_path, feats)
-        _atomic_write_bytes(self._faiss_path, faiss.serialize_index(self.index).tobytes())
-        _atomic_write_bytes(self._meta_path, json.dumps(self.meta, ensure_ascii=False, indent=1).encode("utf-8"))
+
+    def _save(self) -> None:
+        """Persist everything, commit record last: features -> vectors -> items.json."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._write_features()
+        self.vectors.persist()
+        self._write_meta()
 
     def _save_projections(self) -> None:
         arrays: dict[str, np.ndarray] = {}
@@ -292,29 +404,60 @@ class ImageIndex:
         d = np.stack([self._defect_vec(v, p) for v, p in zip(descs, products)])
         return l2_normalize(np.hstack([GLOBAL_WEIGHT * g, DEFECT_WEIGHT * d]))
 
+    def caption(self, item: dict) -> str:
+        """Caption text of an item row: ``"<defect type> on <product>. <note>. <description>"``."""
+        defect = item.get("defect_type") or "no defect"
+        parts = [f"{defect} on {item['product']}", item.get("note") or "", item.get("description") or ""]
+        return ". ".join(p.strip().rstrip(".") for p in parts if p and p.strip())
+
+    def _item_vectors(self, ids: list[str]) -> dict[str, np.ndarray]:
+        """Both named vectors of stored items from their cached features: ``{"image": (N, dim), "caption": (N, d_t)}``."""
+        items = self.meta["items"]
+        self._ensure_features(ids)
+        raw = np.stack([self._features[i]["global"] for i in ids])
+        descs = [self._features[i].get("defect") for i in ids]
+        image = self._compose(raw, descs, [items[i]["product"] for i in ids])
+        caption = l2_normalize(self.text_embedder.embed([self.caption(items[i]) for i in ids]))
+        return {"image": image, "caption": caption}
+
+    def _payload(self, item: dict) -> dict:
+        return {"product": item["product"], "defect_type": item.get("defect_type")}
+
+    def _add_vectors(self, ids: list[str], batch: int = 64) -> None:
+        items = self.meta["items"]
+        for start in range(0, len(ids), batch):
+            chunk = ids[start:start + batch]
+            self.vectors.add(np.array([items[i]["fid"] for i in chunk], np.int64), self._item_vectors(chunk),
+                             [self._payload(items[i]) for i in chunk])
+
     def _reembed_all(self, progress: Progress = None) -> None:
-        """Recompute every stored vector with the current embedder, descriptor and metric.
+        """Recompute every stored vector with the current embedders, descriptor and metric.
 
         Cached raw features (``features.npz``) are reused; missing ones are recomputed
-        from the stored PNGs (PatchCore maps included).
+        from the stored images (PatchCore maps included).
         """
         items = self.meta["items"]
         ids = list(items)
         self.meta["model"], self.meta["dim"] = self.model, self.dim
+        self.meta["caption_model"] = self.caption_model
         self.meta["descriptor"] = self.descriptor_config.to_dict()
         self.meta["version"] = INDEX_VERSION
-        self.index = self._new_faiss()
+        old = self.vectors.ids()
+        if old:
+            self.vectors.remove(old)
+        self.meta["next_fid"] = max(int(self.meta.get("next_fid", 0)), max(old, default=-1) + 1)
+        for n, i in enumerate(ids):  # fresh fids: an HNSW store keeps removed ids as tombstones
+            items[i]["fid"] = int(self.meta["next_fid"]) + n
+        self.meta["next_fid"] = int(self.meta["next_fid"]) + len(ids)
         for start in range(0, len(ids), 32):
             chunk = ids[start : start + 32]
-            self._ensure_features(chunk)
-            raw = np.stack([self._features[i]["global"] for i in chunk])
-            descs = [self._features[i].get("defect") for i in chunk]
-            vecs = self._compose(raw, descs, [items[i]["product"] for i in chunk])
-            self.index.add_with_ids(vecs, np.array([items[i]["fid"] for i in chunk], dtype=np.int64))
+            self._add_vectors(chunk)
             if progress:
                 progress(min(1.0, (start + len(chunk)) / max(1, len(ids))), "re-embedding index")
-        self._caption_cache.clear()
         self._save()
+
+    def _image_path(self, item_id: str) -> Path:
+        return self.blobs.local_path(self.meta["items"][item_id]["image"])
 
     def _ensure_features(self, ids: list[str]) -> None:
         """Compute cached raw features of stored items that lack them (grouped by product)."""
@@ -322,13 +465,15 @@ class ImageIndex:
         need_g = [i for i in ids if "global" not in self._features.get(i, {})
                   or self._features[i]["global"].shape[0] != self._global_dim()]
         for i in need_g:
-            self._features.setdefault(i, {})["global"] = self._global_raw([load_rgb(self.images_dir / items[i]["image"])])[0]
+            self._features.setdefault(i, {})["global"] = self._global_raw([load_rgb(self._image_path(i))])[0]
         need_d = [i for i in ids if "defect" not in self._features.get(i, {})]
         by_product: dict[str, list[str]] = {}
         for i in need_d:
             by_product.setdefault(items[i]["product"], []).append(i)
         for product, group in by_product.items():
-            descs = self.describe([load_rgb(self.images_dir / items[i]["image"]) for i in group], product)
+            if product not in self.projections:
+                continue
+            descs = self.describe([load_rgb(self._image_path(i)) for i in group], product)
             for i, v in zip(group, descs):
                 if v is not None:
                     self._features[i]["defect"] = v
@@ -349,7 +494,7 @@ class ImageIndex:
             anomaly_map: np.ndarray | None = None) -> str:
         """Index one RGB uint8 image ``(H, W, 3)``; returns its item id (16 hex chars).
 
-        The image is copied to ``index_dir/images/<id>.png``; the item is searchable
+        The image goes to the blob store under its content hash; the item is searchable
         and persisted when this returns (its defect part uses ``anomaly_map`` if given,
         else PatchCore's map for ``product``, and the product's fitted metric).
         Adding the same pixels again returns the existing id without changes.
@@ -362,8 +507,9 @@ class ImageIndex:
 
         Args:
             items: dicts with ``rgb`` (RGB uint8 array; or ``image``: a path) and
-                ``product``, ``defect_type``, optional ``note``, ``source``,
-                ``anomaly_map`` (float32 ``(H, W)``; computed with PatchCore if absent).
+                ``product``, ``defect_type``, optional ``note``, ``source``, ``description``,
+                ``anomaly_map`` (float32 ``(H, W)``; computed with PatchCore if absent),
+                ``defect_descriptor`` (precomputed raw descriptor).
             progress: ``callback(fraction 0..1, message)``.
 
         Returns:
@@ -402,47 +548,170 @@ class ImageIndex:
                     maps = [chunk[j][2].get("anomaly_map") for j in js]
                     for j, v in zip(js, self.describe([chunk[j][1] for j in js], product, maps)):
                         descs[j] = v
-                vecs = self._compose(raw, descs, [str(it["product"]) for _, _, it in chunk])
+                # 1. blobs (content-addressed: an orphan after a crash is harmless)
+                keys = [self.blobs.put_image(rgb) for _, rgb, _ in chunk]
+                _write_pause("blobs")
                 fids = np.arange(self.meta["next_fid"], self.meta["next_fid"] + len(chunk), dtype=np.int64)
-                for (item_id, rgb, it), fid, g, dsc in zip(chunk, fids, raw, descs):
-                    save_png(rgb, self.images_dir / f"{item_id}.png")
-                    self.meta["items"][item_id] = {
+                rows = {}
+                for (item_id, rgb, it), fid, g, dsc, key in zip(chunk, fids, raw, descs, keys):
+                    rows[item_id] = {
                         "fid": int(fid), "product": str(it["product"]), "defect_type": it.get("defect_type") or None,
-                        "note": str(it.get("note") or ""), "source": it.get("source"), "image": f"{item_id}.png"}
+                        "note": str(it.get("note") or ""), "source": it.get("source"), "image": key}
+                    if it.get("description"):
+                        rows[item_id]["description"] = str(it["description"])
                     self._features[item_id] = {"global": np.asarray(g, np.float32)}
                     if dsc is not None:
                         self._features[item_id]["defect"] = np.asarray(dsc, np.float32)
-                self.meta["next_fid"] = int(fids[-1]) + 1
-                self.index.add_with_ids(vecs, fids)
-                self._save()
+                image = self._compose(raw, descs, [str(it["product"]) for _, _, it in chunk])
+                caption = l2_normalize(self.text_embedder.embed([self.caption(r) for r in rows.values()]))
+                committed = dict(self.meta["items"])
+                self.meta["items"].update(rows)
+                try:
+                    # 2. features, 3. vectors, 4. items.json (the commit)
+                    self._write_features()
+                    _write_pause("features")
+                    self.vectors.add(fids, {"image": image, "caption": caption},
+                                     [self._payload(r) for r in rows.values()])
+                    self.vectors.persist()
+                    _write_pause("vectors")
+                    self.meta["next_fid"] = int(fids[-1]) + 1
+                    self._write_meta()
+                    _write_pause("items")
+                except BaseException:
+                    self.meta["items"] = committed
+                    self.vectors.remove(fids.tolist())
+                    raise
                 if progress:
                     progress((start + len(chunk)) / len(todo), f"indexed {start + len(chunk)}/{len(todo)} images")
         return ids
 
+    def _check_labels(self, product: str | None, defect_type: str | None) -> tuple[str | None, str | None]:
+        from stores import catalog
+
+        if product is not None:
+            if product not in catalog.products():
+                raise ValueError(f"unknown product {product!r}; known: {', '.join(catalog.products())}")
+        if defect_type is not None and defect_type != "":
+            d = catalog.normalize_defect(defect_type)
+            if d is None:
+                raise ValueError(f"unknown defect type {defect_type!r}; known: {', '.join(DEFECT_TYPES)}")
+            defect_type = d
+        return product, defect_type or None
+
+    def register(self, image, product: str, defect_type: str, note: str = "") -> dict:
+        """Register a labelled defect image: searchable at once, persisted atomically.
+
+        Args:
+            image: RGB uint8 array ``(H, W, 3)`` (grey / RGBA are converted) or a path / bytes.
+            product: a known product id (:func:`stores.catalog.products`).
+            defect_type: a defect type id of the taxonomy (English or Korean names accepted).
+            note: free text, part of the caption vector.
+
+        Returns:
+            ``{"id", "duplicate", "product", "defect_type", "note", "image" (absolute path)}``;
+            ``duplicate`` is True (and nothing changes) when the same pixels are already
+            indexed (id = content hash), then the row is the stored one.
+
+        Raises:
+            ValueError: unknown product or defect type, or an unreadable image
+                (:class:`stores.imageio.InvalidImageError`, a ValueError).
+        """
+        product, defect_type = self._check_labels(product, defect_type)
+        if not product or not defect_type:
+            raise ValueError("register needs a product and a defect type")
+        try:
+            rgb = load_rgb(image, max_pixels=self.settings.max_image_pixels)
+        except InvalidImageError:
+            raise
+        except (OSError, TypeError) as exc:
+            raise InvalidImageError(f"cannot read the image: {exc}") from exc
+        item_id = content_hash(rgb)[:16]
+        with self._lock:
+            if item_id in self.meta["items"]:
+                return {**self._public(item_id), "duplicate": True}
+            entry = {"rgb": rgb, "product": product, "defect_type": defect_type, "note": note or "",
+                     "source": "registered"}
+            if self.captioner is not None:
+                entry["description"] = str(self.captioner(rgb) or "")
+            self.add_many([entry])
+            return {**self._public(item_id), "duplicate": False}
+
+    def _public(self, item_id: str) -> dict:
+        row = self._row(item_id)
+        return {k: row[k] for k in ("id", "product", "defect_type", "note", "image")}
+
+    def relabel(self, item_id: str, *, product: str | None = None, defect_type: str | None = None,
+                note: str | None = None) -> dict:
+        """Change an item's product, defect type and / or note; both vectors follow.
+
+        The image vector's defect part depends on the product's metric and the caption
+        on all labels, so the item gets new vectors under a new internal id (written
+        before the commit record; the old ones are removed after it).
+
+        Returns:
+            the item row (as :meth:`get`).
+
+        Raises:
+            KeyError: unknown id. ValueError: unknown product or defect type.
+        """
+        product, defect_type = self._check_labels(product, defect_type)
+        with self._lock:
+            if item_id not in self.meta["items"]:
+                raise KeyError(item_id)
+            old = dict(self.meta["items"][item_id])
+            new = dict(old)
+            if product is not None:
+                new["product"] = product
+            if defect_type is not None:
+                new["defect_type"] = defect_type
+            if note is not None:
+                new["note"] = str(note)
+            if new == old:
+                return self._row(item_id)
+            new["fid"] = int(self.meta["next_fid"])
+            if new["product"] != old["product"]:
+                self._features.get(item_id, {}).pop("defect", None)  # the descriptor uses the product's bank
+            self.meta["items"][item_id] = new
+            try:
+                vecs = self._item_vectors([item_id])
+                self.vectors.add(np.array([new["fid"]], np.int64), vecs, [self._payload(new)])
+                self._write_features()
+                self.vectors.persist()
+                self.meta["next_fid"] = new["fid"] + 1
+                self._write_meta()  # commit
+            except BaseException:
+                self.meta["items"][item_id] = old
+                raise
+            self.vectors.remove([old["fid"]])
+            self.vectors.persist()
+            return self._row(item_id)
+
     def delete(self, item_id: str) -> bool:
-        """Remove an item (vector, metadata, cached features, stored PNG); False if the id is unknown."""
+        """Remove an item (vectors, metadata, cached features, stored image); False if the id is unknown."""
         with self._lock:
             item = self.meta["items"].pop(item_id, None)
             if item is None:
                 return False
-            self.index.remove_ids(np.array([item["fid"]], dtype=np.int64))
-            self._caption_cache.pop(item_id, None)
+            self._write_meta()  # commit first: a crash after it leaves only orphans, removed on load
+            self.vectors.remove([item["fid"]])
+            self.vectors.persist()
             self._features.pop(item_id, None)
-            self._save()
-            png = self.images_dir / item["image"]
-            if png.exists():
-                png.unlink()
+            self._write_features()
+            if not any(it["image"] == item["image"] for it in self.meta["items"].values()):
+                self.blobs.delete(item["image"])
             return True
 
     # ------------------------------------------------------------------ reads
     def __len__(self) -> int:
         with self._lock:
-            return int(self.index.ntotal)
+            return len(self.meta["items"])
 
     def _row(self, item_id: str, score: float | None = None) -> dict:
         it = self.meta["items"][item_id]
         row = {"id": item_id, "product": it["product"], "defect_type": it["defect_type"],
-               "image": str((self.images_dir / it["image"]).resolve()), "note": it["note"], "source": it.get("source")}
+               "image": str(self.blobs.local_path(it["image"])), "note": it["note"], "source": it.get("source")}
+        if it.get("description"):
+            row["description"] = it["description"]
         if score is not None:
             row["score"] = float(score)
         return row
@@ -464,34 +733,39 @@ class ImageIndex:
         it = self.meta["items"][item_id]
         return (product is None or it["product"] == product) and (defect_type is None or it["defect_type"] == defect_type)
 
+    def _search_field(self, field: str, vecs: np.ndarray, k: int, product: str | None,
+                      defect_type: str | None) -> list[list[tuple[str, float]]]:
+        """``(item id, cosine)`` best first per query row on one named vector, filters exact."""
+        with self._lock:
+            if not self.meta["items"] or k <= 0:
+                return [[] for _ in range(len(vecs))]
+            res = self.vectors.search(field, l2_normalize(vecs), k,
+                                      {"product": product, "defect_type": defect_type})
+            lookup = self._fid_to_id()
+            return [[(lookup[f], s) for f, s in row if f in lookup] for row in res]
+
     def search_vectors(self, vecs: np.ndarray, k: int = 5, product: str | None = None,
                        defect_type: str | None = None) -> list[list[dict]]:
-        """Search with precomputed embeddings ``(N, dim)``; one best-first result list per row."""
+        """Search the "image" vectors with precomputed embeddings ``(N, dim)``; one best-first list per row."""
         with self._lock:
-            n = int(self.index.ntotal)
-            if n == 0 or k <= 0:
-                return [[] for _ in range(len(vecs))]
-            filtered = product is not None or defect_type is not None
-            fetch = n if filtered else min(k, n)  # filters: rank everything, then filter (exact)
-            scores, fids = self.index.search(l2_normalize(vecs), fetch)
-            lookup = self._fid_to_id()
-            out = []
-            for srow, frow in zip(scores, fids):
-                hits = []
-                for s, f in zip(srow, frow):
-                    if f < 0:
-                        continue
-                    item_id = lookup[int(f)]
-                    if self._match(item_id, product, defect_type):
-                        hits.append(self._row(item_id, s))
-                        if len(hits) == k:
-                            break
-                out.append(hits)
-            return out
+            return [[self._row(i, s) for i, s in row]
+                    for row in self._search_field("image", vecs, k, product, defect_type)]
+
+    def _image_query_vector(self, rgb: np.ndarray, product: str | None,
+                            anomaly_map: np.ndarray | None) -> tuple[np.ndarray, str | None]:
+        """Image query vector ``(1, dim)`` and the product filter to apply (given, else inferred)."""
+        raw = self._global_raw([rgb])
+        if product is None and len(self):
+            product = self._vote_product(raw, k=10)[0]
+            product_filter = product if product in self.projections else None
+        else:
+            product_filter = product
+        descs = self.describe([rgb], product, [anomaly_map]) if product in self.projections else [None]
+        return self._compose(raw, descs, [product]), product_filter
 
     def search(self, rgb: np.ndarray, k: int = 5, product: str | None = None, defect_type: str | None = None,
                anomaly_map: np.ndarray | None = None) -> list[dict]:
-        """Nearest indexed images to an RGB uint8 image ``(H, W, 3)``.
+        """Nearest indexed images to an RGB uint8 image ``(H, W, 3)`` (image -> image, "image" vector).
 
         Args:
             rgb: the query image.
@@ -505,22 +779,13 @@ class ImageIndex:
 
         Returns:
             up to ``k`` dicts ``{"id", "product", "defect_type", "score" (cosine), "image"
-            (absolute PNG path), "note", "source"}``, best first; ``product`` /
-            ``defect_type`` filters are exact.
+            (absolute PNG path), "note", "source", "matched": "image"}``, best first;
+            ``product`` / ``defect_type`` filters are exact.
         """
         rgb = load_rgb(rgb)
-        raw = self._global_raw([rgb])
-        if product is None and len(self):
-            product = self._vote_product(raw, k=10)[0]
-            if product not in self.projections:
-                product_filter = None
-            else:
-                product_filter = product
-        else:
-            product_filter = product
-        descs = self.describe([rgb], product, [anomaly_map]) if product in self.projections else [None]
-        vec = self._compose(raw, descs, [product])
-        return self.search_vectors(vec, k=k, product=product_filter, defect_type=defect_type)[0]
+        vec, product_filter = self._image_query_vector(rgb, product, anomaly_map)
+        return [{**h, "matched": "image"}
+                for h in self.search_vectors(vec, k=k, product=product_filter, defect_type=defect_type)[0]]
 
     def _vote_product(self, raw: np.ndarray, k: int = 10) -> tuple[str, float]:
         """Product by a score-weighted vote of the ``k`` nearest items by the global part only."""
@@ -534,36 +799,94 @@ class ImageIndex:
         best = max(votes, key=votes.get)
         return best, float(votes[best] / sum(votes.values()))
 
-    def search_text(self, text: str, k: int = 5, product: str | None = None, defect_type: str | None = None) -> list[dict]:
-        """Text query against the items' captions ``"<product> <defect type> <note>"``.
+    def _text_query_vector(self, text: str) -> np.ndarray:
+        return l2_normalize(embed_queries(self.text_embedder, [text.strip()]))
 
-        The offline image embedder has no text tower, so the query and the captions
-        are embedded with the text embedder (``Settings.text_embedder``); each result
-        carries ``"matched": "caption"``. Result dicts as in :meth:`search`.
+    def search_text(self, text: str, k: int = 5, product: str | None = None, defect_type: str | None = None) -> list[dict]:
+        """Text query (text -> caption on the "caption" vector; text -> image with a CLIP embedder).
+
+        Captions are ``"<defect type> on <product>. <note>. <VLM description>"`` embedded with
+        the text embedder (``Settings.text_embedder``); results then carry
+        ``"matched": "caption"``. With an image embedder that has a text tower
+        (``embed_text``, open_clip) the query is searched against the "image" vectors
+        and results carry ``"matched": "image"``. Result dicts as in :meth:`search`.
 
         Raises:
             ValueError: empty text.
         """
         if not text or not text.strip():
             raise ValueError("empty text query")
-        temb = get_text_embedder()
+        embed_text = getattr(self._base, "embed_text", None)
+        if callable(embed_text):
+            # CLIP-style embedder (open_clip): the query goes into the image space and is
+            # searched through the FAISS index; the defect part of the query vector is zero
+            q = np.zeros((1, self.dim), np.float32)
+            q[0, : int(self.embedder.dim)] = embed_text([text.strip()])[0]
+            return [{**hit, "matched": "image"}
+                    for hit in self.search_vectors(q, k=k, product=product, defect_type=defect_type)[0]]
+        q = self._text_query_vector(text)
         with self._lock:
-            ids = [i for i in self.meta["items"] if self._match(i, product, defect_type)]
-            missing = [i for i in ids if i not in self._caption_cache]
-            if missing:
-                caps = []
-                for i in missing:
-                    it = self.meta["items"][i]
-                    caps.append(" ".join(x for x in (it["product"], it["defect_type"] or "normal", it["note"]) if x))
-                for i, v in zip(missing, temb.embed(caps)):
-                    self._caption_cache[i] = v
-            if not ids:
+            return [{**self._row(i, s), "matched": "caption"}
+                    for i, s in self._search_field("caption", q, k, product, defect_type)[0]]
+
+    def query(self, image=None, text: str | None = None, *, mode: str = "auto", k: int = 5,
+              product: str | None = None, defect_type: str | None = None, text_weight: float | None = None,
+              anomaly_map: np.ndarray | None = None) -> list[dict]:
+        """One entry point for every search mode.
+
+        Args:
+            image: RGB uint8 array ``(H, W, 3)`` or path (image and fused modes).
+            text: query text (text and fused modes).
+            mode: ``"image"`` (image -> image, :meth:`search`), ``"text"`` (:meth:`search_text`),
+                ``"fused"`` (needs both: prefetch ``max(PREFETCH_MIN, 10 k)`` candidates on the
+                image vector, plus the caption vector's best for the text, then re-rank all by
+                ``(1 - w) * image cosine + w * caption cosine``), ``"auto"``: fused with both,
+                else whichever is given.
+            k: number of results. product / defect_type: exact filters (image queries
+                without a product infer it as :meth:`search` does).
+            text_weight: ``w`` in 0..1; default ``Settings.search_text_weight``.
+            anomaly_map: the query image's PatchCore map if the caller has it.
+
+        Returns:
+            up to ``k`` row dicts with ``score`` (comparable within this query) and
+            ``matched`` (``"image"``, ``"caption"`` or ``"fused"``); fused rows also carry
+            ``image_score`` and ``text_score``.
+
+        Raises:
+            ValueError: unknown mode, a mode without its input, empty text, weight outside 0..1.
+        """
+        if mode not in MODES:
+            raise ValueError(f"unknown search mode {mode!r}; known: {', '.join(MODES)}")
+        has_text = bool(text and text.strip())
+        if mode == "auto":
+            mode = "fused" if image is not None and has_text else "image" if image is not None else "text"
+        if mode in ("image", "fused") and image is None:
+            raise ValueError(f"mode {mode!r} needs an image")
+        if mode in ("text", "fused") and not has_text:
+            raise ValueError(f"mode {mode!r} needs a non-empty text")
+        if mode == "image":
+            return self.search(image, k=k, product=product, defect_type=defect_type, anomaly_map=anomaly_map)
+        if mode == "text":
+            return self.search_text(text, k=k, product=product, defect_type=defect_type)
+        w = self.settings.search_text_weight if text_weight is None else float(text_weight)
+        if not 0.0 <= w <= 1.0:
+            raise ValueError(f"text_weight must be within 0..1, got {w}")
+        rgb = load_rgb(image)
+        ivec, product_filter = self._image_query_vector(rgb, product, anomaly_map)
+        tvec = self._text_query_vector(text)
+        prefetch = max(PREFETCH_MIN, 10 * int(k))
+        with self._lock:
+            cand = [i for i, _ in self._search_field("image", ivec, prefetch, product_filter, defect_type)[0]]
+            cand += [i for i, _ in self._search_field("caption", tvec, k, product_filter, defect_type)[0] if i not in cand]
+            if not cand:
                 return []
-            mat = np.stack([self._caption_cache[i] for i in ids])
-            q = embed_queries(temb, [text.strip()])[0]
-            sims = mat @ q
-            order = np.argsort(-sims)[:k]
-            return [{**self._row(ids[j], sims[j]), "matched": "caption"} for j in order]
+            fids = [self.meta["items"][i]["fid"] for i in cand]
+            iscore = self.vectors.get_vectors("image", fids) @ ivec[0]
+            tscore = self.vectors.get_vectors("caption", fids) @ tvec[0]
+            fused = (1.0 - w) * iscore + w * tscore
+            order = np.argsort(-fused, kind="stable")[:k]
+            return [{**self._row(cand[j], fused[j]), "matched": "fused", "image_score": float(iscore[j]),
+                     "text_score": float(tscore[j])} for j in order]
 
     def infer_product(self, rgb: np.ndarray, k: int = 10) -> tuple[str, float]:
         """Product of an image by a score-weighted vote of its ``k`` nearest items (global features only).
@@ -735,5 +1058,34 @@ class ImageIndex:
         out["recall_at_1_per_type"] = {t: float(np.mean([r[2] == 1 for r in rows if r[1] == t]))
                                        for t in sorted({r[1] for r in rows})}
         out["ms_per_query"] = round(ms, 1)
+        out.update(self.evaluate_text())
         out["model"] = self.model
         return out
+
+    def evaluate_text(self, k: int = 5) -> dict:
+        """Text -> image Recall@k for template queries, per defect type.
+
+        For every (product, defect type) pair present in the index the query
+        ``"a <defect type> on the <product>"`` goes through :meth:`search_text` without
+        filters; a hit is an item of that product and type within the top ``k``. With
+        the offline embedders this exercises the caption vectors (whose captions hold
+        the labels, so it measures the text path, not visual understanding); with a
+        CLIP embedder it is real text -> image retrieval.
+
+        Returns:
+            ``{"text_recall_at_5": overall, "text_recall_at_5_per_type": {type: value},
+            "text_matched": "caption" | "image", "n_text_queries": n}`` (key suffix = ``k``).
+        """
+        with self._lock:
+            pairs = sorted({(it["product"], it["defect_type"]) for it in self.meta["items"].values()
+                            if it["defect_type"]})
+        hits: dict[str, list[bool]] = {}
+        matched = "caption"
+        for product, defect in pairs:
+            res = self.search_text(f"a {defect} on the {product}", k=k)
+            matched = res[0]["matched"] if res else matched
+            hits.setdefault(defect, []).append(any(h["product"] == product and h["defect_type"] == defect for h in res))
+        allhits = [h for v in hits.values() for h in v]
+        return {f"text_recall_at_{k}": float(np.mean(allhits)) if allhits else 0.0,
+                f"text_recall_at_{k}_per_type": {t: float(np.mean(v)) for t, v in sorted(hits.items())},
+                "text_matched": matched, "n_text_queries": len(allhits)}

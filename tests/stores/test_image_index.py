@@ -193,3 +193,210 @@ def test_built_index_map_argument_restart_and_add(built_state, writable_state):
     assert top["id"] == new_id and top["score"] == pytest.approx(1.0, abs=1e-4)
     assert ImageIndex(settings).search(rgb, k=1)[0]["id"] == new_id
     assert again.delete(new_id) and all(h["id"] != new_id for h in again.search(rgb, k=5))
+
+
+# --------------------------------------------------------------------------- registration, search modes, backends
+
+
+def _gallery4():
+    return [(_scratch(_crop("brick", 0, 0), 30), "brick", "scratch", "long bright scratch"),
+            (_hole(_crop("brick", 150, 300), 64, 64), "brick", "hole", "deep dark pit"),
+            (_scratch(_crop("gravel", 0, 100), 90), "gravel", "scratch", "thin line"),
+            (_hole(_crop("gravel", 180, 300), 50, 70), "gravel", "hole", "round cavity")]
+
+
+def test_register_duplicate_relabel_delete_and_restart(settings, tmp_path):
+    index = ImageIndex(settings)
+    rows = [index.register(rgb, p, d, note=n) for rgb, p, d, n in _gallery4()]
+    assert [r["duplicate"] for r in rows] == [False] * 4 and len(index) == 4
+    first = rows[0]
+    assert set(first) == {"id", "duplicate", "product", "defect_type", "note", "image"}
+    assert Path(first["image"]).is_absolute() and Path(first["image"]).is_file()
+    np.testing.assert_array_equal(load_rgb(first["image"]), _gallery4()[0][0])  # stored losslessly
+    # searchable at once, by image and by text
+    assert index.query(_gallery4()[0][0], mode="image", k=1)[0]["id"] == first["id"]
+    # same pixels from a file (other bytes, same picture) -> duplicate, nothing changes
+    png = save_png(_gallery4()[0][0], tmp_path / "again.png")
+    dup = index.register(str(png), "gravel", "hole", note="other labels")
+    assert dup["duplicate"] is True and dup["id"] == first["id"] and dup["product"] == "brick" and len(index) == 4
+    # Korean defect names are accepted; unknown labels and bad images are refused
+    kr = index.register(_scratch(_crop("grass", 0, 0), 50), "grass", "균열")
+    assert kr["defect_type"] == "crack"
+    for bad in (dict(product="plastic", defect_type="crack"), dict(product="brick", defect_type="dent")):
+        with pytest.raises(ValueError):
+            index.register(_crop("brick", 10, 10), **bad)
+    with pytest.raises(ValueError):
+        index.register(tmp_path / "missing.png", "brick", "crack")
+    with pytest.raises(ValueError):
+        index.register(np.zeros((4,), np.uint8), "brick", "crack")
+    # relabel: labels, payload filter and caption vector follow
+    row = index.relabel(rows[1]["id"], defect_type="stain", note="brown stain on the face")
+    assert row["defect_type"] == "stain" and row["note"] == "brown stain on the face"
+    assert [h["id"] for h in index.query(_gallery4()[1][0], mode="image", k=5, defect_type="stain")] == [rows[1]["id"]]
+    assert index.query(text="brown stain", mode="text", k=1)[0]["id"] == rows[1]["id"]
+    with pytest.raises(KeyError):
+        index.relabel("0" * 16, note="x")
+    with pytest.raises(ValueError):
+        index.relabel(rows[1]["id"], product="plastic")
+    # restart: everything persisted
+    again = ImageIndex(settings)
+    assert len(again) == 5 and again.get(rows[1]["id"])["defect_type"] == "stain"
+    assert len(again.vectors) == 5
+    assert again.query(text="brown stain", mode="text", k=1)[0]["id"] == rows[1]["id"]
+    assert again.delete(rows[2]["id"]) is True and again.delete(rows[2]["id"]) is False
+    assert not Path(rows[2]["image"]).exists()
+    third = ImageIndex(settings)
+    assert len(third) == 4 and third.get(rows[2]["id"]) is None and len(third.vectors) == 4
+
+
+def test_query_modes_filters_and_fusion(settings):
+    index = ImageIndex(settings)
+    ids = [index.register(rgb, p, d, note=n)["id"] for rgb, p, d, n in _gallery4()]
+    q = _gallery4()[1][0]  # brick hole
+    img = index.query(q, k=4)  # auto with an image only -> image mode
+    assert img[0]["id"] == ids[1] and all(h["matched"] == "image" for h in img)
+    txt = index.query(text="a deep pit in a brick", k=2)
+    assert txt[0]["matched"] == "caption" and txt[0]["id"] == ids[1]
+    assert [h["score"] for h in txt] == sorted((h["score"] for h in txt), reverse=True)
+    fused = index.query(q, "thin line on gravel", k=4, text_weight=0.5)
+    assert all(h["matched"] == "fused" for h in fused) and len(fused) == 4
+    for h in fused:
+        assert h["score"] == pytest.approx(0.5 * h["image_score"] + 0.5 * h["text_score"], abs=1e-5)
+    assert [h["score"] for h in fused] == sorted((h["score"] for h in fused), reverse=True)
+    # the weight moves the ranking between the two vectors: w=0 is the image ranking,
+    # w=1 the caption ranking (restricted to the prefetched candidates)
+    only_img = index.query(q, "thin line on gravel", mode="fused", k=4, product=None, text_weight=0.0)
+    only_txt = index.query(q, "thin line on gravel", mode="fused", k=4, text_weight=1.0)
+    assert only_img[0]["id"] == ids[1] and only_txt[0]["id"] == ids[2]
+    # filters are exact in every mode
+    assert {h["product"] for h in index.query(q, "thin line", k=4, product="gravel")} == {"gravel"}
+    assert {h["defect_type"] for h in index.query(text="scratch", k=4, defect_type="hole")} == {"hole"}
+    assert index.query(q, mode="image", k=4, product="gravel", defect_type="crack") == []
+    for bad in (dict(mode="image"), dict(mode="fused", image=q), dict(mode="text", text=" "),
+                dict(mode="nearest", image=q), dict(image=q, text="x", text_weight=1.5)):
+        with pytest.raises(ValueError):
+            index.query(**bad)
+    report = index.evaluate_text()
+    assert report["text_matched"] == "caption" and report["n_text_queries"] == 4
+    assert set(report["text_recall_at_5_per_type"]) == {"scratch", "hole"} and report["text_recall_at_5"] == 1.0
+
+
+def test_milvus_backend_gives_the_same_results_as_faiss(settings, tmp_path):
+    milvus = dataclasses.replace(Settings(), state_dir=tmp_path / "milvus-state", vector_backend="milvus")
+    faiss_index, milvus_index = ImageIndex(settings), ImageIndex(milvus)
+    for idx in (faiss_index, milvus_index):
+        for rgb, p, d, n in _gallery4():
+            idx.register(rgb, p, d, note=n)
+    assert type(milvus_index.vectors).__name__ == "MilvusVectorStore"
+    assert (tmp_path / "milvus-state" / "index" / "milvus.db").exists()
+    for rgb, *_ in _gallery4():
+        a, b = faiss_index.query(rgb, mode="image", k=4), milvus_index.query(rgb, mode="image", k=4)
+        assert [h["id"] for h in a] == [h["id"] for h in b]
+        np.testing.assert_allclose([h["score"] for h in a], [h["score"] for h in b], atol=1e-4)
+    for text in ("deep pit", "a scratch on the gravel"):
+        assert [h["id"] for h in faiss_index.query(text=text, k=4)] == [h["id"] for h in milvus_index.query(text=text, k=4)]
+    milvus_index.relabel(milvus_index.items()[0]["id"], defect_type="crack")
+    assert milvus_index.query(text="crack", k=1, defect_type="crack")[0]["id"] == milvus_index.items()[0]["id"]
+    milvus_index.vectors.close()
+    reopened = ImageIndex(milvus)
+    assert len(reopened) == 4 and len(reopened.vectors) == 4
+    reopened.vectors.close()
+
+
+_KILL_SCRIPT = """
+import dataclasses, sys
+from pathlib import Path
+import numpy as np
+from skimage import data as skdata
+from stores.image_index import ImageIndex
+from stores.settings import Settings
+
+settings = dataclasses.replace(Settings(), state_dir=Path(sys.argv[1]))
+index = ImageIndex(settings)
+src = skdata.grass()[:320]
+rgb = np.repeat(src[100:228, 200:328, None], 3, axis=2).copy()
+print("ready", flush=True)
+index.register(rgb, "grass", "stain", note="registered while being killed")
+print("done", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_during_registration_leaves_a_usable_index(settings, tmp_path):
+    """A registration is killed (SIGKILL) after each of its file writes; the index always loads."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    script = tmp_path / "register.py"
+    script.write_text(_KILL_SCRIPT)
+    index = ImageIndex(settings)
+    before = [index.register(rgb, p, d, note=n)["id"] for rgb, p, d, n in _gallery4()[:2]]
+    seen_states = set()
+    for stage in ("blobs", "features", "vectors", "items"):
+        env = {**os.environ, "DRA_INDEX_PAUSE_AT": stage, "DRA_INDEX_PAUSE_S": "120", "PYTHONPATH": str(repo)}
+        proc = subprocess.Popen([sys.executable, str(script), str(settings.state_dir)], cwd=repo, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        try:
+            for line in proc.stdout:
+                if line.strip() == f"wrote {stage}":
+                    os.kill(proc.pid, signal.SIGKILL)  # mid-registration: later writes never happen
+                    break
+        finally:
+            proc.kill()
+            proc.wait(timeout=30)
+        assert proc.returncode == -signal.SIGKILL
+        loaded = ImageIndex(settings)  # must load without errors
+        ids = [it["id"] for it in loaded.items()]
+        assert ids[:2] == before and len(ids) in (2, 3)
+        assert len(loaded.vectors) == len(ids)  # vectors and commit record agree after the load
+        committed = len(ids) == 3
+        seen_states.add(committed)
+        assert committed == (stage == "items")  # the commit is the items.json write
+        hit = loaded.query(_gallery4()[0][0], mode="image", k=1)[0]
+        assert hit["id"] == before[0]
+        if committed:
+            new_id = ids[2]
+            assert loaded.query(text="registered while being killed", k=1)[0]["id"] == new_id
+            assert loaded.delete(new_id)
+    assert seen_states == {False, True}
+    final = ImageIndex(settings)
+    assert len(final) == 2 and len(final.vectors) == 2
+    # the interrupted registration completes normally afterwards (orphaned blob / vectors do not block it)
+    rgb = np.repeat(_source("grass")[100:228, 200:328, None], 3, axis=2).copy()
+    row = final.register(rgb, "grass", "stain", note="registered while being killed")
+    assert row["duplicate"] is False and len(ImageIndex(settings)) == 3
+
+
+def test_images_in_an_s3_bucket(settings, tmp_path, monkeypatch):
+    """The index with DRA_BLOB_STORE=s3://... against moto's real S3 server on 127.0.0.1."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        s3 = dataclasses.replace(settings, blob_store="s3://gallery/defects", s3_endpoint_url=f"http://{host}:{port}")
+        index = ImageIndex(s3)
+        rows = [index.register(rgb, p, d, note=n) for rgb, p, d, n in _gallery4()[:2]]
+        client = boto3.client("s3", endpoint_url=f"http://{host}:{port}", region_name="us-east-1")
+        keys = sorted(o["Key"] for o in client.list_objects_v2(Bucket="gallery")["Contents"])
+        assert keys == sorted(f"defects/{r['id']}.png" for r in rows)
+        assert not (settings.index_dir / "images").exists()  # nothing stored locally but the cache
+        # restart with an empty download cache: rows and search still work from the bucket
+        import shutil
+
+        shutil.rmtree(settings.state_dir / "blob_cache")
+        again = ImageIndex(s3)
+        hit = again.query(_gallery4()[1][0], mode="image", k=1)[0]
+        assert hit["id"] == rows[1]["id"]
+        np.testing.assert_array_equal(load_rgb(hit["image"]), _gallery4()[1][0])
+        assert again.delete(rows[0]["id"])
+        assert [o["Key"] for o in client.list_objects_v2(Bucket="gallery")["Contents"]] == [f"defects/{rows[1]['id']}.png"]
+    finally:
+        server.stop()
