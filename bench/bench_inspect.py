@@ -1,13 +1,27 @@
-"""Inspect latency: our PatchCore path vs anomalib's default PatchCore pipeline, side by side.
+"""PatchCore inspect: ours vs anomalib's default Patchcore pipeline, side by side in one process.
 
-    python bench/bench_inspect.py [--product brick] [--n 30] [--train 40]
+    python bench/bench_inspect.py [--product brick] [--train 80] [--n 30]
+    python bench/bench_inspect.py --small            # CI: 4 train images, 3 timed, 64 px
 
-Figure: ``PatchCoreStore.inspect`` (EfficientNet-Lite0 backbone, bank from the
-build) per 256x256 image, p50 / p95 in ms, with and without writing the artifacts.
-Anchor: anomalib 2.7's default ``PatchcoreModel`` (wide_resnet50_2, layers
-layer2+layer3, 10 % coreset) fitted on the same training images in this process.
-Its ImageNet weights cannot be downloaded here, so it runs with random init;
-latency does not depend on the weight values. Prints ratio = anchor / ours.
+Three pipelines on the same images, one process, torch threads = ``--threads``:
+
+1. **ours**: ``PatchCoreStore.inspect`` (EfficientNet-Lite0 features, the
+   product's tuned configuration, faiss nearest-neighbour search, anomaly map
+   at input resolution, mask, regions, nearest normal image) with a bank
+   fitted here by ``PatchCoreStore.fit`` on the train images.
+2. **anomalib, same bank**: anomalib 2.7's own ``PatchcoreModel`` (chunked
+   torch distances) with OUR backbone, layers, pooling and memory bank: the
+   scores must agree with (1) (max abs difference printed; it isolates the
+   search / pipeline cost from the backbone choice).
+3. **anomalib default** (the anchor): ``PatchcoreModel()`` defaults, i.e.
+   wide_resnet50_2 layer2 + layer3, 3x3 pooling, 10 % coreset by anomalib's
+   ``KCenterGreedy``, fitted here on the same train images. Its ImageNet
+   weights cannot be downloaded here, so the backbone is random-init: its
+   latency, fit time and bank size do not depend on the weight values, its
+   accuracy does (not compared; see README for the accuracy anchor).
+
+Printed: latency per image p50 / p95 (ms) after warm-up, fit time (s), bank
+size, and the ratios anchor / ours.
 """
 
 from __future__ import annotations
@@ -24,84 +38,159 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from stores.settings import get_settings  # noqa: E402
-
 
 def pct(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--product", default="brick")
-    ap.add_argument("--n", type=int, default=30, help="timed images")
-    ap.add_argument("--train", type=int, default=40, help="training images for the anchor's memory bank")
-    args = ap.parse_args()
+def _images(product: str, n_train: int, n_val: int, small: bool):
+    """Train normals and timed val images: the built manifest's, else fresh builder crops (rows 0-319)."""
+    from data.build import random_crop, source_rows
+    from stores.settings import get_settings
 
-    from data.build import load_manifest
-    from stores.imageio import load_rgb
-    from stores.patchcore import save_artifacts
-    from stores.services import get_services
+    data_dir = get_settings().data_dir
+    if not small and (data_dir / "manifest.json").is_file():
+        from data.build import load_manifest
+        from stores.imageio import load_rgb
 
-    settings = get_settings()
-    manifest = load_manifest(settings.data_dir)
-    items = [it for it in manifest["items"] if it["product"] == args.product]
-    val = [load_rgb(settings.data_dir / it["image"]) for it in items if it["split"] == "val"][: args.n]
-    train = [load_rgb(settings.data_dir / it["image"]) for it in items if it["split"] == "train"][: args.train]
-    store = get_services().patchcore
+        items = [it for it in load_manifest(data_dir)["items"] if it["product"] == product]
+        train = [load_rgb(data_dir / it["image"]) for it in items if it["split"] == "train"][:n_train]
+        val = [load_rgb(data_dir / it["image"]) for it in items if it["split"] == "val"][:n_val]
+        if len(train) >= 2 and len(val) >= 2:
+            return train, val, "manifest"
+    rows = source_rows(product)
+    rng = np.random.default_rng(0)
+    crops = [random_crop(rows, rng, product)[0] for _ in range(n_train + n_val)]
+    return crops[:n_train], crops[n_train:], "builder crops"
 
-    for im in val[:3]:
-        store.inspect(im, args.product)
-    ours, ours_art = [], []
-    with tempfile.TemporaryDirectory() as tmp:
-        for i, im in enumerate(val):
-            t0 = time.perf_counter()
-            res = store.inspect(im, args.product)
-            t1 = time.perf_counter()
-            save_artifacts(res, im, Path(tmp) / str(i))
-            t2 = time.perf_counter()
-            ours.append((t1 - t0) * 1000)
-            ours_art.append((t2 - t0) * 1000)
 
-    # anchor: anomalib's default PatchCore (wide_resnet50_2, layer2+layer3)
+def _time(fn, items, warm: int = 2) -> list[float]:
+    for it in items[:warm]:
+        fn(it)
+    out = []
+    for it in items:
+        t0 = time.perf_counter()
+        fn(it)
+        out.append((time.perf_counter() - t0) * 1000)
+    return out
+
+
+def run(args) -> dict:
     from anomalib.models.image.patchcore.torch_model import PatchcoreModel
 
-    anchor = PatchcoreModel(layers=["layer2", "layer3"], backbone="wide_resnet50_2", pre_trained=False)
+    from stores.patchcore import PatchCoreStore, backbone_spec, build_model, preprocess
+    from stores.settings import Settings
+
+    torch.set_num_threads(args.threads)
+    train, val, source = _images(args.product, args.train, args.n, args.small)
+    over = {"image_size": args.image_size} if args.image_size else {}
+    if args.small:
+        over.update(coreset_ratio=0.05, augment="none")
+    with tempfile.TemporaryDirectory(prefix="bench_inspect_") as tmp:
+        store = PatchCoreStore(Settings(state_dir=Path(tmp)), **over)
+        cfg = store.config_for(args.product)
+        t0 = time.perf_counter()
+        store.fit(args.product, train, val[:2] if len(val) > 2 else val)
+        ours_fit_s = time.perf_counter() - t0
+        meta = store.meta(args.product)
+        ours_ms = _time(lambda im: store.inspect(im, args.product), val)
+        ours_res = [store.inspect(im, args.product) for im in val]
+
+        # 2. anomalib's PatchcoreModel (torch search) with our backbone, config and bank
+        spec = backbone_spec(meta["backbone"], meta.get("blocks"))
+        same = build_model(spec, cfg.pool_size, sigma=cfg.sigma, search="torch")
+        if not cfg.reweight:
+            same.num_neighbors = 1
+        same.memory_bank = store._bank(args.product).model.memory_bank.clone()
+
+        def same_forward(im):
+            with torch.inference_mode():
+                return same(preprocess([im], cfg.image_size, spec.mean, spec.std))
+
+        same_ms = _time(same_forward, val)
+        same_out = [same_forward(im) for im in val]
+    score_diff = max(abs(float(o.pred_score.reshape(-1)[0]) - r.score) for o, r in zip(same_out, ours_res, strict=True))
+    rel_diff = score_diff / max(abs(r.score) for r in ours_res)
+    map_diff = 0.0
+    for o, r in zip(same_out, ours_res, strict=True):
+        amap = o.anomaly_map[:, :1]
+        if tuple(amap.shape[-2:]) != r.anomaly_map.shape:
+            amap = torch.nn.functional.interpolate(amap, size=r.anomaly_map.shape, mode="bilinear", align_corners=False)
+        map_diff = max(map_diff, float(np.abs(amap[0, 0].numpy() - r.anomaly_map).max()))
+
+    # 3. anchor: anomalib's default PatchCore (wide_resnet50_2, layer2 + layer3, 10 % coreset)
+    size = args.image_size or 256
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
     def tens(ims: list[np.ndarray]) -> torch.Tensor:
         x = torch.from_numpy(np.stack(ims)).permute(0, 3, 1, 2).float() / 255.0
+        if x.shape[-1] != size:
+            x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
         return (x - mean) / std
 
+    # the Lightning Patchcore's defaults: wide_resnet50_2, layers (layer2, layer3), 9 neighbours, ratio 0.1
+    anchor = PatchcoreModel(layers=["layer2", "layer3"], backbone="wide_resnet50_2", pre_trained=False)
     t0 = time.perf_counter()
     anchor.train()
-    for i in range(0, len(train), 8):
-        anchor(tens(train[i:i + 8]))
-    anchor.subsample_embedding(0.1)
+    with torch.inference_mode():
+        for i in range(0, len(train), 8):
+            anchor(tens(train[i:i + 8]))
+    anchor.subsample_embedding(0.1)  # anomalib's default coreset_sampling_ratio
     anchor_fit_s = time.perf_counter() - t0
     anchor.eval()
-    for im in val[:2]:
-        anchor(tens([im]))
-    anch = []
-    for im in val:
-        t0 = time.perf_counter()
-        anchor(tens([im]))
-        anch.append((time.perf_counter() - t0) * 1000)
+
+    def anchor_forward(im):
+        with torch.inference_mode():
+            return anchor(tens([im]))
+
+    anchor_ms = _time(anchor_forward, val)
 
     rows = {
-        "ours_inspect_ms": {"p50": pct(ours, 50), "p95": pct(ours, 95)},
-        "ours_inspect_plus_artifacts_ms": {"p50": pct(ours_art, 50), "p95": pct(ours_art, 95)},
-        "anchor_anomalib_default_ms": {"p50": pct(anch, 50), "p95": pct(anch, 95)},
+        "ours": {"p50": pct(ours_ms, 50), "p95": pct(ours_ms, 95), "fit_s": ours_fit_s,
+                 "bank": int(meta["bank_size"]), "model": meta["model"]},
+        "anomalib_same_bank": {"p50": pct(same_ms, 50), "p95": pct(same_ms, 95), "fit_s": None,
+                               "bank": int(meta["bank_size"]), "model": "anomalib PatchcoreModel, our backbone+bank"},
+        "anomalib_default": {"p50": pct(anchor_ms, 50), "p95": pct(anchor_ms, 95), "fit_s": anchor_fit_s,
+                             "bank": int(anchor.memory_bank.shape[0]),
+                             "model": "anomalib PatchcoreModel() wide_resnet50_2 layer2+3 coreset 0.1 (random init)"},
     }
-    ratio = rows["anchor_anomalib_default_ms"]["p50"] / rows["ours_inspect_ms"]["p50"]
-    print(f"inspect latency, product={args.product}, {len(val)} images 256x256, torch threads={torch.get_num_threads()}")
-    print(f"{'pipeline':42s} {'p50 ms':>9s} {'p95 ms':>9s}")
-    for name, r in rows.items():
-        print(f"{name:42s} {r['p50']:9.1f} {r['p95']:9.1f}")
-    print(f"anchor bank: {tuple(anchor.memory_bank.shape)} from {len(train)} images, fit {anchor_fit_s:.1f} s")
-    print(f"ratio anchor/ours (p50): {ratio:.2f}x")
-    print(json.dumps({"product": args.product, "n": len(val), **rows, "ratio_anchor_over_ours_p50": ratio}))
+    return {
+        "product": args.product, "images": source, "n_train": len(train), "n_timed": len(val),
+        "threads": torch.get_num_threads(), "rows": rows,
+        "score_max_abs_diff_same_bank": score_diff, "score_max_rel_diff_same_bank": rel_diff,
+        "map_max_abs_diff_same_bank": map_diff,
+        "ratio_anchor_over_ours_p50": rows["anomalib_default"]["p50"] / rows["ours"]["p50"],
+        "ratio_anchor_over_ours_p95": rows["anomalib_default"]["p95"] / rows["ours"]["p95"],
+        "ratio_same_bank_over_ours_p50": rows["anomalib_same_bank"]["p50"] / rows["ours"]["p50"],
+        "ratio_anchor_over_ours_fit": anchor_fit_s / ours_fit_s,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--product", default="brick")
+    ap.add_argument("--n", type=int, default=30, help="timed images")
+    ap.add_argument("--train", type=int, default=80, help="training images (both banks)")
+    ap.add_argument("--image-size", type=int, default=0, help="override the input size (0: product config / 256)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--small", action="store_true", help="CI mode: 4 train images, 3 timed, 64 px")
+    args = ap.parse_args()
+    if args.small:
+        args.n, args.train, args.image_size = 3, 4, 64
+    res = run(args)
+    print(f"PatchCore inspect, product={res['product']} ({res['images']}), {res['n_train']} train images, "
+          f"{res['n_timed']} timed, torch threads={res['threads']}")
+    print(f"{'pipeline':22s} {'p50 ms':>8s} {'p95 ms':>8s} {'fit s':>7s} {'bank':>7s}  model")
+    for name, r in res["rows"].items():
+        fit = f"{r['fit_s']:7.1f}" if r["fit_s"] is not None else f"{'-':>7s}"
+        print(f"{name:22s} {r['p50']:8.1f} {r['p95']:8.1f} {fit} {r['bank']:7d}  {r['model']}")
+    print(f"same bank, ours vs anomalib torch search: max |score diff| {res['score_max_abs_diff_same_bank']:.2e} "
+          f"(rel {res['score_max_rel_diff_same_bank']:.1e}), max |map diff| {res['map_max_abs_diff_same_bank']:.2e}")
+    print(f"ratio anomalib default / ours: p50 {res['ratio_anchor_over_ours_p50']:.2f}x, "
+          f"p95 {res['ratio_anchor_over_ours_p95']:.2f}x, fit {res['ratio_anchor_over_ours_fit']:.2f}x; "
+          f"anomalib same bank / ours p50 {res['ratio_same_bank_over_ours_p50']:.2f}x")
+    print(json.dumps(res))
 
 
 if __name__ == "__main__":

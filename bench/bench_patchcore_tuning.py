@@ -3,7 +3,10 @@
 Levers: input resolution (the 256 px crop resized before the backbone),
 EfficientNet-Lite0 blocks, neighbourhood pooling size, memory-bank sampler
 (k-center-greedy coreset vs random) and ratio, image-score re-weighting
-(paper Eq. 7 as in anomalib vs plain max patch distance).
+(paper Eq. 7 as in anomalib vs plain max patch distance), anomaly-map blur sigma,
+memory-bank augmentation with symmetry views of the train normals
+(``stores.patchcore.augment_views``; their features are cached too) and
+coreset selection in a random projection (``--proj``).
 
 Backbone features are extracted once per (size, blocks) with the store's own
 anomalib ``PatchcoreModel`` feature extractor and cached under
@@ -16,6 +19,8 @@ Usage::
 
     .venv/bin/python bench/bench_patchcore_tuning.py sweep --sizes 256 512 --blocks 4,7 2,4,7 \
         --pools 3 5 --ratios 0.01 --samplers coreset random
+    .venv/bin/python bench/bench_patchcore_tuning.py sweep --products gravel --augment none flips \
+        --sigmas 2 4 8 --reweight 1 0          # bank augmentation, map blur, Eq. 7 vs max
     .venv/bin/python bench/bench_patchcore_tuning.py latency      # store.inspect, 1 image, 2 threads
     .venv/bin/python bench/bench_patchcore_tuning.py fit          # store.fit_from_manifest timings (tmp state)
 
@@ -38,7 +43,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stores.imageio import load_rgb  # noqa: E402
 from stores.patchcore import (  # noqa: E402
+    AUGMENTATIONS,
     _read_manifest,
+    augment_views,
     backbone_spec,
     build_model,
     greedy_coreset_indices,
@@ -67,10 +74,10 @@ def extract(size: int, blocks: tuple[int, ...], product: str) -> dict:
     spec = backbone_spec("efficientnet-lite0", blocks)
     model = build_model(spec)
 
-    def feats(items):
+    def feats(items, view: int = 0, mode: str = "none"):
         out = {layer: [] for layer in spec.layers}
         for i in range(0, len(items), 8):
-            imgs = [load_rgb(data_dir / it["image"]) for it in items[i:i + 8]]
+            imgs = [augment_views(load_rgb(data_dir / it["image"]), mode)[view] for it in items[i:i + 8]]
             with torch.inference_mode():
                 f = model.feature_extractor(preprocess(imgs, size, spec.mean, spec.std))
             for layer in spec.layers:
@@ -91,6 +98,33 @@ def extract(size: int, blocks: tuple[int, ...], product: str) -> dict:
     return res
 
 
+def extract_augmented(size: int, blocks: tuple[int, ...], product: str, mode: str) -> dict:
+    """``extract`` plus train features of every symmetry view (``stores.patchcore.augment_views``)."""
+    cache = extract(size, blocks, product)
+    if mode == "none":
+        return cache
+    key = CACHE / f"{product}_{size}_{'-'.join(map(str, blocks))}_aug-{mode}.pt"
+    if key.is_file():
+        extra = torch.load(key)
+    else:
+        data_dir, train, _ = _items(product)
+        spec = backbone_spec("efficientnet-lite0", blocks)
+        model = build_model(spec)
+        extra = {layer: [] for layer in spec.layers}
+        for view in range(1, len(AUGMENTATIONS[mode])):
+            for i in range(0, len(train), 8):
+                imgs = [augment_views(load_rgb(data_dir / it["image"]), mode)[view] for it in train[i:i + 8]]
+                with torch.inference_mode():
+                    f = model.feature_extractor(preprocess(imgs, size, spec.mean, spec.std))
+                for layer in spec.layers:
+                    extra[layer].append(f[layer].half())
+        extra = {k: torch.cat(v) for k, v in extra.items()}
+        torch.save(extra, key)
+    out = dict(cache)
+    out["train"] = {k: torch.cat([cache["train"][k], extra[k]]) for k in cache["train"]}
+    return out
+
+
 def embed(feats: dict, layers: list[str], pool: int) -> torch.Tensor:
     """anomalib PatchcoreModel.generate_embedding with AvgPool2d(pool, 1, pool // 2) -> (B, D, h, w)."""
     pooler = torch.nn.AvgPool2d(pool, 1, pool // 2) if pool > 1 else torch.nn.Identity()
@@ -101,7 +135,10 @@ def embed(feats: dict, layers: list[str], pool: int) -> torch.Tensor:
     return torch.cat(out, 1)
 
 
-def evaluate(cache: dict, pool: int, ratio: float, sampler: str, reweight: bool, size: int) -> dict:
+def evaluate(cache: dict, pool: int, ratio: float, sampler: str, reweights: list[bool], size: int,
+             sigmas: list[float], proj_dim: int | None = None) -> list[dict]:
+    """One memory bank per (pool, ratio, sampler); one result row per (re-weighting, sigma)."""
+    from anomalib.models.image.patchcore.anomaly_map import AnomalyMapGenerator
     from sklearn.metrics import roc_auc_score
 
     spec_layers = cache["layers"]
@@ -114,7 +151,7 @@ def evaluate(cache: dict, pool: int, ratio: float, sampler: str, reweight: bool,
     if sampler == "random":
         idx = torch.randperm(train.shape[0], generator=g)[:n_keep]
     else:
-        idx = torch.as_tensor(greedy_coreset_indices(train, n_keep, seed=0))
+        idx = torch.as_tensor(greedy_coreset_indices(train, n_keep, seed=0, proj_dim=proj_dim))
     bank = train[idx].contiguous()
     core_s = time.perf_counter() - t0
     blocks = tuple(int(layer.split(".")[1]) for layer in spec_layers)
@@ -122,49 +159,54 @@ def evaluate(cache: dict, pool: int, ratio: float, sampler: str, reweight: bool,
     model.memory_bank = bank
     val = embed(cache["val"], spec_layers, pool)
     b, _, h, w = val.shape
-    scores, maps = [], []
+    patch_maps, scores = [], {True: [], False: []}
     for i in range(b):
         emb = val[i:i + 1].permute(0, 2, 3, 1).reshape(-1, d)
         ps, loc = model.nearest_neighbors(emb, n_neighbors=1)
-        if reweight:
-            s = model.compute_anomaly_score(ps.reshape(1, -1), loc.reshape(1, -1), emb)
+        scores[True].append(float(model.compute_anomaly_score(ps.reshape(1, -1), loc.reshape(1, -1), emb)))
+        scores[False].append(float(ps.max()))
+        patch_maps.append(ps.reshape(1, 1, h, w))
+    patch_maps = torch.cat(patch_maps)
+    labels = cache["labels"].numpy()
+    masks = cache["masks"].numpy().reshape(-1)
+    types = cache["types"]
+    rows = []
+    for sigma in sigmas:
+        gen = AnomalyMapGenerator(sigma=sigma) if sigma > 0 else None
+        if gen is None:
+            amap = F.interpolate(patch_maps, size=(size, size))
         else:
-            s = ps.max()[None]
-        amap = model.anomaly_map_generator(ps.reshape(1, 1, h, w), (size, size))
+            amap = gen(patch_maps, (size, size))
         if size != 256:
             amap = F.interpolate(amap, size=(256, 256), mode="bilinear", align_corners=False)
-        scores.append(float(s))
-        maps.append(amap[0, 0].numpy())
-    labels = cache["labels"].numpy()
-    scores = np.array(scores)
-    types = cache["types"]
-    per_type = {}
-    for t in sorted({t for t in types if t}):
-        sel = np.array([(tt == t) or (tt is None) for tt in types])
-        per_type[t] = round(float(roc_auc_score(labels[sel], scores[sel])), 3)
-    return {"image_auroc": round(float(roc_auc_score(labels, scores)), 4),
-            "pixel_auroc": round(float(roc_auc_score(cache["masks"].numpy().reshape(-1),
-                                                     np.stack(maps).reshape(-1))), 4),
-            "bank": int(n_keep), "coreset_s": round(core_s, 2), "per_type": per_type}
+        pixel_auroc = round(float(roc_auc_score(masks, amap.numpy().reshape(-1))), 4)
+        for rw in reweights:
+            s = np.array(scores[rw])
+            per_type = {}
+            for t in sorted({t for t in types if t}):
+                sel = np.array([(tt == t) or (tt is None) for tt in types])
+                per_type[t] = round(float(roc_auc_score(labels[sel], s[sel])), 3)
+            rows.append({"reweight": rw, "sigma": sigma, "image_auroc": round(float(roc_auc_score(labels, s)), 4),
+                         "pixel_auroc": pixel_auroc, "bank": int(n_keep), "coreset_s": round(core_s, 2),
+                         "per_type": per_type})
+    return rows
 
 
 def cmd_sweep(args) -> None:
+    import itertools
+
     torch.set_num_threads(args.threads)
-    for size in args.sizes:
-        for blocks_s in args.blocks:
-            blocks = tuple(int(b) for b in blocks_s.split(","))
-            for product in args.products:
-                t0 = time.perf_counter()
-                cache = extract(size, blocks, product)
-                ext_s = time.perf_counter() - t0
-                for pool in args.pools:
-                    for ratio in args.ratios:
-                        for sampler in args.samplers:
-                            for rw in args.reweight:
-                                r = evaluate(cache, pool, ratio, sampler, bool(rw), size)
-                                print(json.dumps({"product": product, "size": size, "blocks": blocks_s, "pool": pool,
-                                                  "ratio": ratio, "sampler": sampler, "reweight": bool(rw),
-                                                  "extract_s": round(ext_s, 1), **r}), flush=True)
+    for size, blocks_s, product, aug in itertools.product(args.sizes, args.blocks, args.products, args.augment):
+        blocks = tuple(int(b) for b in blocks_s.split(","))
+        t0 = time.perf_counter()
+        cache = extract_augmented(size, blocks, product, aug)
+        ext_s = time.perf_counter() - t0
+        for pool, ratio, sampler in itertools.product(args.pools, args.ratios, args.samplers):
+            for r in evaluate(cache, pool, ratio, sampler, [bool(x) for x in args.reweight], size,
+                              args.sigmas, args.proj):
+                print(json.dumps({"product": product, "size": size, "blocks": blocks_s, "pool": pool,
+                                  "augment": aug, "proj": args.proj, "ratio": ratio, "sampler": sampler,
+                                  "extract_s": round(ext_s, 1), **r}), flush=True)
 
 
 def cmd_latency(args) -> None:
@@ -216,7 +258,12 @@ def main() -> None:
     ap.add_argument("--pools", nargs="+", type=int, default=[3])
     ap.add_argument("--ratios", nargs="+", type=float, default=[0.01])
     ap.add_argument("--samplers", nargs="+", default=["coreset"], choices=["coreset", "random"])
-    ap.add_argument("--reweight", nargs="+", type=int, default=[1])
+    ap.add_argument("--reweight", nargs="+", type=int, default=[1], help="1: paper Eq. 7 re-weighting, 0: max")
+    ap.add_argument("--sigmas", nargs="+", type=float, default=[4.0],
+                    help="Gaussian sigma (pixels at the model input size) of the anomaly-map blur; 0: none")
+    ap.add_argument("--augment", nargs="+", default=["none"], choices=sorted(AUGMENTATIONS),
+                    help="symmetry views of the train normals added to the bank")
+    ap.add_argument("--proj", type=int, default=None, help="coreset selection in a random projection to this many dims")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     {"sweep": cmd_sweep, "latency": cmd_latency, "fit": cmd_fit}[args.command](args)

@@ -15,9 +15,14 @@ from PIL import Image
 from skimage import data, draw
 
 from stores.patchcore import (
+    DEFAULT_CONFIG,
     BankNotFoundError,
     InspectionResult,
+    PatchCoreConfig,
     PatchCoreStore,
+    augment_views,
+    backbone_spec,
+    build_model,
     calibrate_threshold,
     coreset_sampler_class,
     find_regions,
@@ -97,7 +102,8 @@ def fitted(tmp_path_factory):
         Image.fromarray(im).save(p)
         paths.append(str(p))
     events = []
-    store = PatchCoreStore(settings, coreset_ratio=0.01)
+    # the default configuration (not the tuned per-product one): blocks 4+7 at 256 px, no augmentation
+    store = PatchCoreStore(settings, coreset_ratio=0.01, blocks=(4, 7), image_size=256, pool_size=3, augment="none")
     info = store.fit("brick", train, val_normal, val_defect, train_paths=paths,
                      progress=lambda f, m: events.append((f, m)))
     return {"settings": settings, "store": store, "info": info, "paths": paths, "events": events}
@@ -105,8 +111,9 @@ def fitted(tmp_path_factory):
 
 def test_fit_reports_bank_and_threshold(fitted):
     info = fitted["info"]
-    side = fitted["store"].image_size // 8  # blocks 4, 7: patch grid at stride 8 of the resized input
+    side = fitted["store"].config_for("brick").image_size // 8  # blocks 4, 7: patch grid at stride 8
     assert info["bank_size"] == int(20 * side * side * 0.01)  # 20 images x side^2 patches x 1 %
+    assert fitted["store"].meta("brick")["n_patches"] == 20 * side * side
     assert info["threshold"] > 0 and info["pixel_threshold"] > 0
     assert info["image_auroc"] >= 0.9
     fracs = [f for f, _ in fitted["events"]]
@@ -115,7 +122,9 @@ def test_fit_reports_bank_and_threshold(fitted):
     folder = fitted["settings"].banks_dir / "brick"
     meta = json.loads((folder / "meta.json").read_text())
     assert meta["backbone"] == "efficientnet-lite0" and meta["blocks"] == [4, 7]
-    assert meta["pool_size"] == fitted["store"].pool_size and meta["image_size"] == fitted["store"].image_size
+    cfg = fitted["store"].config_for("brick")
+    assert meta["pool_size"] == cfg.pool_size and meta["image_size"] == cfg.image_size
+    assert meta["augment"] == "none" and meta["sigma"] == cfg.sigma and meta["reweight"] is cfg.reweight
     assert meta["threshold"] == pytest.approx(info["threshold"])
     assert meta["color_scale"][0] < meta["pixel_threshold"] < meta["color_scale"][1]
     bank = np.load(folder / "memory_bank.npy")
@@ -143,8 +152,7 @@ def test_defect_above_threshold_normal_below(fitted):
         near = np.zeros_like(mask)
         near[max(0, y - 12):y + 13, max(0, x - 12):x + 13] = True
         assert (near & mask).any()
-    st = fitted["store"]
-    assert results[3].model == f"patchcore/efficientnet-lite0[blocks 4,7]@{st.image_size}px/pool{st.pool_size}/coreset0.01"
+    assert results[3].model == "patchcore/efficientnet-lite0[blocks 4,7]@256px/pool3/coreset0.01"
 
 
 def test_anomaly_map_shape_any_input_size(fitted):
@@ -185,7 +193,7 @@ def test_persistence_roundtrip_identical(fitted):
 
 def test_refit_replaces_bank_atomically(fitted, tmp_path):
     settings = Settings(state_dir=tmp_path)
-    store = PatchCoreStore(settings, coreset_ratio=0.01, image_size=128)  # small: this test is about files
+    store = PatchCoreStore(settings, coreset_ratio=0.01, image_size=128, augment="none")  # small: about files
     train, val = _crops(6, seed=31), _crops(3, seed=32)
     store.fit("brick", train, val)  # normal-only calibration
     meta1 = store.meta("brick")
@@ -282,6 +290,9 @@ def test_fit_from_manifest_and_evaluate(tmp_path):
     assert ev["image_auroc"] == 1.0
     assert ev["pixel_auroc"] > 0.9
     assert ev["f1"] == 1.0 and ev["fpr"] == 0.0
+    assert ev["per_type_image_auroc"] == {"hole": 1.0}
+    small = PatchCoreStore(settings).evaluate("brick", limit=2)  # CI mode: first 2 per class
+    assert (small["n_normal"], small["n_defect"]) == (2, 2) and small["image_auroc"] == 1.0
     r = store.inspect(_crops(1, seed=61)[0], "brick")
     assert r.nearest_normal == str(data_dir / "brick/train/good/000.png")
     with pytest.raises(ValueError):
@@ -348,3 +359,144 @@ def test_coreset_sampler_is_k_center_greedy():
     assert len(picks) == 30 and picks == _brute_force_greedy(x, picks[0], 30)
     coreset = coreset_sampler_class()(x, 0.05).sample_coreset()
     assert coreset.shape == (30, 12)
+
+
+# --------------------------------------------------------------------------- issue 5: search, config, evaluation
+
+
+def test_faiss_search_matches_anomalib_torch_path():
+    """Same bank, same backbone: faiss k-NN gives anomalib's torch scores and maps (max abs diff small)."""
+    spec = backbone_spec("efficientnet-lite0", (4, 7))
+    ours, theirs = build_model(spec), build_model(spec, search="torch")
+    assert type(theirs).__name__ == "PatchcoreModel" and type(ours).__name__ == "FaissPatchcoreModel"
+    g = torch.Generator().manual_seed(0)
+    bank = torch.randn(3000, 120, generator=g) * 2.0
+    ours.memory_bank = bank
+    theirs.memory_bank = bank
+    x = torch.rand(3, 3, 128, 128, generator=g)
+    with torch.inference_mode():
+        a, b = ours(x), theirs(x)
+    assert torch.allclose(a.pred_score, b.pred_score, rtol=1e-4, atol=1e-3)
+    assert (a.anomaly_map - b.anomaly_map).abs().max() < 1e-3
+    emb = torch.randn(50, 120, generator=g)
+    for k in (1, 9):
+        d1, i1 = ours.nearest_neighbors(emb, k)
+        d2, i2 = theirs.nearest_neighbors(emb, k)
+        assert d1.shape == d2.shape and i1.shape == i2.shape
+        assert torch.allclose(d1, d2, rtol=1e-4, atol=1e-3) and (i1 == i2).float().mean() > 0.98
+    half = build_model(spec, bank_dtype="float16")
+    half.memory_bank = bank
+    with torch.inference_mode():
+        c = half(x)
+    assert torch.allclose(c.pred_score, b.pred_score, rtol=2e-3)  # fp16 rounding of the bank only
+    ours.memory_bank = bank[:100].clone()  # a new bank rebuilds the index
+    assert ours.faiss_index().ntotal == 100
+    with pytest.raises(ValueError):
+        build_model(spec, search="annoy")
+    with pytest.raises(ValueError):
+        build_model(spec, sigma=-1)
+
+
+def test_sigma_and_reweight_options():
+    spec = backbone_spec("efficientnet-lite0", (4, 7))
+    g = torch.Generator().manual_seed(1)
+    bank = torch.randn(500, 120, generator=g)
+    x = torch.rand(2, 3, 64, 64, generator=g)
+    maps = {}
+    for sigma in (0, 4.0):
+        m = build_model(spec, sigma=sigma)
+        m.memory_bank = bank
+        with torch.inference_mode():
+            maps[sigma] = m(x).anomaly_map
+    # no blur: nearest upsampling keeps 8 x 8 blocks of equal values; the blur smooths them
+    assert maps[0][0, 0, :8, :8].unique().numel() == 1
+    assert maps[4.0][0, 0, :8, :8].unique().numel() > 1
+    m = build_model(spec)
+    m.memory_bank = bank
+    m.num_neighbors = 1  # reweight=False: image score = max patch distance
+    with torch.inference_mode():
+        out = m(x)
+    ps, _ = m.nearest_neighbors(m.reshape_embedding(m.generate_embedding(
+        {k: m.feature_pooler(v) for k, v in m.feature_extractor(x).items()})), 1)
+    assert torch.allclose(out.pred_score, ps.reshape(2, -1).amax(1))
+
+
+def test_augment_views():
+    img = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+    assert [v.shape for v in augment_views(img, "none")] == [(2, 3, 3)]
+    h = augment_views(img, "hflip")
+    assert np.array_equal(h[1], img[:, ::-1])
+    f = augment_views(img, "flips")
+    assert np.array_equal(f[2], img[::-1]) and np.array_equal(f[3], img[::-1, ::-1])
+    d = augment_views(img, "dihedral")
+    assert len(d) == 8 and len({v.tobytes() + bytes(v.shape) for v in d}) == 8
+    assert all(v.flags["C_CONTIGUOUS"] for v in d)
+    with pytest.raises(ValueError):
+        augment_views(img, "mirror")
+
+
+def test_config_resolution(tmp_path, monkeypatch):
+    """Constructor > non-zero setting > tuned per-product config > default; stored in meta.json."""
+    import stores.patchcore as pc
+
+    monkeypatch.setitem(pc.PRODUCT_CONFIGS, "widget", PatchCoreConfig(blocks=(3, 5), image_size=96, augment="hflip"))
+    store = PatchCoreStore(Settings(state_dir=tmp_path, patchcore_image_size=0, patchcore_coreset_ratio=0))
+    assert store.config_for("widget") == PatchCoreConfig(blocks=(3, 5), image_size=96, augment="hflip")
+    assert store.config_for("other") == DEFAULT_CONFIG
+    store = PatchCoreStore(Settings(state_dir=tmp_path, patchcore_image_size=64, patchcore_coreset_ratio=0.05))
+    assert store.config_for("widget").image_size == 64 and store.config_for("widget").coreset_ratio == 0.05
+    store = PatchCoreStore(Settings(state_dir=tmp_path, patchcore_image_size=64, patchcore_coreset_ratio=0.05),
+                           image_size=80, reweight=False)
+    cfg = store.config_for("widget")
+    assert (cfg.image_size, cfg.blocks, cfg.augment, cfg.reweight) == (80, (3, 5), "hflip", False)
+    info = store.fit("widget", _crops(3, seed=71), _crops(2, seed=72))
+    meta = store.meta("widget")
+    assert meta["blocks"] == [3, 5] and meta["image_size"] == 80 and meta["augment_views"] == 2
+    assert meta["reweight"] is False and "max patch distance" in meta["image_score_rule"]
+    side = 80 // 8  # block 3: stride 8
+    assert info["bank_size"] == int(3 * 2 * side * side * 0.05)  # 3 images x 2 views
+    assert meta["model"].endswith("/aug-hflip")
+    with pytest.raises(ValueError):
+        PatchCoreStore(Settings(state_dir=tmp_path), augment="sideways")
+
+
+def test_float16_bank_setting(tmp_path):
+    settings = Settings(state_dir=tmp_path, patchcore_bank_dtype="float16")
+    store = PatchCoreStore(settings, coreset_ratio=0.05, image_size=64, augment="none")
+    train, val = _crops(3, seed=81), _crops(2, seed=82)
+    store.fit("brick", train, val)
+    assert np.load(settings.banks_dir / "brick" / "memory_bank.npy").dtype == np.float16
+    assert store.meta("brick")["bank_dtype"] == "float16"
+    r16 = store.inspect(val[0], "brick")
+    r32 = PatchCoreStore(Settings(state_dir=tmp_path)).inspect(val[0], "brick")  # exact index, same fp16 values
+    assert r16.score == pytest.approx(r32.score, rel=2e-3)
+
+
+def test_calibration_without_defects_flags_no_normal():
+    """anomalib's failure mode: normal-only validation set -> threshold = min score -> everything flagged."""
+    rng = np.random.default_rng(0)
+    normal = rng.normal(20.0, 0.8, size=30)
+    thr, rule = calibrate_threshold(normal.tolist())
+    assert (normal >= thr).sum() == 0 and thr > normal.min()
+    assert thr == pytest.approx(max(normal.mean() + 3 * normal.std(), 1.05 * normal.max()))
+    assert "normal-only" in rule
+    thr2, rule2 = calibrate_threshold(normal.tolist(), (normal + 5).tolist())
+    assert normal.max() < thr2 < normal.min() + 5 and "youden" in rule2
+
+
+def test_separable_blur_equals_anomalib_blur():
+    """Our two 1-D passes give anomalib's 2-D GaussianBlur2d (kornia kernel, reflect padding)."""
+    from anomalib.models.components import GaussianBlur2d
+
+    from stores.patchcore import SeparableGaussianBlur
+
+    x = torch.rand(2, 1, 96, 80, generator=torch.Generator().manual_seed(0)) * 30
+    for sigma in (1.0, 4.0, 8.0):
+        k = 2 * int(4.0 * sigma + 0.5) + 1
+        ref = GaussianBlur2d(kernel_size=(k, k), sigma=(sigma, sigma), channels=1)(x)
+        out = SeparableGaussianBlur(sigma)(x)
+        assert out.shape == ref.shape and (out - ref).abs().max() < 1e-3
+    spec = backbone_spec("efficientnet-lite0", (4, 7))
+    assert isinstance(build_model(spec, sigma=8.0).anomaly_map_generator.blur, SeparableGaussianBlur)
+    assert not isinstance(build_model(spec, sigma=8.0, search="torch").anomaly_map_generator.blur,
+                          SeparableGaussianBlur)
