@@ -18,6 +18,13 @@ Named API endpoints (``gradio_client``)::
     # overlay: local path of the downloaded overlay PNG (None when no scoring ran)
     banner = client.predict(api_name="/models")   # {"agent", "image_embedder", ...}
 
+Other tabs (Inspect, Search, Manuals, Gallery, Products, History) and their endpoints
+(``/inspect``, ``/search``, ``/manual``, ``/register_defect``, ``/relabel_defect``,
+``/delete_defect``, ``/gallery``, ``/ingest_manual``, ``/manuals``, ``/delete_manual``,
+``/fit_product``, ``/history``, ``/history_run``, ``/export_manual``) are built by
+:mod:`ui.tabs` on the functions of :mod:`ui.actions`; every analysis is stored in the
+SQLite history (:mod:`stores.history`).
+
 Bad input (not an image, truncated file, unknown product) makes ``/chat`` raise a
 ``gr.Error`` whose message says what is wrong; ``gradio_client`` re-raises it as
 ``gradio_client.exceptions.AppError``. The server keeps serving.
@@ -84,7 +91,8 @@ def active_models(agent_model: str | None = None) -> dict[str, str]:
     """
     s = get_settings()
     if not agent_model:
-        agent_model = Path(s.agent_model).name if s.agent_model else DEFAULT_AGENT_NAME
+        agent_model = Path(s.agent_model).name if s.agent_model else (
+            DEFAULT_AGENT_NAME if s.agent_backend == "llamacpp" else s.agent_backend)
         from agent.agents import loaded_default_agent
 
         current = loaded_default_agent()
@@ -98,7 +106,7 @@ def active_models(agent_model: str | None = None) -> dict[str, str]:
     ):
         obj = _loaded_store(store)
         roles[role] = str(getattr(obj, "model", None) or configured)
-    roles["profile"] = s.profile
+    roles["profile"] = s.model_resolution.label(s.profile)  # e.g. "auto: agent=offline, image_embedder=hub, ..."
     return roles
 
 
@@ -213,6 +221,33 @@ def result_dict(result, ctx) -> dict:
     }
 
 
+def record_history(result, ctx, source: str) -> str | None:
+    """Store the run in the SQLite history (:mod:`stores.history`); returns its id (None on failure)."""
+    from stores.history import get_history
+
+    try:
+        return get_history().record_run(result, ctx, source=source, models=active_models(result.model))
+    except Exception:  # noqa: BLE001 - a history failure must not lose the answer
+        log.exception("could not record the run in the history")
+        return None
+
+
+def export_files(run_id: str | None) -> tuple[str | None, str | None]:
+    """``(markdown path, pdf path)`` of a stored run's response manual (None where it failed)."""
+    from ui.actions import export_manual
+
+    if not run_id:
+        return None, None
+    out = []
+    for fmt in ("md", "pdf"):
+        try:
+            out.append(export_manual(run_id, fmt))
+        except Exception:  # noqa: BLE001
+            log.exception("export of %s as %s failed", run_id, fmt)
+            out.append(None)
+    return out[0], out[1]
+
+
 # ---------------------------------------------------------------------------
 # /chat endpoint (JSON)
 # ---------------------------------------------------------------------------
@@ -229,7 +264,8 @@ def chat_api(image: str | None, question: str | None = "", product: str | None =
         [{tool, arguments, observation, duration_s, error}], ``citations`` [{source, page}],
         ``product``, ``defect_type``, ``model``, ``fallback``, ``fallback_reason``,
         ``elapsed_s``, ``score``, ``threshold``, ``is_anomalous``, ``regions``, ``similar``,
-        ``overlay`` (server path); ``overlay`` is the overlay PNG as a file (None if absent).
+        ``overlay`` (server path), ``run_id``, ``history_id`` (the run's row in the history,
+        see ``/history_run``); ``overlay`` is the overlay PNG as a file (None if absent).
 
     Raises:
         gr.Error: bad input (not an image, truncated, too large, unknown product) or a
@@ -240,16 +276,20 @@ def chat_api(image: str | None, question: str | None = "", product: str | None =
     except (InvalidImageError, UnknownProductError) as exc:
         raise gr.Error(f"Bad input: {exc}", print_exception=False) from None
     result = None
+    from ui.actions import MODEL_LOCK
+
     try:
-        for event in get_agent().stream(ctx):
-            if not _is_step(event):
-                result = event
+        with MODEL_LOCK.shared():  # no product fit (torch.fx tracing) while the tools run models
+            for event in get_agent().stream(ctx):
+                if not _is_step(event):
+                    result = event
     except Exception as exc:  # noqa: BLE001 - reported to the caller, server keeps serving
         log.exception("agent run failed")
         raise gr.Error(f"The analysis failed: {type(exc).__name__}: {exc}") from None
     if result is None:
         raise gr.Error("The analysis ended without a result")
     out = result_dict(result, ctx)
+    out["history_id"] = record_history(result, ctx, "api")
     overlay = out["overlay"] if out["overlay"] and Path(out["overlay"]).is_file() else None
     return out, overlay
 
@@ -285,7 +325,9 @@ def _final_markdown(result, ctx) -> str:
 
 
 def respond(message: dict | None, history: list, product: str, last_image: str | None) -> Iterator[tuple]:
-    """Chat handler (streaming): yields ``(history, textbox, comparison, gallery, banner, last_image)``.
+    """Chat handler (streaming): yields ``(history, textbox, comparison, gallery, banner, last_image,
+    markdown download, pdf download)``; a finished run is stored in the history and its
+    response manual exported as Markdown and PDF for the two download buttons.
 
     ``message`` is the MultimodalTextbox value ``{"text": str, "files": [path]}``. A
     message without a photo re-analyses the session's last photo with the new question.
@@ -306,7 +348,7 @@ def respond(message: dict | None, history: list, product: str, last_image: str |
         history.append({"role": "assistant",
                         "content": "Please attach a photo of the part (📎 button or drag & drop), "
                                    "optionally with a question."})
-        yield history, cleared, keep, keep, keep, last_image
+        yield history, cleared, keep, keep, keep, last_image, keep, keep
         return
     try:
         ctx = start_run(path, text, product)
@@ -317,55 +359,61 @@ def respond(message: dict | None, history: list, product: str, last_image: str |
             history.insert(len(history) - (1 if text else 0),
                            {"role": "user", "content": f"📎 {Path(new_path).name}"})
         history.append({"role": "assistant", "content": f"⚠️ **Cannot analyse this upload.** {exc}"})
-        yield history, cleared, keep, keep, keep, last_image
+        yield history, cleared, keep, keep, keep, last_image, keep, keep
         return
     last_image = str(path)
 
     t0 = time.perf_counter()
     working = gr.ChatMessage(content="", metadata={"title": "⏳ Agent at work …", "status": "pending"})
     history.append(working)
-    yield history, cleared, None, [], keep, last_image
+    yield history, cleared, None, [], keep, last_image, keep, keep
 
     shown_overlay = shown_gallery = False
     comparison, gallery = keep, keep
+    from ui.actions import MODEL_LOCK
+
     try:
-        for event in get_agent().stream(ctx):
-            if _is_step(event):
-                body = event.observation or ""
-                if event.error:
-                    body = f"❌ {event.error}\n\n{body}".strip()
-                history.insert(len(history) - 1, gr.ChatMessage(
-                    content=body or "(no observation)",
-                    metadata={"title": f"🛠️ {event.tool}({_fmt_args(event.arguments)})",
-                              "status": "done", "duration": round(float(event.duration_s or 0.0), 2)},
-                ))
-                insp = ctx.inspection or {}
-                if not shown_overlay and insp.get("overlay") and Path(insp["overlay"]).is_file():
-                    shown_overlay = True
-                    verdict = "ANOMALOUS" if insp.get("is_anomalous") else "NORMAL"
-                    history.insert(len(history) - 1, {"role": "assistant", "content": {
-                        "path": insp["overlay"],
-                        "alt_text": f"anomaly overlay: score {insp.get('score')} / threshold "
-                                    f"{insp.get('threshold')} ({verdict})"}})
-                    comp = insp.get("comparison") or insp.get("heatmap")
-                    comparison = comp if comp and Path(comp).is_file() else keep
-                if not shown_gallery and _hits(ctx):
-                    shown_gallery = True
-                    gallery = _gallery(ctx)
-                yield history, keep, comparison, gallery, keep, last_image
-            else:
-                result = event
-                working.metadata = {"title": "✅ Agent finished", "status": "done",
-                                    "duration": round(time.perf_counter() - t0, 2)}
-                working.content = f"{len(result.steps)} tool call(s) · model `{result.model}`"
-                history.append({"role": "assistant", "content": _final_markdown(result, ctx)})
-                yield history, keep, comparison, gallery, banner_markdown(result.model), last_image
+        with MODEL_LOCK.shared():  # no product fit (torch.fx tracing) while the tools run models
+            for event in get_agent().stream(ctx):
+                if _is_step(event):
+                    body = event.observation or ""
+                    if event.error:
+                        body = f"❌ {event.error}\n\n{body}".strip()
+                    history.insert(len(history) - 1, gr.ChatMessage(
+                        content=body or "(no observation)",
+                        metadata={"title": f"🛠️ {event.tool}({_fmt_args(event.arguments)})",
+                                  "status": "done", "duration": round(float(event.duration_s or 0.0), 2)},
+                    ))
+                    insp = ctx.inspection or {}
+                    if not shown_overlay and insp.get("overlay") and Path(insp["overlay"]).is_file():
+                        shown_overlay = True
+                        verdict = "ANOMALOUS" if insp.get("is_anomalous") else "NORMAL"
+                        history.insert(len(history) - 1, {"role": "assistant", "content": {
+                            "path": insp["overlay"],
+                            "alt_text": f"anomaly overlay: score {insp.get('score')} / threshold "
+                                        f"{insp.get('threshold')} ({verdict})"}})
+                        comp = insp.get("comparison") or insp.get("heatmap")
+                        comparison = comp if comp and Path(comp).is_file() else keep
+                    if not shown_gallery and _hits(ctx):
+                        shown_gallery = True
+                        gallery = _gallery(ctx)
+                    yield history, keep, comparison, gallery, keep, last_image, keep, keep
+                else:
+                    result = event
+                    working.metadata = {"title": "✅ Agent finished", "status": "done",
+                                        "duration": round(time.perf_counter() - t0, 2)}
+                    working.content = f"{len(result.steps)} tool call(s) · model `{result.model}`"
+                    history.append({"role": "assistant", "content": _final_markdown(result, ctx)})
+                    md_path, pdf_path = export_files(record_history(result, ctx, "app"))
+                    yield (history, keep, comparison, gallery, banner_markdown(result.model), last_image,
+                           gr.update(value=md_path, interactive=md_path is not None),
+                           gr.update(value=pdf_path, interactive=pdf_path is not None))
     except Exception as exc:  # noqa: BLE001 - shown in the chat, the app keeps running
         log.exception("agent run failed")
         working.metadata = {"title": "❌ Agent failed", "status": "done",
                             "duration": round(time.perf_counter() - t0, 2)}
         history.append({"role": "assistant", "content": f"❌ **The analysis failed.** {type(exc).__name__}: {exc}"})
-        yield history, keep, comparison, gallery, keep, last_image
+        yield history, keep, comparison, gallery, keep, last_image, keep, keep
 
 
 # ---------------------------------------------------------------------------
@@ -378,39 +426,59 @@ CSS = """
 
 
 def build_app() -> gr.Blocks:
-    """The Blocks app: banner, chat with image upload, product picker, side panel, API endpoints."""
-    with gr.Blocks(title="Defect response agent") as demo:
+    """The Blocks app: banner, Chat tab (agent), the tool tabs of :mod:`ui.tabs`, API endpoints.
+
+    Per-session values live in ``gr.State`` only; queue slots are described in :mod:`ui.tabs`.
+    """
+    from ui import tabs
+
+    with gr.Blocks(title="Defect response agent", delete_cache=(3600, 3600)) as demo:
         banner = gr.Markdown(banner_markdown(), elem_id="banner")
         last_image = gr.State(None)  # per session: the last photo, for follow-up questions
-        with gr.Row():
-            with gr.Column(scale=3):
-                chatbot = gr.Chatbot(
-                    label="Defect response agent", elem_id="chat", height=680,
-                    buttons=["copy_all"], feedback_options=None,
-                    placeholder="Upload a photo of a part to get a response manual.",
-                )
-                textbox = gr.MultimodalTextbox(
-                    file_types=["image"], file_count="single", elem_id="msg", show_label=False,
-                    placeholder="Attach a photo and (optionally) ask a question, e.g. 'what should I do?'",
-                )
-            with gr.Column(scale=2):
-                product = gr.Dropdown(
-                    choices=[AUTO_PRODUCT] + products(), value=AUTO_PRODUCT, label="Product",
-                    elem_id="product", allow_custom_value=False,
-                )
-                comparison = gr.Image(label="Input | anomaly heat map", type="filepath",
-                                      interactive=False, elem_id="comparison", height=260)
-                gallery = gr.Gallery(label="Similar past defects", columns=3, height=300,
-                                     elem_id="similar", allow_preview=True)
-                clear = gr.Button("New conversation", variant="secondary")
+        with gr.Tabs(elem_id="tabs"):
+            with gr.Tab("Chat", id="chat", elem_id="tab-chat"):
+                with gr.Row():
+                    with gr.Column(scale=3):
+                        chatbot = gr.Chatbot(
+                            label="Defect response agent", elem_id="chat", height=680,
+                            buttons=["copy_all"], feedback_options=None,
+                            placeholder="Upload a photo of a part to get a response manual.",
+                        )
+                        textbox = gr.MultimodalTextbox(
+                            file_types=["image"], file_count="single", elem_id="msg", show_label=False,
+                            placeholder="Attach a photo and (optionally) ask a question, e.g. 'what should I do?'",
+                        )
+                    with gr.Column(scale=2):
+                        product = gr.Dropdown(
+                            choices=[AUTO_PRODUCT] + products(), value=AUTO_PRODUCT, label="Product",
+                            elem_id="product", allow_custom_value=False,
+                        )
+                        comparison = gr.Image(label="Input | anomaly heat map", type="filepath",
+                                              interactive=False, elem_id="comparison", height=260)
+                        gallery = gr.Gallery(label="Similar past defects", columns=3, height=300,
+                                             elem_id="similar", allow_preview=True)
+                        with gr.Row():
+                            md_btn = gr.DownloadButton("Manual (.md)", value=None, interactive=False,
+                                                       elem_id="chat-md")
+                            pdf_btn = gr.DownloadButton("Manual (.pdf)", value=None, interactive=False,
+                                                        elem_id="chat-pdf")
+                        clear = gr.Button("New conversation", variant="secondary")
+            inspect_parts = tabs.build_inspect_tab()
+            search_parts = tabs.build_search_tab()
+            manual_parts = tabs.build_manuals_tab()
+            gallery_parts = tabs.build_gallery_tab()
+            product_parts = tabs.build_products_tab()
+            history_parts = tabs.build_history_tab()
 
         textbox.submit(
             respond, [textbox, chatbot, product, last_image],
-            [chatbot, textbox, comparison, gallery, banner, last_image],
+            [chatbot, textbox, comparison, gallery, banner, last_image, md_btn, pdf_btn],
             api_visibility="private", concurrency_id=AGENT_CONCURRENCY_ID, concurrency_limit=1,
         )
-        clear.click(lambda: ([], None, None, [], None), None,
-                    [chatbot, textbox, comparison, gallery, last_image], api_visibility="private", queue=False)
+        clear.click(lambda: ([], None, None, [], None, gr.update(value=None, interactive=False),
+                             gr.update(value=None, interactive=False)), None,
+                    [chatbot, textbox, comparison, gallery, last_image, md_btn, pdf_btn],
+                    api_visibility="private", queue=False)
 
         # ---- API-only endpoints (hidden components) ----
         with gr.Group(visible=False):
@@ -427,14 +495,62 @@ def build_app() -> gr.Blocks:
             concurrency_id=AGENT_CONCURRENCY_ID, concurrency_limit=1,
         )
         models_button.click(lambda: active_models(), None, api_models, api_name="models", queue=False)
-        demo.load(_on_load, None, [banner, product], api_visibility="private", queue=False)
-    demo.queue(default_concurrency_limit=2)
+        tabs.register_api()
+
+        # product lists refresh on page load (products fitted since start-up appear)
+        product_lists = [product, inspect_parts["product"], search_parts["product"], manual_parts["product"],
+                         gallery_parts["product"], gallery_parts["new_product"], gallery_parts["f_product"],
+                         history_parts["product"]]
+        demo.load(_on_load, None,
+                  [banner, *product_lists, manual_parts["table"], manual_parts["to_delete"],
+                   product_parts["table"]],
+                  api_visibility="private", queue=False)
+    demo.queue(default_concurrency_limit=2, max_size=64)
     return demo
 
 
 def _on_load():
-    """Page load: fresh banner and product list (products fitted since start-up appear)."""
-    return banner_markdown(), gr.update(choices=[AUTO_PRODUCT] + products())
+    """Page load: fresh banner, product lists (products fitted since start-up), manuals, products."""
+    from ui import tabs
+
+    prods = products()
+    manual_rows, manual_choices = tabs._manual_updates()
+    return (banner_markdown(), gr.update(choices=[AUTO_PRODUCT] + prods),
+            gr.update(choices=[AUTO_PRODUCT] + prods), gr.update(choices=[tabs.ALL] + prods),
+            gr.update(choices=[tabs.ALL] + prods), gr.update(choices=prods), gr.update(choices=[""] + prods),
+            gr.update(choices=[tabs.ALL] + prods), gr.update(choices=[tabs.ALL] + prods),
+            manual_rows, manual_choices, tabs._product_rows())
+
+
+def warm_up() -> dict:
+    """Load every store and model the endpoints use before serving; returns ``{"products", "seconds"}``.
+
+    Besides making the first request fast this is needed for correctness: building a
+    PatchCore model traces its backbone with torch.fx (torchvision
+    ``create_feature_extractor``), which patches ``torch.nn.Module.__call__`` for the whole
+    process while it runs, so a bank loaded lazily in one request thread breaks a
+    forward pass running in another. Loading all banks up front avoids that race.
+    """
+    import numpy as np
+
+    from stores.services import get_services
+
+    t0 = time.perf_counter()
+    svc = get_services()
+    prods = svc.patchcore.products()
+    for p in prods:
+        svc.patchcore.meta(p)  # loads (and traces) the bank's model
+    if len(svc.image_index):
+        svc.image_index.search(np.full((64, 64, 3), 128, np.uint8), k=1)
+    svc.manuals.count()
+    try:
+        svc.manuals.query("warm up", k=1)
+    except ValueError:
+        pass
+    from stores.history import get_history
+
+    get_history()
+    return {"products": prods, "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def launch_kwargs() -> dict:
@@ -456,6 +572,7 @@ def main() -> None:
     """Serve the app on ``Settings.host:Settings.port``."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     s = get_settings()
+    log.info("warm-up: %s", warm_up())
     demo.launch(server_name=s.host, server_port=s.port, **launch_kwargs())
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -304,6 +305,7 @@ class ManualStore:
         self.embedder = embedder or get_text_embedder()
         self._multi = multilingual_embedder
         self._collections: dict[str, object] = {}
+        self._recovered = False  # recover() runs once, on first use (it needs the embedders)
 
     @property
     def model(self) -> str:
@@ -342,6 +344,9 @@ class ManualStore:
             return col
 
     def _groups(self, create: bool = False) -> list:
+        if not self._recovered:
+            self._recovered = True
+            self.recover()
         return [c for c in (self._collection("en", create), self._collection("ko", create)) if c is not None]
 
     # ------------------------------------------------------------------ writes
@@ -363,38 +368,138 @@ class ManualStore:
         chunks, info = extract_chunks(path)
         product = (product or info["product"] or "").strip().lower()
         source = path.name
+        gen = time.time_ns()
         with self._lock:
-            self.delete_document(source)
+            if not self._recovered:
+                self.recover()
+            # atomic replace: the new chunks are written as "pending" under a new generation,
+            # flipped to live in one update per collection, then the old generation is
+            # deleted. A process killed on the way leaves pending chunks (dropped by
+            # recover() on the next open) and the previous generation still complete.
             by_group: dict[str, list[tuple[int, dict]]] = {}
             for i, c in enumerate(chunks):
                 by_group.setdefault("ko" if c["lang"] == "ko" else "en", []).append((i, c))
             done = 0
+            written: dict[str, list[str]] = {}
             for group, items in by_group.items():
                 col = self._collection(group)
                 for start in range(0, len(items), 64):
                     batch = items[start : start + 64]
+                    ids = [f"{source}::g{gen}::p{c['page']}::{i}" for i, c in batch]
                     col.add(
-                        ids=[f"{source}::p{c['page']}::{i}" for i, c in batch],
+                        ids=ids,
                         documents=[c["text"] for _, c in batch],
-                        metadatas=[{"source": source, "page": int(c["page"]), "section": c["section"],
-                                    "defect": c["defect"] or "", "product": product, "lang": c["lang"],
-                                    "n_pages": int(info["pages"]), "title": info["title"]} for _, c in batch])
+                        metadatas=[self._chunk_meta(c, source, product, info, gen, pending=True) for _, c in batch])
+                    written.setdefault(group, []).extend(ids)
                     done += len(batch)
                     if progress:
-                        progress(done / len(chunks), f"{source}: embedded {done}/{len(chunks)} chunks")
+                        progress(0.95 * done / len(chunks), f"{source}: embedded {done}/{len(chunks)} chunks")
+            for group, ids in written.items():
+                col = self._collection(group)
+                got = col.get(ids=ids, include=["metadatas"])
+                col.update(ids=got["ids"], metadatas=[{**m, "pending": False} for m in got["metadatas"]])
+            self._delete_source(source, keep_gen=gen)
+            if progress:
+                progress(1.0, f"{source}: {len(chunks)} chunks stored")
         return {"documents": 1, "pages": info["pages"], "chunks": len(chunks), "source": source,
                 "product": product or None, "langs": sorted({c["lang"] for c in chunks})}
 
-    def delete_document(self, source: str) -> int:
-        """Remove every chunk of a document (by file name); returns the number removed."""
+    @staticmethod
+    def _chunk_meta(c: dict, source: str, product: str, info: dict, gen: int, pending: bool) -> dict:
+        return {"source": source, "page": int(c["page"]), "section": c["section"], "defect": c["defect"] or "",
+                "product": product, "lang": c["lang"], "n_pages": int(info["pages"]), "title": info["title"],
+                "gen": int(gen), "pending": bool(pending)}
+
+    def _delete_source(self, source: str, keep_gen: int | None = None) -> int:
         removed = 0
         with self._lock:
             for col in self._groups():
-                got = col.get(where={"source": source}, include=[])
-                if got["ids"]:
-                    col.delete(ids=got["ids"])
-                    removed += len(got["ids"])
+                got = col.get(where={"source": source}, include=["metadatas"])
+                ids = [i for i, m in zip(got["ids"], got["metadatas"])
+                       if keep_gen is None or int(m.get("gen") or 0) != keep_gen]
+                if ids:
+                    col.delete(ids=ids)
+                    removed += len(ids)
         return removed
+
+    def recover(self) -> dict:
+        """Repair what an interrupted ingestion left: drop pending chunks and superseded generations.
+
+        Runs once per store object, before its first read or write. Returns ``{"pending_removed", "stale_removed"}`` (chunk counts).
+        """
+        pending = stale = 0
+        self._recovered = True
+        with self._lock:
+            for col in self._groups():
+                got = col.get(include=["metadatas"])
+                if not got["ids"]:
+                    continue
+                newest: dict[str, int] = {}
+                for m in got["metadatas"]:
+                    if not m.get("pending"):
+                        newest[m["source"]] = max(newest.get(m["source"], 0), int(m.get("gen") or 0))
+                drop_p = [i for i, m in zip(got["ids"], got["metadatas"]) if m.get("pending")]
+                drop_s = [i for i, m in zip(got["ids"], got["metadatas"])
+                          if not m.get("pending") and int(m.get("gen") or 0) != newest[m["source"]]]
+                if drop_p or drop_s:
+                    col.delete(ids=drop_p + drop_s)
+                pending += len(drop_p)
+                stale += len(drop_s)
+        return {"pending_removed": pending, "stale_removed": stale}
+
+    def delete_document(self, source: str) -> int:
+        """Remove every chunk of a document (by file name); returns the number removed."""
+        return self._delete_source(source)
+
+    # ------------------------------------------------------------------ files
+    @property
+    def files_dir(self) -> Path:
+        """Where PDFs uploaded through the app are kept (``<state_dir>/manual_files``)."""
+        return Path(self.settings.state_dir) / "manual_files"
+
+    def pdf_path(self, source: str) -> Path | None:
+        """The PDF file of a stored document (uploaded copy first, then the sample manuals), or None."""
+        name = Path(str(source)).name
+        if not name or name != str(source):
+            return None
+        for folder in (self.files_dir, Path(self.settings.manuals_dir)):
+            p = folder / name
+            if p.is_file():
+                return p
+        return None
+
+    def render_page(self, source: str, page: int, zoom: float = 1.0) -> Path:
+        """PNG preview of one page of a stored PDF (pymupdf ``Page.get_pixmap``), cached on disk.
+
+        Args:
+            source: document file name as stored (``"brick_manual_en.pdf"``).
+            page: 1-based page number.
+            zoom: scale over 72 dpi.
+
+        Returns:
+            path of ``<state_dir>/cache/pages/<source>-p<page>-z<zoom>.png``.
+
+        Raises:
+            FileNotFoundError: the document's PDF is not on disk.
+            ValueError: page out of range.
+        """
+        import pymupdf
+
+        pdf = self.pdf_path(source)
+        if pdf is None:
+            raise FileNotFoundError(f"the PDF of {source!r} is not available for preview")
+        out = Path(self.settings.state_dir) / "cache" / "pages" / f"{pdf.name}-p{int(page)}-z{zoom:g}.png"
+        if out.is_file() and out.stat().st_mtime >= pdf.stat().st_mtime:
+            return out
+        with pymupdf.open(pdf) as doc:
+            if not 1 <= int(page) <= doc.page_count:
+                raise ValueError(f"{source} has {doc.page_count} pages; page {page} does not exist")
+            pix = doc[int(page) - 1].get_pixmap(matrix=pymupdf.Matrix(zoom, zoom))
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_name(f".{out.name}.{time.time_ns()}.tmp")
+            pix.save(str(tmp), output="png")
+            tmp.replace(out)
+        return out
 
     # ------------------------------------------------------------------ reads
     def count(self) -> int:
@@ -409,6 +514,8 @@ class ManualStore:
             for col in self._groups():
                 got = col.get(include=["metadatas"])
                 for m in got["metadatas"]:
+                    if m.get("pending"):
+                        continue
                     d = docs.setdefault(m["source"], {"source": m["source"], "product": m.get("product") or None,
                                                       "langs": set(), "pages": m.get("n_pages"), "chunks": 0,
                                                       "title": m.get("title", "")})
@@ -456,6 +563,8 @@ class ManualStore:
         order = ["ko", "en"] if first == "ko" else ["en", "ko"]
         out: list[dict] = []
         with self._lock:
+            if not self._recovered:
+                self.recover()
             for group in order:
                 if len(out) >= k:
                     break

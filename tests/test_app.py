@@ -49,6 +49,7 @@ def serve_app(built_state: Path):
     import app
 
     app.reset_agent()
+    app.warm_up()  # every bank loaded before requests run in parallel (see app.warm_up)
     demo = app.build_app()
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
@@ -180,7 +181,7 @@ def test_streaming_chat_handler_yields_tool_steps_then_manual(server, built_stat
     path = str(built_state / "data" / item["image"])
     updates = list(app.respond({"text": "", "files": [path]}, [], app.AUTO_PRODUCT, None))
     assert len(updates) >= 3  # pending, at least one step, final
-    history, _, comparison, gallery, _, last_image = updates[-1]
+    history, _, comparison, gallery, _, last_image, md_file, pdf_file = updates[-1]
     assert last_image == path
 
     def meta(m):
@@ -195,6 +196,13 @@ def test_streaming_chat_handler_yields_tool_steps_then_manual(server, built_stat
     final = history[-1]
     assert final["role"] == "assistant" and "Product: **grass**" in final["content"]
     assert comparison and Path(comparison).is_file()
+    # the run is in the history and its manual is offered as Markdown and PDF downloads
+    assert Path(md_file["value"]).read_text(encoding="utf-8").startswith("# Response manual")
+    assert Path(pdf_file["value"]).read_bytes()[:5] == b"%PDF-"
+    from stores.history import get_history
+
+    stored = get_history().list(product="grass")[0]
+    assert stored["source"] == "app" and stored["n_tool_calls"] >= 1
 
     # a missing file and a message without any photo give a clear chat message
     bad = list(app.respond({"text": "", "files": [str(Path(path).with_suffix(".missing"))]}, [],

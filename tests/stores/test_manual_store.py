@@ -160,3 +160,107 @@ def test_bad_pdfs_raise_clear_errors(store, tmp_path):
     with pytest.raises(FileNotFoundError):
         store.ingest_pdf(tmp_path / "missing.pdf")
     assert store.count() == 0
+
+
+def _long_pdf(path: Path, pages: int, topic: str) -> Path:
+    doc = pymupdf.open()
+    for i in range(pages):
+        doc.new_page().insert_textbox(pymupdf.Rect(72, 72, 520, 760),
+                                      f"Page {i + 1}. {topic} procedure step {i + 1}: inspect the seal and log it.")
+    doc.save(path)
+    doc.close()
+    return path
+
+
+_KILL_SCRIPT = """
+import dataclasses, os, sys, time
+sys.path.insert(0, {repo!r})
+from stores.manual_store import ManualStore
+from stores.settings import Settings
+
+store = ManualStore(dataclasses.replace(Settings(), state_dir=__import__("pathlib").Path({state!r})))
+
+def progress(fraction, message):
+    print("PROGRESS", fraction, flush=True)
+    if fraction < 0.9:
+        time.sleep(120)  # stay in the middle of the ingestion until the test kills us
+
+store.ingest_pdf({pdf!r}, product="press", progress=progress)
+print("DONE", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_mid_ingest_keeps_previous_document(store, tmp_path):
+    """A real SIGKILL between two embedding batches: the previous version stays whole and usable."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    old_dir, new_dir = tmp_path / "old", tmp_path / "new"
+    old_dir.mkdir()
+    new_dir.mkdir()
+    old_pdf = _long_pdf(old_dir / "press.pdf", 3, "Hydraulic press")
+    first = store.ingest_pdf(old_pdf, product="press")
+    before = store.list_documents()
+    n = store.count()
+    new_pdf = _long_pdf(new_dir / "press.pdf", 70, "Replacement pump")  # > 64 chunks: two batches
+    code = _KILL_SCRIPT.format(repo=str(Path(__file__).resolve().parents[2]), state=str(store.settings.state_dir),
+                               pdf=str(new_pdf))
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("PROGRESS"):
+                break
+        else:
+            pytest.fail("the ingesting subprocess ended before its first batch")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+
+    reopened = ManualStore(store.settings)
+    assert reopened.list_documents() == before and reopened.count() == n == first["chunks"]
+    hits = reopened.query("hydraulic press seal", product="press", k=3)
+    assert hits and all("Hydraulic press" in h["text"] for h in hits)
+    # and the interrupted replacement can simply be done again
+    again = reopened.ingest_pdf(new_pdf, product="press")
+    assert again["chunks"] >= 70 and reopened.count() == again["chunks"]
+    assert "Replacement pump" in reopened.query("pump procedure", product="press", k=1)[0]["text"]
+
+
+def test_recover_drops_pending_and_superseded_generations(store, en_pdf):
+    store.ingest_pdf(en_pdf)
+    n = store.count()
+    col = store._collection("en")
+    got = col.get(include=["documents", "metadatas"])
+    # what a killed ingest leaves: a pending generation, and an older live generation
+    col.add(ids=[f"{i}-pending" for i in got["ids"][:3]], documents=got["documents"][:3],
+            metadatas=[{**m, "gen": 2**62, "pending": True} for m in got["metadatas"][:3]])
+    col.add(ids=[f"{i}-old" for i in got["ids"][:2]], documents=got["documents"][:2],
+            metadatas=[{**m, "gen": 1, "pending": False} for m in got["metadatas"][:2]])
+    fresh = ManualStore(store.settings)
+    assert fresh.recover() == {"pending_removed": 3, "stale_removed": 2}
+    assert fresh.count() == n and fresh.recover() == {"pending_removed": 0, "stale_removed": 0}
+
+
+def test_render_page_preview(store, en_pdf):
+    import shutil
+
+    store.ingest_pdf(en_pdf)
+    with pytest.raises(FileNotFoundError):
+        store.render_page("brick_manual_en.pdf", 2)  # ingested from elsewhere: no stored copy
+    store.files_dir.mkdir(parents=True)
+    shutil.copy(en_pdf, store.files_dir / en_pdf.name)
+    png = store.render_page("brick_manual_en.pdf", 2)
+    from PIL import Image
+
+    with Image.open(png) as im:
+        assert im.format == "PNG" and im.size == (595, 842)  # A4 at 72 dpi
+    assert store.render_page("brick_manual_en.pdf", 2) == png  # cached
+    with pytest.raises(ValueError, match="page 9"):
+        store.render_page("brick_manual_en.pdf", 9)
+    assert store.pdf_path("../brick_manual_en.pdf") is None

@@ -1,0 +1,310 @@
+"""Analysis history: every agent run (app chat, ``/chat``, ``cli.py ask``) in a local SQLite file.
+
+One row per run in ``<state_dir>/history.sqlite3`` (stdlib :mod:`sqlite3`, WAL journal so
+readers never block the writer and a killed process leaves the last committed row
+intact). A row holds the image hash (sha256 of the decoded pixels, see
+:func:`stores.imageio.content_hash`), the product and how it was found, the defect
+type, the PatchCore verdict (score, threshold), the tool calls with their arguments,
+observations and durations, the model names per role, the timings and the response
+manual (markdown) with its citations.
+
+The response manual of a run can be exported as Markdown (:func:`manual_markdown`) or
+PDF (:func:`manual_pdf`, rendered by pymupdf's ``Story`` HTML layout engine; Korean
+text uses the installed Noto Sans CJK font, else MuPDF's built-in CJK fallback).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from stores.settings import Settings, get_settings
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY,
+    created_at REAL NOT NULL,
+    source TEXT NOT NULL,
+    image_sha256 TEXT,
+    image_name TEXT,
+    question TEXT,
+    lang TEXT,
+    product TEXT,
+    product_source TEXT,
+    defect_type TEXT,
+    verdict TEXT,
+    score REAL,
+    threshold REAL,
+    agent_model TEXT,
+    models_json TEXT,
+    tool_calls_json TEXT,
+    citations_json TEXT,
+    timings_json TEXT,
+    fallback INTEGER,
+    fallback_reason TEXT,
+    elapsed_s REAL,
+    answer TEXT,
+    overlay TEXT
+);
+CREATE INDEX IF NOT EXISTS runs_created ON runs(created_at);
+CREATE INDEX IF NOT EXISTS runs_product ON runs(product, defect_type);
+"""
+_JSON_COLS = {"models_json": "models", "tool_calls_json": "tool_calls", "citations_json": "citations",
+              "timings_json": "timings"}
+CJK_FONT_CANDIDATES = (
+    "/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc",
+    "/usr/share/fonts/noto-cjk/NotoSansCJK-Regular.ttc",
+    "/usr/share/fonts/truetype/noto/NotoSansCJK-Regular.ttc",
+)
+
+
+class HistoryStore:
+    """SQLite store of past analyses (thread-safe; one connection per call).
+
+    Args:
+        settings: project settings; the database is ``settings.state_dir / "history.sqlite3"``.
+        path: explicit database path (overrides ``settings``).
+    """
+
+    def __init__(self, settings: Settings | None = None, path: str | Path | None = None):
+        if path is None:
+            path = Path((settings or get_settings()).state_dir) / "history.sqlite3"
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        with self._connect() as con:
+            con.execute("PRAGMA journal_mode=WAL")
+            con.executescript(_SCHEMA)
+            con.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def _connect(self) -> sqlite3.Connection:
+        con = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        con.row_factory = sqlite3.Row
+        con.execute("PRAGMA synchronous=NORMAL")
+        return con
+
+    # ------------------------------------------------------------------ writes
+    def record(self, row: dict[str, Any]) -> str:
+        """Store one analysis; returns its id.
+
+        Args:
+            row: keys of the ``runs`` table (``source`` required: ``"app"``, ``"api"`` or
+                ``"cli"``); ``models``, ``tool_calls``, ``citations``, ``timings`` may be
+                given as Python objects (stored as JSON). Missing keys are NULL.
+
+        Raises:
+            ValueError: no ``source``.
+        """
+        if not row.get("source"):
+            raise ValueError("a history row needs a source (app, api or cli)")
+        data = {k: v for k, v in row.items() if k not in _JSON_COLS.values()}
+        for col, key in _JSON_COLS.items():
+            if key in row:
+                data[col] = json.dumps(row[key], ensure_ascii=False, default=str)
+        data.setdefault("id", time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:8])
+        data.setdefault("created_at", time.time())
+        if "fallback" in data and data["fallback"] is not None:
+            data["fallback"] = int(bool(data["fallback"]))
+        cols = [c for c in data if re.fullmatch(r"[a-z_0-9]+", c)]
+        with self._lock, self._connect() as con:
+            known = {r[1] for r in con.execute("PRAGMA table_info(runs)")}
+            cols = [c for c in cols if c in known]
+            con.execute(f"INSERT OR REPLACE INTO runs ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                        [data[c] for c in cols])
+        return str(data["id"])
+
+    def record_run(self, result, ctx, *, source: str, models: dict | None = None,
+                   image_name: str | None = None) -> str:
+        """Store an :class:`agent.agents.AgentResult` with its :class:`tools.context.RunContext`.
+
+        Returns:
+            the history id (the run context's ``run_id``).
+        """
+        insp = ctx.inspection or {}
+        verdict = None if not insp else ("ANOMALOUS" if insp.get("is_anomalous") else "NORMAL")
+        steps = [{"tool": s.tool, "arguments": dict(s.arguments or {}), "observation": s.observation,
+                  "duration_s": round(float(s.duration_s or 0.0), 3), "error": s.error} for s in result.steps]
+        timings = {"total_s": round(float(result.elapsed_s), 3),
+                   "tools_s": round(sum(s["duration_s"] for s in steps), 3)}
+        if insp.get("elapsed_ms") is not None:
+            timings["anomaly_scoring_ms"] = insp["elapsed_ms"]
+        return self.record({
+            "id": ctx.run_id, "source": source, "image_sha256": ctx.image_sha256,
+            "image_name": image_name or (Path(ctx.image_path).name if ctx.image_path else None),
+            "question": ctx.question, "lang": ctx.lang,
+            "product": result.product or ctx.product, "product_source": ctx.product_source,
+            "defect_type": result.defect_type or ctx.defect_type, "verdict": verdict,
+            "score": insp.get("score"), "threshold": insp.get("threshold"),
+            "agent_model": result.model, "models": models or {"agent": result.model},
+            "tool_calls": steps, "citations": list(result.citations or []), "timings": timings,
+            "fallback": result.fallback, "fallback_reason": result.fallback_reason,
+            "elapsed_s": round(float(result.elapsed_s), 3), "answer": result.answer,
+            "overlay": insp.get("overlay"),
+        })
+
+    def delete(self, run_id: str) -> bool:
+        """Remove one run; False when the id is unknown."""
+        with self._lock, self._connect() as con:
+            return con.execute("DELETE FROM runs WHERE id = ?", (run_id,)).rowcount > 0
+
+    # ------------------------------------------------------------------ reads
+    @staticmethod
+    def _decode(r: sqlite3.Row) -> dict:
+        d = dict(r)
+        for col, key in _JSON_COLS.items():
+            raw = d.pop(col, None)
+            d[key] = json.loads(raw) if raw else ([] if key in ("tool_calls", "citations") else {})
+        if d.get("fallback") is not None:
+            d["fallback"] = bool(d["fallback"])
+        d["created"] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(d["created_at"]))
+        return d
+
+    def get(self, run_id: str) -> dict | None:
+        """One run as a dict (JSON columns decoded), or None."""
+        with self._connect() as con:
+            r = con.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+        return self._decode(r) if r else None
+
+    def list(self, product: str | None = None, defect_type: str | None = None, verdict: str | None = None,
+             text: str | None = None, limit: int = 100) -> list[dict]:
+        """Runs newest first, with exact filters; ``text`` matches the question or the manual (substring).
+
+        Returns:
+            up to ``limit`` dicts without the long fields (``answer``, ``tool_calls``):
+            ``{"id", "created", "source", "product", "defect_type", "verdict", "score",
+            "threshold", "agent_model", "fallback", "elapsed_s", "question", "image_sha256",
+            "n_tool_calls", "n_citations"}``.
+        """
+        where, args = [], []
+        for col, val in (("product", product), ("defect_type", defect_type), ("verdict", verdict)):
+            if val:
+                where.append(f"{col} = ?")
+                args.append(val)
+        if text and text.strip():
+            where.append("(instr(lower(coalesce(question,'')), ?) > 0 OR instr(lower(coalesce(answer,'')), ?) > 0)")
+            args += [text.strip().lower()] * 2
+        sql = "SELECT * FROM runs" + (f" WHERE {' AND '.join(where)}" if where else "")
+        sql += " ORDER BY created_at DESC LIMIT ?"
+        args.append(max(1, int(limit)))
+        with self._connect() as con:
+            rows = [self._decode(r) for r in con.execute(sql, args)]
+        keep = ("id", "created", "source", "product", "defect_type", "verdict", "score", "threshold",
+                "agent_model", "fallback", "elapsed_s", "question", "image_sha256", "image_name")
+        return [{**{k: r.get(k) for k in keep}, "n_tool_calls": len(r["tool_calls"]),
+                 "n_citations": len(r["citations"])} for r in rows]
+
+    def count(self) -> int:
+        """Number of stored runs."""
+        with self._connect() as con:
+            return int(con.execute("SELECT count(*) FROM runs").fetchone()[0])
+
+    def stats(self) -> dict:
+        """Counts by product, by defect type and by (product, defect type), and by verdict.
+
+        Returns:
+            ``{"total", "by_product": {p: n}, "by_defect_type": {d: n}, "by_verdict": {v: n},
+            "by_product_defect": [{"product", "defect_type", "runs"}]}``; NULL shows as ``"unknown"``.
+        """
+        with self._connect() as con:
+            total = int(con.execute("SELECT count(*) FROM runs").fetchone()[0])
+
+            def group(col: str) -> dict:
+                return {str(r[0] or "unknown"): int(r[1]) for r in
+                        con.execute(f"SELECT {col}, count(*) FROM runs GROUP BY {col} ORDER BY count(*) DESC")}
+
+            pairs = [{"product": r[0] or "unknown", "defect_type": r[1] or "unknown", "runs": int(r[2])}
+                     for r in con.execute("SELECT product, defect_type, count(*) FROM runs "
+                                          "GROUP BY product, defect_type ORDER BY product, defect_type")]
+            return {"total": total, "by_product": group("product"), "by_defect_type": group("defect_type"),
+                    "by_verdict": group("verdict"), "by_product_defect": pairs}
+
+
+# ---------------------------------------------------------------------- export
+def manual_markdown(run: dict) -> str:
+    """The response manual of a run as a Markdown document with a header of run facts."""
+    facts = [
+        f"- Run: `{run.get('id')}` · {run.get('created', '')}",
+        f"- Product: **{run.get('product') or 'unknown'}** ({run.get('product_source') or '-'}) · "
+        f"defect type: **{run.get('defect_type') or 'unknown'}**",
+    ]
+    if run.get("verdict"):
+        facts.append(f"- Verdict: **{run['verdict']}** (score {run.get('score')} vs threshold {run.get('threshold')})")
+    if run.get("question"):
+        facts.append(f"- Question: {run['question']}")
+    models = run.get("models") or {}
+    if models:
+        facts.append("- Models: " + ", ".join(f"{k} `{v}`" for k, v in models.items()))
+    facts.append(f"- Image sha256: `{run.get('image_sha256') or '-'}`")
+    calls = run.get("tool_calls") or []
+    steps = "\n".join(f"{i + 1}. `{c.get('tool')}` ({float(c.get('duration_s') or 0):.2f} s)"
+                      for i, c in enumerate(calls)) or "(none)"
+    return (f"# Response manual\n\n{chr(10).join(facts)}\n\n---\n\n{(run.get('answer') or '').strip()}\n\n"
+            f"---\n\n### Tool calls\n\n{steps}\n")
+
+
+def _cjk_font() -> str | None:
+    for p in CJK_FONT_CANDIDATES:
+        if Path(p).is_file():
+            return p
+    return None
+
+
+def manual_pdf(run: dict, path: str | Path) -> Path:
+    """Render :func:`manual_markdown` of a run to an A4 PDF at ``path`` (pymupdf ``Story``).
+
+    Markdown is converted to HTML with markdown-it-py; Korean text renders with
+    Noto Sans CJK (``fonts-noto-cjk``) when installed.
+
+    Returns:
+        the PDF path.
+    """
+    import pymupdf
+    from markdown_it import MarkdownIt
+
+    html = MarkdownIt("commonmark", {"html": False}).enable("table").render(manual_markdown(run))
+    # Latin text in Nimbus Sans; glyphs it lacks (Hangul, CJK) come from the Noto Sans CJK
+    # collection when installed, else from MuPDF's built-in Droid Sans Fallback. (Using the
+    # .ttc as the primary family drops ASCII digits in MuPDF 1.26, so it is only a fallback.)
+    font = _cjk_font()
+    archive = pymupdf.Archive(str(Path(font).parent)) if font else None
+    css = ("body {font-family: sans-serif, cjk; font-size: 10pt; line-height: 1.35;} "
+           "h1 {font-size: 17pt;} h2 {font-size: 13pt;} code {font-size: 9pt;}")
+    if font:
+        css = f"@font-face {{font-family: cjk; src: url({Path(font).name});}} " + css
+    story = pymupdf.Story(html=html, user_css=css, archive=archive)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:6]}.tmp")
+    writer = pymupdf.DocumentWriter(str(tmp))
+    mediabox = pymupdf.paper_rect("a4")
+    where = mediabox + (48, 48, -48, -48)
+    more = True
+    while more:
+        dev = writer.begin_page(mediabox)
+        more, _ = story.place(where)
+        story.draw(dev)
+        writer.end_page()
+    writer.close()
+    tmp.replace(path)
+    return path
+
+
+_STORES: dict[str, HistoryStore] = {}
+_STORES_LOCK = threading.Lock()
+
+
+def get_history(settings: Settings | None = None) -> HistoryStore:
+    """Cached :class:`HistoryStore` per state directory."""
+    settings = settings or get_settings()
+    key = str(settings.state_dir)
+    with _STORES_LOCK:
+        if key not in _STORES:
+            _STORES[key] = HistoryStore(settings)
+        return _STORES[key]

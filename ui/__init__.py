@@ -1,0 +1,1 @@
+"""Helpers of the Gradio app (``app.py``): uploads, store actions with JSON-friendly results."""

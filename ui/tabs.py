@@ -1,0 +1,499 @@
+"""Gradio tabs (Inspect, Search, Manuals, Gallery, Products, History) and the JSON API endpoints.
+
+Each builder must be called inside an open ``gr.Blocks`` context. Handlers call
+:mod:`ui.actions` and turn :class:`ui.actions.ActionError` into ``gr.Error`` (shown
+as a toast in the page; ``gradio_client`` raises ``AppError`` with the message).
+No handler keeps state outside its arguments: per-session values live in ``gr.State``.
+
+Queue slots (``concurrency_id``): ``agent`` 1 (the single LLM), ``vision`` 2
+(PatchCore / embedder calls: inspect, search, register), ``manual`` 2 (queries),
+``write`` 1 (manual ingestion, product fitting), so a slow agent run never blocks
+inspection calls.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+import gradio as gr
+
+from stores.catalog import defect_types, products
+from ui import actions
+from ui.actions import AUTO, ActionError
+
+log = logging.getLogger("dra.app")
+
+VISION = {"concurrency_id": "vision", "concurrency_limit": 2}
+MANUAL = {"concurrency_id": "manual", "concurrency_limit": 2}
+WRITE = {"concurrency_id": "write", "concurrency_limit": 1}
+ALL = "all"
+SECTION_CHOICES = [ALL, "cause", "action", "prevention", "general"]
+
+
+def guarded(fn):
+    """Wrap a handler: ActionError → ``gr.Error`` (its message); other errors → logged ``gr.Error``."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except ActionError as exc:
+            raise gr.Error(str(exc), print_exception=False) from None
+        except Exception as exc:  # noqa: BLE001 - the server keeps serving
+            log.exception("%s failed", fn.__name__)
+            raise gr.Error(f"{fn.__name__.replace('_', ' ')} failed: {type(exc).__name__}: {exc}") from None
+
+    return wrapper
+
+
+def _progress_cb(progress):
+    return lambda f, m: progress(max(0.0, min(1.0, float(f))), desc=str(m))
+
+
+def product_choices(with_auto: bool = False, with_all: bool = False) -> list[str]:
+    """Product dropdown choices (fitted products included)."""
+    return ([AUTO] if with_auto else []) + ([ALL] if with_all else []) + products()
+
+
+def defect_choices(with_all: bool = False) -> list[str]:
+    return ([ALL] if with_all else []) + defect_types()
+
+
+def _file(path: str | None) -> str | None:
+    return path if path and Path(path).is_file() else None
+
+
+# ============================================================================ Inspect
+@guarded
+def ui_inspect(image, product):
+    r = actions.inspect(image, product)
+    regions = [[i + 1, *reg["bbox"], round(100 * reg["area_frac"], 2), round(reg["peak"], 3)]
+               for i, reg in enumerate(r["regions"])]
+    verdict = (f"### {'🔴 ANOMALOUS' if r['is_anomalous'] else '🟢 NORMAL'}\n"
+               f"**{r['product']}** ({r['product_source']}) · score **{r['score']}** vs threshold "
+               f"**{r['threshold']}** · {len(r['regions'])} region(s) · {r['elapsed_ms']:.0f} ms · `{r['model']}`")
+    return verdict, _file(r["overlay"]), _file(r["heatmap"]), _file(r["comparison"]), regions, r
+
+
+def build_inspect_tab() -> dict:
+    with gr.Tab("Inspect", id="inspect", elem_id="tab-inspect"):
+        with gr.Row():
+            with gr.Column(scale=1):
+                image = gr.File(label="Photo of the part", file_types=["image"], type="filepath",
+                                elem_id="inspect-image")
+                product = gr.Dropdown(product_choices(with_auto=True), value=AUTO, label="Product",
+                                      elem_id="inspect-product")
+                run = gr.Button("Inspect", variant="primary", elem_id="inspect-run")
+                verdict = gr.Markdown(elem_id="inspect-verdict")
+            with gr.Column(scale=2):
+                with gr.Row():
+                    overlay = gr.Image(label="Overlay (regions boxed)", type="filepath", interactive=False,
+                                       elem_id="inspect-overlay", height=300)
+                    heatmap = gr.Image(label="Anomaly heat map", type="filepath", interactive=False,
+                                       elem_id="inspect-heatmap", height=300)
+                comparison = gr.Image(label="Input | nearest normal | overlay", type="filepath",
+                                      interactive=False, elem_id="inspect-comparison", height=260)
+                regions = gr.Dataframe(headers=["#", "x0", "y0", "x1", "y1", "area %", "peak"],
+                                       label="Regions", interactive=False, elem_id="inspect-regions")
+                raw = gr.JSON(label="Result", open=False)
+        run.click(ui_inspect, [image, product], [verdict, overlay, heatmap, comparison, regions, raw],
+                  api_visibility="private", **VISION)
+    return {"product": product}
+
+
+# ============================================================================ Search
+@guarded
+def ui_search(image, text, mode, product, defect, k):
+    r = actions.search(image, text, mode, None if product == ALL else product, None if defect == ALL else defect, k)
+    items = [(h["image"], f"{h['defect_type'] or 'normal'} · {h['product']} · {h['score']:.2f} ({h.get('matched')})")
+             for h in r["results"] if h.get("image") and Path(h["image"]).is_file()]
+    msg = r.get("message") or f"{len(r['results'])} hit(s) · mode {r['mode']} · {r['elapsed_ms']:.0f} ms"
+    return items, msg, r
+
+
+def build_search_tab() -> dict:
+    with gr.Tab("Search", id="search", elem_id="tab-search"):
+        with gr.Row():
+            with gr.Column(scale=1):
+                image = gr.File(label="Query image (optional)", file_types=["image"], type="filepath",
+                                elem_id="search-image")
+                text = gr.Textbox(label="Text query (optional)", placeholder="e.g. crack on brick",
+                                  elem_id="search-text")
+                mode = gr.Radio(list(actions.SEARCH_MODES), value="auto", label="Mode")
+                product = gr.Dropdown(product_choices(with_all=True), value=ALL, label="Product")
+                defect = gr.Dropdown(defect_choices(with_all=True), value=ALL, label="Defect type")
+                k = gr.Slider(1, 20, value=8, step=1, label="Hits")
+                run = gr.Button("Search", variant="primary", elem_id="search-run")
+            with gr.Column(scale=2):
+                status = gr.Markdown(elem_id="search-status")
+                hits = gr.Gallery(label="Similar defects", columns=4, height=460, elem_id="search-hits")
+                raw = gr.JSON(label="Result", open=False)
+        for trigger in (run.click, text.submit):
+            trigger(ui_search, [image, text, mode, product, defect, k], [hits, status, raw],
+                    api_visibility="private", **VISION)
+    return {"product": product}
+
+
+# ============================================================================ Manuals
+def _manual_rows() -> list[list]:
+    return [[d["source"], d.get("product") or "", d.get("lang") or "", d.get("pages") or 0, d["chunks"],
+             d.get("title") or ""] for d in actions.list_manuals()]
+
+
+def _manual_updates():
+    rows = _manual_rows()
+    return rows, gr.update(choices=[r[0] for r in rows], value=None)
+
+
+@guarded
+def ui_ingest(pdf, product, progress=gr.Progress()):
+    r = actions.ingest_manual(pdf, None if product in (None, "", AUTO) else product, progress=_progress_cb(progress))
+    msg = f"✅ Ingested **{r['source']}**: {r['pages']} pages, {r['chunks']} chunks, product `{r['product']}`"
+    return (msg, *_manual_updates())
+
+
+@guarded
+def ui_delete_manual(source):
+    r = actions.delete_manual(source)
+    return (f"🗑️ Deleted **{r['source']}** ({r['removed_chunks']} chunks)", *_manual_updates())
+
+
+@guarded
+def ui_manual_query(query, product, defect, section, k):
+    r = actions.manual_query(query, None if product == ALL else product, None if defect == ALL else defect,
+                             None if section == ALL else section, k)
+    previews = [(h["preview"], f"{h['source']} p.{h['page']} · {h['section']} · {h['score']:.2f}")
+                for h in r["results"] if h.get("preview")]
+    md = "\n\n".join(f"**[{h['source']} p.{h['page']}]** · {h['section']} · score {h['score']:.2f}\n\n"
+                     f"> {' '.join(h['text'].split())[:600]}" for h in r["results"]) or "_no passages found_"
+    return md, previews, r
+
+
+def build_manuals_tab() -> dict:
+    with gr.Tab("Manuals", id="manuals", elem_id="tab-manuals"):
+        with gr.Row():
+            with gr.Column(scale=1):
+                gr.Markdown("#### Add a manual (PDF with a text layer)")
+                pdf = gr.File(label="PDF", file_types=[".pdf"], type="filepath", elem_id="manual-pdf")
+                product = gr.Dropdown([AUTO] + products(), value=AUTO, label="Product (auto: from the PDF metadata)",
+                                      allow_custom_value=True)
+                ingest = gr.Button("Ingest", variant="primary", elem_id="manual-ingest")
+                status = gr.Markdown(elem_id="manual-status")
+                gr.Markdown("#### Stored manuals")
+                table = gr.Dataframe(headers=["source", "product", "lang", "pages", "chunks", "title"],
+                                     interactive=False, elem_id="manual-list")
+                with gr.Row():
+                    to_delete = gr.Dropdown([], label="Manual", scale=3)
+                    delete = gr.Button("Delete", variant="stop", scale=1)
+            with gr.Column(scale=2):
+                gr.Markdown("#### Ask the manuals")
+                query = gr.Textbox(label="Query", placeholder="crack cause and immediate action",
+                                   elem_id="manual-query")
+                with gr.Row():
+                    q_product = gr.Dropdown(product_choices(with_all=True), value=ALL, label="Product")
+                    q_defect = gr.Dropdown(defect_choices(with_all=True), value=ALL, label="Defect type")
+                    q_section = gr.Dropdown(SECTION_CHOICES, value=ALL, label="Section")
+                    q_k = gr.Slider(1, 10, value=4, step=1, label="Passages")
+                ask = gr.Button("Search manuals", variant="primary", elem_id="manual-ask")
+                passages = gr.Markdown(elem_id="manual-passages")
+                previews = gr.Gallery(label="Page previews", columns=2, height=520, elem_id="manual-previews")
+                raw = gr.JSON(label="Result", open=False)
+        ingest.click(ui_ingest, [pdf, product], [status, table, to_delete], api_visibility="private", **WRITE)
+        delete.click(ui_delete_manual, [to_delete], [status, table, to_delete], api_visibility="private", **WRITE)
+        for trigger in (ask.click, query.submit):
+            trigger(ui_manual_query, [query, q_product, q_defect, q_section, q_k], [passages, previews, raw],
+                    api_visibility="private", **MANUAL)
+    return {"table": table, "to_delete": to_delete, "product": q_product}
+
+
+# ============================================================================ Gallery
+def _gallery_view(product, defect):
+    rows = [r for r in actions.gallery_items(None if product == ALL else product, None if defect == ALL else defect)
+            if r.get("image") and Path(r["image"]).is_file()]  # thumbnails and rows stay index-aligned
+    items = [(r["image"], f"{r['id']} · {r['defect_type'] or 'normal'} · {r['product']}") for r in rows]
+    return items, rows
+
+
+@guarded
+def ui_gallery(product, defect):
+    items, rows = _gallery_view(product, defect)
+    return items, rows, f"{len(rows)} item(s)" if rows else "The gallery is empty for these filters."
+
+
+@guarded
+def ui_register(image, product, defect, note, f_product, f_defect):
+    r = actions.register_defect(image, product, defect, note)
+    items, rows = _gallery_view(f_product, f_defect)
+    dup = " (already in the gallery: unchanged)" if r.get("duplicate") else ""
+    return f"✅ Registered `{r['id']}`{dup}: {r['defect_type']} · {r['product']}", items, rows, r["id"]
+
+
+@guarded
+def ui_relabel(item_id, product, defect, note, f_product, f_defect):
+    r = actions.relabel_defect(item_id, product or None, defect or None, note if note else None)
+    items, rows = _gallery_view(f_product, f_defect)
+    return f"✏️ `{r['id']}` is now {r['defect_type']} · {r['product']}", items, rows
+
+
+@guarded
+def ui_delete_item(item_id, f_product, f_defect):
+    actions.delete_defect(item_id)
+    items, rows = _gallery_view(f_product, f_defect)
+    return f"🗑️ Deleted `{item_id}`", items, rows, ""
+
+
+def _select_item(rows, evt: gr.SelectData):
+    if rows is None or evt is None or evt.index is None:
+        return gr.update()
+    i = evt.index if isinstance(evt.index, int) else evt.index[0]
+    try:
+        return rows[i]["id"]
+    except (IndexError, KeyError, TypeError):
+        return gr.update()
+
+
+def build_gallery_tab() -> dict:
+    with gr.Tab("Gallery", id="gallery", elem_id="tab-gallery"):
+        rows = gr.State([])  # per session: the rows behind the gallery thumbnails
+        with gr.Row():
+            with gr.Column(scale=1):
+                gr.Markdown("#### Register a defect image")
+                image = gr.File(label="Defect image", file_types=["image"], type="filepath", elem_id="gallery-image")
+                product = gr.Dropdown(products(), label="Product", elem_id="gallery-product")
+                defect = gr.Dropdown(defect_types(), label="Defect type", elem_id="gallery-defect")
+                note = gr.Textbox(label="Note", placeholder="line 3, shift B")
+                register = gr.Button("Register", variant="primary", elem_id="gallery-register")
+                gr.Markdown("#### Relabel / delete the selected item")
+                item_id = gr.Textbox(label="Item id (click a thumbnail)", elem_id="gallery-item")
+                with gr.Row():
+                    new_product = gr.Dropdown([""] + products(), value="", label="New product")
+                    new_defect = gr.Dropdown([""] + defect_types(), value="", label="New defect type")
+                new_note = gr.Textbox(label="New note (empty: unchanged)")
+                with gr.Row():
+                    relabel = gr.Button("Relabel")
+                    delete = gr.Button("Delete", variant="stop")
+                status = gr.Markdown(elem_id="gallery-status")
+            with gr.Column(scale=2):
+                with gr.Row():
+                    f_product = gr.Dropdown(product_choices(with_all=True), value=ALL, label="Product")
+                    f_defect = gr.Dropdown(defect_choices(with_all=True), value=ALL, label="Defect type")
+                    show = gr.Button("Show", elem_id="gallery-show")
+                thumbs = gr.Gallery(label="Gallery", columns=6, height=560, elem_id="gallery-thumbs")
+        show.click(ui_gallery, [f_product, f_defect], [thumbs, rows, status], api_visibility="private")
+        thumbs.select(_select_item, [rows], [item_id], api_visibility="private", queue=False)
+        register.click(ui_register, [image, product, defect, note, f_product, f_defect],
+                       [status, thumbs, rows, item_id], api_visibility="private", **VISION)
+        relabel.click(ui_relabel, [item_id, new_product, new_defect, new_note, f_product, f_defect],
+                      [status, thumbs, rows], api_visibility="private", **VISION)
+        delete.click(ui_delete_item, [item_id, f_product, f_defect], [status, thumbs, rows, item_id],
+                     api_visibility="private", **VISION)
+    return {"product": product, "new_product": new_product, "f_product": f_product}
+
+
+# ============================================================================ Products
+def _product_rows() -> list[list]:
+    """One row per fitted product, read from each bank's ``meta.json`` (never loads a model)."""
+    import json
+
+    from stores.services import get_services
+
+    store = get_services().patchcore
+    out = []
+    for p in store.products():
+        try:
+            m = json.loads((store.banks_dir / p / "meta.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # a broken bank must not hide the others
+            out.append([p, "", "", "", "", "unreadable bank"])
+            continue
+        auroc = m.get("image_auroc_val")
+        out.append([p, m.get("n_train"), m.get("bank_size"), round(float(m.get("threshold", 0)), 4),
+                    None if auroc is None else round(float(auroc), 3), m.get("fitted_at", "")])
+    return out
+
+
+@guarded
+def ui_fit(name, files, progress=gr.Progress()):
+    r = actions.fit_product(name, files, progress=_progress_cb(progress))
+    skipped = f" · skipped {len(r['skipped'])} file(s): {'; '.join(r['skipped'][:3])}" if r["skipped"] else ""
+    msg = (f"✅ **{r['product']}** fitted on {r['n_train']} images ({r['n_val']} for calibration): bank "
+           f"{r['bank_size']} patches, threshold {r['threshold']:.3f}, {r['fit_s']:.1f} s{skipped}. "
+           "It is now available in every product list and to the agent.")
+    return msg, _product_rows(), r
+
+
+def build_products_tab() -> dict:
+    with gr.Tab("Products", id="products", elem_id="tab-products"):
+        with gr.Row():
+            with gr.Column(scale=1):
+                gr.Markdown("#### Add a product from normal (defect-free) images\n"
+                            "Upload at least 4 images (more is better: ~20 % are kept for threshold "
+                            "calibration), as files or one zip archive.")
+                name = gr.Textbox(label="Product id", placeholder="e.g. tile-b", elem_id="product-name")
+                files = gr.File(label="Normal images or zip", file_count="multiple", type="filepath",
+                                file_types=["image", ".zip"], elem_id="product-files")
+                fit = gr.Button("Fit PatchCore", variant="primary", elem_id="product-fit")
+                status = gr.Markdown(elem_id="product-status")
+            with gr.Column(scale=2):
+                table = gr.Dataframe(headers=["product", "train images", "bank patches", "threshold",
+                                              "val image AUROC", "fitted at"], interactive=False,
+                                     elem_id="product-list")
+                raw = gr.JSON(label="Result", open=False)
+        fit.click(ui_fit, [name, files], [status, table, raw], api_visibility="private", **WRITE)
+    return {"table": table}
+
+
+# ============================================================================ History
+def _history_view(product, defect, verdict, text):
+    import pandas as pd
+
+    r = actions.history_list(None if product == ALL else product, None if defect == ALL else defect,
+                             None if verdict == ALL else verdict, text)
+    rows = [[x["id"], x["created"], x["source"], x["product"], x["defect_type"], x["verdict"], x["score"],
+             x["agent_model"], x["elapsed_s"], x["n_citations"]] for x in r["runs"]]
+    pairs = r["stats"]["by_product_defect"]
+    chart = pd.DataFrame(pairs if pairs else [], columns=["product", "defect_type", "runs"])
+    by = r["stats"]
+    md = (f"**{by['total']}** analyses · by product: " + ", ".join(f"{k} {v}" for k, v in by["by_product"].items())
+          + " · by defect type: " + ", ".join(f"{k} {v}" for k, v in by["by_defect_type"].items())) \
+        if by["total"] else "No analyses yet: run one in the Chat tab."
+    ids = [x["id"] for x in r["runs"]]
+    return rows, chart, md, gr.update(choices=ids, value=ids[0] if ids else None)
+
+
+@guarded
+def ui_history(product, defect, verdict, text):
+    return _history_view(product, defect, verdict, text)
+
+
+@guarded
+def ui_history_show(run_id):
+    row = actions.history_run(run_id)
+    from stores.history import manual_markdown
+
+    md_path = actions.export_manual(row["id"], "md")
+    pdf_path = actions.export_manual(row["id"], "pdf")
+    return manual_markdown(row), row["tool_calls"], md_path, pdf_path
+
+
+def build_history_tab() -> dict:
+    with gr.Tab("History", id="history", elem_id="tab-history") as tab:
+        with gr.Row():
+            product = gr.Dropdown(product_choices(with_all=True), value=ALL, label="Product")
+            defect = gr.Dropdown(defect_choices(with_all=True), value=ALL, label="Defect type")
+            verdict = gr.Dropdown([ALL, "ANOMALOUS", "NORMAL"], value=ALL, label="Verdict")
+            text = gr.Textbox(label="Text in question or manual")
+            refresh = gr.Button("Refresh", elem_id="history-refresh")
+        stats = gr.Markdown(elem_id="history-stats")
+        chart = gr.BarPlot(x="product", y="runs", color="defect_type", title="Analyses by product and defect type",
+                           height=260, elem_id="history-chart")
+        table = gr.Dataframe(headers=["id", "created", "source", "product", "defect type", "verdict", "score",
+                                      "agent", "seconds", "citations"], interactive=False, elem_id="history-table")
+        with gr.Row():
+            run_id = gr.Dropdown([], label="Analysis", allow_custom_value=True, scale=3, elem_id="history-run")
+            show = gr.Button("Show manual", scale=1, elem_id="history-show")
+            md_btn = gr.DownloadButton("Markdown", value=None, scale=1, elem_id="history-md")
+            pdf_btn = gr.DownloadButton("PDF", value=None, scale=1, elem_id="history-pdf")
+        manual = gr.Markdown(elem_id="history-manual")
+        calls = gr.JSON(label="Tool calls", open=False)
+        inputs = [product, defect, verdict, text]
+        refresh.click(ui_history, inputs, [table, chart, stats, run_id], api_visibility="private", queue=False)
+        tab.select(ui_history, inputs, [table, chart, stats, run_id], api_visibility="private", queue=False)
+        show.click(ui_history_show, [run_id], [manual, calls, md_btn, pdf_btn], api_visibility="private")
+    return {"product": product}
+
+
+# ============================================================================ API endpoints
+def register_api() -> None:
+    """Hidden components and the named JSON endpoints (call inside the Blocks context)."""
+
+    @guarded
+    def inspect(image: str, product: str = AUTO):
+        r = actions.inspect(image, product)
+        return r, _file(r["overlay"])
+
+    @guarded
+    def search(image: str | None = None, text: str = "", mode: str = "auto", product: str = "", defect_type: str = "",
+               k: float = 5):
+        return actions.search(image, text, mode, product, defect_type, int(k or 5))
+
+    @guarded
+    def manual(query: str, product: str = "", defect_type: str = "", section: str = "", k: float = 4):
+        return actions.manual_query(query, product, defect_type, section, int(k or 4))
+
+    @guarded
+    def register_defect(image: str, product: str, defect_type: str, note: str = ""):
+        return actions.register_defect(image, product, defect_type, note)
+
+    @guarded
+    def relabel_defect(item_id: str, product: str = "", defect_type: str = "", note: str | None = None):
+        return actions.relabel_defect(item_id, product or None, defect_type or None, note)
+
+    @guarded
+    def delete_defect(item_id: str):
+        return actions.delete_defect(item_id)
+
+    @guarded
+    def gallery(product: str = "", defect_type: str = ""):
+        return {"items": actions.gallery_items(product, defect_type)}
+
+    @guarded
+    def ingest_manual(pdf: str, product: str = "", progress=gr.Progress()):
+        return actions.ingest_manual(pdf, product, progress=_progress_cb(progress))
+
+    @guarded
+    def delete_manual(source: str):
+        return actions.delete_manual(source)
+
+    @guarded
+    def manuals():
+        return {"documents": actions.list_manuals()}
+
+    @guarded
+    def fit_product(product: str, images: list[str], progress=gr.Progress()):
+        return actions.fit_product(product, images, progress=_progress_cb(progress))
+
+    @guarded
+    def history(product: str = "", defect_type: str = "", verdict: str = "", text: str = "", limit: float = 100):
+        return actions.history_list(product, defect_type, verdict, text, int(limit or 100))
+
+    @guarded
+    def history_run(run_id: str):
+        return actions.history_run(run_id)
+
+    @guarded
+    def export_manual(run_id: str, fmt: str = "pdf"):
+        return actions.export_manual(run_id, (fmt or "pdf").strip().lower())
+
+    with gr.Group(visible=False):
+        f_image = gr.File(label="image", type="filepath")
+        f_pdf = gr.File(label="pdf", type="filepath")
+        f_images = gr.File(label="images", type="filepath", file_count="multiple")
+        t = [gr.Textbox(label=f"arg{i}", value="") for i in range(5)]  # "" = optional in clients
+        n_k = gr.Number(label="k", value=5)
+        n_limit = gr.Number(label="limit", value=100)
+        out = gr.JSON(label="result")
+        out_image = gr.Image(label="overlay", type="filepath")
+        out_file = gr.File(label="file")
+        btn = gr.Button("api")
+
+    def ep(fn, inputs, outputs, **kw):
+        btn.click(fn, inputs, outputs, api_name=fn.__name__, **kw)
+
+    ep(inspect, [f_image, t[0]], [out, out_image], **VISION)
+    ep(search, [f_image, t[0], t[1], t[2], t[3], n_k], out, **VISION)
+    ep(manual, [t[0], t[1], t[2], t[3], n_k], out, **MANUAL)
+    ep(register_defect, [f_image, t[0], t[1], t[2]], out, **VISION)
+    ep(relabel_defect, [t[0], t[1], t[2], t[3]], out, **VISION)
+    ep(delete_defect, [t[0]], out, **VISION)
+    ep(gallery, [t[0], t[1]], out)
+    ep(ingest_manual, [f_pdf, t[0]], out, **WRITE)
+    ep(delete_manual, [t[0]], out, **WRITE)
+    ep(manuals, [], out)
+    ep(fit_product, [t[0], f_images], out, **WRITE)
+    ep(history, [t[0], t[1], t[2], t[3], n_limit], out)
+    ep(history_run, [t[0]], out)
+    ep(export_manual, [t[0], t[1]], out_file)
