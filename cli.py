@@ -129,12 +129,21 @@ def cmd_search(args) -> dict:
     defect = normalize_defect(args.defect) if args.defect else None
     if args.defect and defect is None:
         raise CliError(f"unknown defect type {args.defect!r}")
-    if args.text is not None:
-        if not args.text.strip():
-            raise CliError("--text must not be empty")
+    if args.image is None and args.text is None:
+        raise CliError("give --image and / or --text")
+    if args.text is not None and not args.text.strip():
+        raise CliError("--text must not be empty")
+    mode = args.mode
+    if mode == "auto":
+        mode = "fused" if args.image and args.text else "image" if args.image else "text"
+    if mode in ("image", "fused") and not args.image:
+        raise CliError(f"--mode {mode} needs --image")
+    if mode in ("text", "fused") and args.text is None:
+        raise CliError(f"--mode {mode} needs --text")
+    if mode == "text":
         t0 = time.perf_counter()
-        hits = index.search_text(args.text, k=args.k, product=product, defect_type=defect)
-        return {"query": args.text, "product": product, "results": hits, "model": index.model,
+        hits = index.query(text=args.text, mode="text", k=args.k, product=product, defect_type=defect)
+        return {"query": args.text, "mode": mode, "product": product, "results": hits, "model": index.model,
                 "elapsed_ms": round((time.perf_counter() - t0) * 1000, 1)}
     paths = _expand(args.image)
     images = _load_images(paths)
@@ -145,10 +154,40 @@ def cmd_search(args) -> dict:
         if prod is None:
             prod, _conf = services.infer_product(rgb)
             source = "inferred"
-        hits = index.search(rgb, k=args.k, product=prod, defect_type=defect)
-        out.append({"image": path, "product": prod, "product_source": source, "results": hits,
+        hits = index.query(rgb, args.text if mode == "fused" else None, mode=mode, k=args.k, product=prod,
+                           defect_type=defect, text_weight=args.text_weight)
+        out.append({"image": path, "product": prod, "product_source": source, "mode": mode, "results": hits,
                     "model": index.model, "elapsed_ms": round((time.perf_counter() - t0) * 1000, 1)})
     return out[0] if len(out) == 1 else {"results": out}
+
+
+def cmd_register(args) -> dict:
+    from stores.services import get_services
+
+    if not Path(args.image).is_file():
+        raise CliError(f"file not found: {args.image}")
+    t0 = time.perf_counter()
+    row = get_services().image_index.register(args.image, args.product, args.defect, note=args.note or "")
+    return {**row, "elapsed_ms": round((time.perf_counter() - t0) * 1000, 1)}
+
+
+def cmd_delete(args) -> dict:
+    from stores.services import get_services
+
+    if not get_services().image_index.delete(args.id):
+        raise KeyError(f"unknown item id {args.id!r}")
+    return {"id": args.id, "deleted": True}
+
+
+def cmd_relabel(args) -> dict:
+    from stores.services import get_services
+
+    if args.product is None and args.defect is None and args.note is None:
+        raise CliError("give --product, --defect and / or --note")
+    index = get_services().image_index
+    if index.get(args.id) is None:
+        raise KeyError(f"unknown item id {args.id!r}")
+    return index.relabel(args.id, product=args.product, defect_type=args.defect, note=args.note)
 
 
 def cmd_ingest(args) -> dict:
@@ -192,8 +231,16 @@ def _run_agent(path: str, product: str | None, question: str | None) -> dict:
 
     ctx = RunContext.from_path(path, product=product, question=question)
     result = get_default_agent().run(ctx)
+    history_id = None
+    try:  # every analysis goes to the SQLite history (stores/history.py), like the app's
+        from stores.history import get_history
+
+        history_id = get_history().record_run(result, ctx, source="cli")
+    except Exception as exc:  # noqa: BLE001 - a history failure must not lose the answer
+        print(f"warning: could not record the run in the history: {exc}", file=sys.stderr)
     return {
         "image": path,
+        "history_id": history_id,
         "product": result.product or ctx.product,
         "product_source": ctx.product_source,
         "defect_type": result.defect_type or ctx.defect_type,
@@ -206,6 +253,8 @@ def _run_agent(path: str, product: str | None, question: str | None) -> dict:
         "fallback_reason": result.fallback_reason,
         "inspection": ctx.inspection,
         "model": result.model,
+        # every role's model and why it was chosen (profile, auto, per-role override)
+        "models": get_settings().model_resolution.summary(),
         "elapsed_s": round(result.elapsed_s, 2),
     }
 
@@ -219,12 +268,17 @@ def cmd_eval(args) -> dict:
 
     services = get_services()
     if args.what == "anomaly":
-        products = [_product_arg(args.product)] if args.product else services.patchcore.products()
-        rows = {p: services.patchcore.evaluate(p) for p in products}
-        keys = ("image_auroc", "pixel_auroc")
+        # per product: image / pixel AUROC, per-defect-type image AUROC, F1 and FPR at the calibrated threshold
+        if args.product or args.products:
+            products = [_product_arg(p) for p in ([args.product] if args.product else []) + (args.products or [])]
+        else:
+            products = services.patchcore.products()
+        limit = args.small if args.small and args.small > 0 else None
+        rows = {p: services.patchcore.evaluate(p, limit=limit) for p in products}
+        keys = ("image_auroc", "pixel_auroc", "f1", "fpr")
         mean = {k: round(statistics.mean(r[k] for r in rows.values()), 4) for k in keys
-                if all(k in r for r in rows.values())}
-        return {"products": rows, "mean": mean}
+                if rows and all(r.get(k) is not None for r in rows.values())}
+        return {"products": rows, "mean": mean, "limit_per_class": limit}
     if args.what == "retrieval":
         return services.image_index.evaluate()
     if args.what == "ask":
@@ -287,14 +341,35 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", help="folder for artifacts (default: state/runs/inspect-<time>)")
     sp.set_defaults(func=cmd_inspect)
 
-    sp = add("search", "similar-defect search by image(s) or text")
-    g = sp.add_mutually_exclusive_group(required=True)
-    g.add_argument("--image", nargs="+", help="query image paths or globs")
-    g.add_argument("--text", help="text query")
+    sp = add("search", "similar-defect search by image(s) and / or text")
+    sp.add_argument("--image", nargs="+", help="query image paths or globs")
+    sp.add_argument("--text", help="text query")
+    sp.add_argument("--mode", choices=["auto", "image", "text", "fused"], default="auto",
+                    help="auto: fused with --image and --text, else whichever is given")
+    sp.add_argument("--text-weight", type=float, default=None,
+                    help="fused: weight of the caption score, 0..1 (default DRA_SEARCH_TEXT_WEIGHT)")
     sp.add_argument("--product")
     sp.add_argument("--defect", help="restrict to a defect type")
     sp.add_argument("-k", type=int, default=5)
     sp.set_defaults(func=cmd_search)
+
+    sp = add("register", "add a labelled defect image to the similar-defect gallery")
+    sp.add_argument("image")
+    sp.add_argument("--product", required=True)
+    sp.add_argument("--defect", required=True, help="defect type id (or its English / Korean name)")
+    sp.add_argument("--note", default="")
+    sp.set_defaults(func=cmd_register)
+
+    sp = add("delete", "remove a gallery item by id")
+    sp.add_argument("id")
+    sp.set_defaults(func=cmd_delete)
+
+    sp = add("relabel", "change a gallery item's product, defect type and / or note")
+    sp.add_argument("id")
+    sp.add_argument("--product")
+    sp.add_argument("--defect")
+    sp.add_argument("--note")
+    sp.set_defaults(func=cmd_relabel)
 
     sp = add("ingest", "add PDF manuals to the manual store")
     sp.add_argument("pdfs", nargs="+")
@@ -319,6 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("what", choices=["anomaly", "retrieval", "ask"])
     sp.add_argument("--product")
     sp.add_argument("--per-product", type=int, default=2, help="eval ask: photos per product")
+    sp.add_argument("--products", nargs="+", help="eval anomaly: only these products")
+    sp.add_argument("--small", type=int, default=0, metavar="N",
+                    help="eval anomaly: only the first N normal and N per defect type val images (fast CI mode)")
     sp.set_defaults(func=cmd_eval)
     return p
 

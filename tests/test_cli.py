@@ -148,3 +148,37 @@ def test_ask_end_to_end_with_offline_model(built_state):
     assert out["citations"] and all(c["source"].endswith(".pdf") and c["page"] >= 1 for c in out["citations"])
     assert "qwen2.5-coder" in out["model"].lower()
     assert out["defect_type"] == "hole"
+
+
+def test_register_search_modes_relabel_delete(built_state, tmp_path):
+    import shutil
+
+    state = tmp_path / "state"
+    shutil.copytree(built_state, state)
+    query = _items(state, "val", "defect", "grass")[0]
+    path = str(state / "data" / query["image"])
+    rc, reg, err = run_cli(["register", path, "--product", "grass", "--defect", query["defect_type"],
+                            "--note", "reported by line 3", "--json"], state)
+    assert rc == 0, err
+    assert reg["duplicate"] is False and reg["product"] == "grass" and Path(reg["image"]).is_file()
+    rc, dup, err = run_cli(["register", path, "--product", "grass", "--defect", "crack", "--json"], state)
+    assert rc == 0 and dup["duplicate"] is True and dup["id"] == reg["id"], err
+    # image -> image finds the registered image first; fused and text modes carry "matched"
+    rc, out, err = run_cli(["search", "--image", path, "--text", "reported by line 3", "-k", "3", "--json"], state)
+    assert rc == 0, err
+    assert out["mode"] == "fused" and out["results"][0]["id"] == reg["id"]
+    assert all(h["matched"] == "fused" for h in out["results"])
+    rc, out, err = run_cli(["search", "--image", path, "--mode", "image", "-k", "1", "--json"], state)
+    assert rc == 0 and out["results"][0]["id"] == reg["id"] and out["results"][0]["matched"] == "image", err
+    rc, out, err = run_cli(["relabel", reg["id"], "--defect", "contamination", "--note", "oil drop", "--json"], state)
+    assert rc == 0 and out["defect_type"] == "contamination" and out["note"] == "oil drop", err
+    rc, out, err = run_cli(["search", "--text", "oil drop", "--defect", "contamination", "--product", "grass",
+                            "-k", "1", "--json"], state)
+    assert rc == 0 and out["results"][0]["id"] == reg["id"] and out["results"][0]["matched"] == "caption", err
+    rc, out, err = run_cli(["delete", reg["id"], "--json"], state)
+    assert rc == 0 and out == {"id": reg["id"], "deleted": True}, err
+    for args in (["delete", reg["id"]], ["relabel", reg["id"], "--note", "x"],
+                 ["register", path, "--product", "teapot", "--defect", "crack"],
+                 ["search", "--text", "crack", "--mode", "fused"]):
+        rc, out, _ = run_cli([*args, "--json"], state)
+        assert rc != 0 and out["error"], args
