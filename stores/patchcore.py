@@ -22,13 +22,17 @@ Persistence: ``banks_dir/<product>/`` holds ``memory_bank.npy`` (float32
 features used to find the nearest normal training image) and ``meta.json``
 (backbone, layers, image size, coreset ratio, thresholds and their rules,
 colour scale, training image paths). The folder is written to a temporary
-directory and swapped in with ``os.replace``. Banks are loaded lazily and
-cached per product; a new store instance gives identical scores.
+directory and swapped in with ``os.replace`` (the previous folder is first renamed
+to ``.old-<product>-*``); a store opened after a crash between the two renames puts
+the previous bank back (:meth:`PatchCoreStore.recover`), so a killed refit always
+leaves a usable bank. Banks are loaded lazily and cached per product; a new store
+instance gives identical scores.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -48,6 +52,8 @@ from torch.nn import functional as F  # noqa: N812
 from stores.catalog import UnknownProductError
 from stores.imageio import load_rgb
 from stores.settings import Settings, get_settings
+
+log = logging.getLogger("dra.patchcore")
 
 MANIFEST_NAME = "manifest.json"
 META_NAME = "meta.json"
@@ -203,6 +209,16 @@ PRODUCT_CONFIGS: dict[str, PatchCoreConfig] = {
     "gravel": PatchCoreConfig(augment="flips", sigma=8.0),
     "grass": PatchCoreConfig(augment="flips", sigma=8.0),
 }
+
+
+def _test_pause(stage: str) -> None:
+    """Crash-safety test hook: with ``DRA_PATCHCORE_PAUSE_AT=<stage>`` print ``paused <stage>``
+    and sleep ``DRA_PATCHCORE_PAUSE_S`` seconds (default 60) so a test can SIGKILL the process
+    there. Stages: ``coreset`` (features extracted, nothing written yet) and ``swap`` (between
+    renaming the old bank away and moving the new one in)."""
+    if os.environ.get("DRA_PATCHCORE_PAUSE_AT") == stage:
+        print(f"paused {stage}", flush=True)
+        time.sleep(float(os.environ.get("DRA_PATCHCORE_PAUSE_S", "60")))
 
 
 # --------------------------------------------------------------------------- backbones
@@ -718,6 +734,39 @@ class PatchCoreStore:
             raise ValueError(f"unknown augmentation {augment!r}; choose from {sorted(AUGMENTATIONS)}")
         self._banks: dict[str, _Bank] = {}
         self._lock = threading.Lock()
+        self.recover()
+
+    def recover(self) -> list[str]:
+        """Repair ``banks_dir`` after a process died inside :meth:`_save`.
+
+        ``.old-<product>-*`` folders are previous banks renamed just before the new one
+        was moved in: if ``<product>/`` is missing (killed between the two renames) the
+        old folder is moved back, else it is deleted. ``.tmp-*`` folders are unfinished
+        writes and are deleted.
+
+        Returns:
+            the products whose previous bank was restored.
+        """
+        restored: list[str] = []
+        if not self.banks_dir.is_dir():
+            return restored
+        for d in sorted(self.banks_dir.iterdir()):
+            if not d.is_dir():
+                continue
+            if d.name.startswith(".old-"):
+                product = d.name[len(".old-"):].rsplit("-", 1)[0]
+                target = self.banks_dir / product
+                if not (target / META_NAME).is_file() and (d / META_NAME).is_file():
+                    if target.exists():
+                        shutil.rmtree(target, ignore_errors=True)
+                    os.replace(d, target)
+                    restored.append(product)
+                    log.warning("PatchCore bank of %r restored after an interrupted refit", product)
+                else:
+                    shutil.rmtree(d, ignore_errors=True)
+            elif d.name.startswith(".tmp-"):
+                shutil.rmtree(d, ignore_errors=True)
+        return restored
 
     def config_for(self, product: str) -> PatchCoreConfig:
         """The :class:`PatchCoreConfig` a fit of ``product`` uses (overrides applied)."""
@@ -837,6 +886,7 @@ class PatchCoreStore:
         if int(n_patches * cfg.coreset_ratio) < 1:
             raise ValueError(f"coreset ratio {cfg.coreset_ratio} keeps no patch of {n_patches}")
         report(0.5, f"coreset subsampling {n_patches} patches x {cfg.coreset_ratio}")
+        _test_pause("coreset")
         t_core = time.perf_counter()
         # same steps as anomalib's PatchcoreModel.subsample_embedding, with the O(N) greedy coreset
         embedding = torch.vstack(model.embedding_store)
@@ -1106,6 +1156,7 @@ class PatchCoreStore:
             if target.exists():
                 old = self.banks_dir / f".old-{product}-{uuid.uuid4().hex[:8]}"
                 os.replace(target, old)
+                _test_pause("swap")
             os.replace(tmp, target)
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)

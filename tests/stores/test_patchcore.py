@@ -500,3 +500,86 @@ def test_separable_blur_equals_anomalib_blur():
     assert isinstance(build_model(spec, sigma=8.0).anomaly_map_generator.blur, SeparableGaussianBlur)
     assert not isinstance(build_model(spec, sigma=8.0, search="torch").anomaly_map_generator.blur,
                           SeparableGaussianBlur)
+
+
+_REFIT_SCRIPT = """
+import sys
+import numpy as np
+from skimage import data
+from stores.patchcore import PatchCoreStore
+from stores.settings import Settings
+rows = data.brick()[:320]
+rng = np.random.default_rng(int(sys.argv[2]))
+crops = []
+for _ in range(8):
+    y = int(rng.integers(0, 320 - 256 + 1)); x = int(rng.integers(0, rows.shape[1] - 256 + 1))
+    crops.append(np.repeat(rows[y:y + 256, x:x + 256, None], 3, axis=2).astype(np.uint8))
+from pathlib import Path
+store = PatchCoreStore(Settings(state_dir=Path(sys.argv[1])), coreset_ratio=0.01, image_size=128, augment="none")
+print("fitting", flush=True)
+store.fit("brick", crops[:5], crops[5:])
+print("done", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_during_refit_leaves_the_previous_bank_usable(tmp_path):
+    """A real process is SIGKILLed (1) in the middle of a refit and (2) between moving
+    the old bank away and the new one in; each time a new store serves the previous bank."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    settings = Settings(state_dir=tmp_path)
+    store = PatchCoreStore(settings, coreset_ratio=0.01, image_size=128, augment="none")
+    store.fit("brick", _crops(5, seed=61), _crops(3, seed=62))
+    before = store.meta("brick")
+    probe, _ = _hole(_crops(1, seed=63)[0], (128, 128))
+    score_before = store.inspect(probe, "brick").score
+
+    def run(seed: int, pause: str | None) -> subprocess.Popen:
+        env = {**os.environ, "PYTHONPATH": str(repo)}
+        env.pop("DRA_PATCHCORE_PAUSE_AT", None)
+        if pause:
+            env.update(DRA_PATCHCORE_PAUSE_AT=pause, DRA_PATCHCORE_PAUSE_S="120")
+        return subprocess.Popen([sys.executable, "-c", _REFIT_SCRIPT, str(tmp_path), str(seed)], cwd=repo,
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+    def wait_for(proc: subprocess.Popen, line: str) -> None:
+        deadline = time.time() + 240
+        for out in proc.stdout:
+            if out.strip() == line or time.time() > deadline:
+                return
+        raise AssertionError(f"subprocess ended before printing {line!r}")
+
+    # (1) killed after feature extraction, before the coreset: the old folder was never touched
+    proc = run(71, pause="coreset")
+    wait_for(proc, "paused coreset")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    again = PatchCoreStore(settings)
+    assert again.meta("brick") == before
+    assert again.inspect(probe, "brick").score == pytest.approx(score_before, rel=1e-5)
+
+    # (2) killed between the two renames: brick/ is gone, only .old-brick-* is left
+    proc = run(72, pause="swap")
+    wait_for(proc, "paused swap")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    left = sorted(p.name for p in settings.banks_dir.iterdir())
+    assert "brick" not in left and any(n.startswith(".old-brick-") for n in left)
+    recovered = PatchCoreStore(settings)  # recover() runs on open
+    assert recovered.products() == ["brick"]
+    assert recovered.meta("brick") == before
+    assert recovered.inspect(probe, "brick").score == pytest.approx(score_before, rel=1e-5)
+    assert sorted(p.name for p in settings.banks_dir.iterdir()) == ["brick"]
+
+    # and a refit that is not interrupted still replaces the bank
+    proc = run(73, pause=None)
+    wait_for(proc, "done")
+    proc.wait(60)
+    assert PatchCoreStore(settings).meta("brick") != before
