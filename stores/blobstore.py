@@ -23,7 +23,6 @@ Backends (``DRA_BLOB_STORE``):
 from __future__ import annotations
 
 import io
-import os
 import tempfile
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -31,6 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from stores.atomic import atomic_write_bytes
 from stores.imageio import content_hash
 
 
@@ -98,17 +98,7 @@ class LocalBlobStore(BlobStore):
         self.root = Path(root).resolve()
 
     def put(self, key: str, data: bytes) -> None:
-        path = self.root / _check_key(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write_bytes(self.root / _check_key(key), data, fsync=False)
 
     def get(self, key: str) -> bytes:
         path = self.root / _check_key(key)
@@ -219,12 +209,7 @@ class S3BlobStore(BlobStore):
     def local_path(self, key: str) -> Path:
         path = self.cache_dir / _check_key(key)
         if not path.is_file():
-            data = self.get(key)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key}.", suffix=".tmp")
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            os.replace(tmp, path)
+            atomic_write_bytes(path, self.get(key), fsync=False)
         return path.resolve()
 
     def uri(self, key: str) -> str:

@@ -59,7 +59,6 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -67,6 +66,7 @@ from typing import Callable
 
 import numpy as np
 
+from stores.atomic import atomic_write_bytes
 from stores.blobstore import open_blob_store
 from stores.defect_descriptor import (DefectDescriber, DefectProjection, DescriptorConfig,
                                       synthesize_training_defects)
@@ -96,23 +96,10 @@ def _write_pause(stage: str) -> None:
         time.sleep(float(os.environ.get("DRA_INDEX_PAUSE_S", "60")))
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    _atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _load_manifest(data_dir: Path) -> dict:
@@ -324,7 +311,7 @@ class ImageIndex:
         self._write_meta()
 
     def _write_meta(self) -> None:
-        _atomic_write_bytes(self._meta_path, json.dumps(self.meta, ensure_ascii=False, indent=1).encode("utf-8"))
+        atomic_write_bytes(self._meta_path, json.dumps(self.meta, ensure_ascii=False, indent=1).encode("utf-8"))
 
     def _write_features(self) -> None:
         feats = {f"{i}/{kind}": v for i, d in self._features.items() if i in self.meta["items"] for kind, v in d.items()}

@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import tempfile
 import threading
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -37,6 +35,8 @@ from typing import Iterable, Mapping
 
 import faiss
 import numpy as np
+
+from stores.atomic import atomic_write_bytes
 
 # Exact search below this many items, HNSW from it on. Measured with
 # bench/bench_vectors.py (d = 2568, 2 cores): see the README's vector benchmark.
@@ -47,21 +47,6 @@ HNSW_EF_SEARCH = 128
 PAYLOAD_KEYS = ("product", "defect_type")
 
 Where = Mapping[str, "str | Iterable[str] | None"] | None
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _norm_where(where: Where) -> dict[str, set[str]]:
@@ -87,6 +72,15 @@ class VectorStore(ABC):
     """
 
     fields: dict[str, int]
+
+    def _check_add(self, ids, vectors: Mapping[str, np.ndarray], payloads: list[dict]) -> np.ndarray:
+        """Common argument checks of :meth:`add`; returns ``ids`` as int64 ``(N,)``."""
+        ids = np.asarray(ids, np.int64).reshape(-1)
+        if set(vectors) != set(self.fields):
+            raise ValueError(f"vectors for fields {sorted(vectors)} given, expected {sorted(self.fields)}")
+        if len(payloads) != len(ids):
+            raise ValueError("one payload per id is required")
+        return ids
 
     @abstractmethod
     def add(self, ids: np.ndarray, vectors: Mapping[str, np.ndarray], payloads: list[dict]) -> None:
@@ -208,11 +202,7 @@ class FaissVectorStore(VectorStore):
 
     # ---------------------------------------------------------------- interface
     def add(self, ids: np.ndarray, vectors: Mapping[str, np.ndarray], payloads: list[dict]) -> None:
-        ids = np.asarray(ids, np.int64).reshape(-1)
-        if set(vectors) != set(self.fields):
-            raise ValueError(f"vectors for fields {sorted(vectors)} given, expected {sorted(self.fields)}")
-        if len(payloads) != len(ids):
-            raise ValueError("one payload per id is required")
+        ids = self._check_add(ids, vectors, payloads)
         arrays = {}
         for f, d in self.fields.items():
             v = np.ascontiguousarray(np.asarray(vectors[f], np.float32).reshape(len(ids), -1))
@@ -304,7 +294,7 @@ class FaissVectorStore(VectorStore):
     def persist(self) -> None:
         if self.path is None:
             return
-        _atomic_write_bytes(self.path, self.to_bytes())
+        atomic_write_bytes(self.path, self.to_bytes())
 
 
 def _milvus_literal(value: str) -> str:
@@ -366,11 +356,7 @@ class MilvusVectorStore(VectorStore):
         return " and ".join(parts)
 
     def add(self, ids: np.ndarray, vectors: Mapping[str, np.ndarray], payloads: list[dict]) -> None:
-        ids = np.asarray(ids, np.int64).reshape(-1)
-        if set(vectors) != set(self.fields):
-            raise ValueError(f"vectors for fields {sorted(vectors)} given, expected {sorted(self.fields)}")
-        if len(payloads) != len(ids):
-            raise ValueError("one payload per id is required")
+        ids = self._check_add(ids, vectors, payloads)
         arrays = {f: np.asarray(vectors[f], np.float32).reshape(len(ids), -1) for f in self.fields}
         for f, v in arrays.items():
             if v.shape[1] != self.fields[f]:
