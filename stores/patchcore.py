@@ -173,7 +173,10 @@ class PatchCoreConfig:
         augment: symmetry views of train normals added to the bank (``AUGMENTATIONS``).
         sigma: anomaly-map Gaussian blur sigma, pixels at ``image_size`` (0: none).
         reweight: image score by the paper's Eq. 7 re-weighting (True) or the
-            plain maximum patch distance (False).
+            plain maximum patch distance (False); ignored with test-time views.
+        tta: test-time symmetry views (``AUGMENTATIONS`` key): each image is scored
+            in every view, the patch-distance maps are turned back and averaged,
+            and the image score is the maximum of the averaged map. ``none``: one view.
     """
 
     blocks: tuple[int, ...] = (4, 7)
@@ -183,12 +186,13 @@ class PatchCoreConfig:
     augment: str = "none"
     sigma: float = 4.0
     reweight: bool = True
+    tta: str = "none"
 
     def as_dict(self) -> dict:
         """JSON-ready dict (``blocks`` as a list)."""
         return {"blocks": list(self.blocks), "image_size": self.image_size, "pool_size": self.pool_size,
                 "coreset_ratio": self.coreset_ratio, "augment": self.augment, "sigma": self.sigma,
-                "reweight": self.reweight}
+                "reweight": self.reweight, "tta": self.tta}
 
 
 #: configuration of products without a tuned entry (e.g. uploaded from the UI)
@@ -205,9 +209,9 @@ DEFAULT_CONFIG = PatchCoreConfig()
 #: * Eq. 7 re-weighting vs max: within +-0.006 everywhere (kept: the paper's score).
 #: * coreset selection in a 32-d random projection: gravel flips .888 -> .803 (exact greedy kept).
 PRODUCT_CONFIGS: dict[str, PatchCoreConfig] = {
-    "brick": PatchCoreConfig(sigma=8.0),
-    "gravel": PatchCoreConfig(augment="flips", sigma=8.0),
-    "grass": PatchCoreConfig(augment="flips", sigma=8.0),
+    "brick": PatchCoreConfig(sigma=8.0, tta="hflip"),
+    "gravel": PatchCoreConfig(augment="flips", sigma=8.0, tta="dihedral"),
+    "grass": PatchCoreConfig(augment="flips", sigma=8.0, tta="flips"),
 }
 
 
@@ -714,24 +718,26 @@ class PatchCoreStore:
         augment: bank augmentation (``AUGMENTATIONS`` key).
         sigma: anomaly-map blur sigma (pixels at ``image_size``).
         reweight: paper Eq. 7 image score (True) or max patch distance (False).
+        tta: test-time views averaged at inference (``AUGMENTATIONS`` key).
     """
 
     def __init__(self, settings: Settings | None = None, *, blocks: Sequence[int] | None = None,
                  coreset_ratio: float | None = None, image_size: int | None = None,
                  pool_size: int | None = None, augment: str | None = None, sigma: float | None = None,
-                 reweight: bool | None = None):
+                 reweight: bool | None = None, tta: str | None = None):
         self.settings = settings or get_settings()
         self.banks_dir = Path(self.settings.banks_dir)
         over = {"blocks": tuple(blocks) if blocks else None, "coreset_ratio": coreset_ratio,
                 "image_size": image_size, "pool_size": pool_size, "augment": augment, "sigma": sigma,
-                "reweight": reweight}
+                "reweight": reweight, "tta": tta}
         if not over["image_size"] and self.settings.patchcore_image_size:
             over["image_size"] = int(self.settings.patchcore_image_size)
         if over["coreset_ratio"] is None and self.settings.patchcore_coreset_ratio:
             over["coreset_ratio"] = float(self.settings.patchcore_coreset_ratio)
         self._overrides = {k: v for k, v in over.items() if v is not None}
-        if "augment" in self._overrides and self._overrides["augment"] not in AUGMENTATIONS:
-            raise ValueError(f"unknown augmentation {augment!r}; choose from {sorted(AUGMENTATIONS)}")
+        for key in ("augment", "tta"):
+            if key in self._overrides and self._overrides[key] not in AUGMENTATIONS:
+                raise ValueError(f"unknown {key} views {self._overrides[key]!r}; choose from {sorted(AUGMENTATIONS)}")
         self._banks: dict[str, _Bank] = {}
         self._lock = threading.Lock()
         self.recover()
@@ -808,14 +814,61 @@ class PatchCoreStore:
     def _predict(self, bank: _Bank, images: Sequence[np.ndarray]):
         """Scores (B,), anomaly maps (B, S, S) at model resolution and descriptors (B, C)."""
         size = int(bank.meta["image_size"])
+        tta = bank.meta.get("tta", "none")
         scores, maps, descs = [], [], []
         with bank.lock:
             for i in range(0, len(images), BATCH_SIZE):
-                out, desc = self._forward(bank.model, images[i:i + BATCH_SIZE], bank.spec, size)
-                scores.append(out.pred_score.reshape(-1))
-                maps.append(out.anomaly_map[:, 0])
+                if tta != "none":
+                    score, amap, desc = self._forward_views(bank.model, images[i:i + BATCH_SIZE], bank.spec,
+                                                            size, AUGMENTATIONS[tta])
+                    scores.append(score)
+                    maps.append(amap)
+                else:
+                    out, desc = self._forward(bank.model, images[i:i + BATCH_SIZE], bank.spec, size)
+                    scores.append(out.pred_score.reshape(-1))
+                    maps.append(out.anomaly_map[:, 0])
                 descs.append(desc)
         return torch.cat(scores), torch.cat(maps), torch.cat(descs)
+
+    @staticmethod
+    def _forward_views(model, images: Sequence[np.ndarray], spec: BackboneSpec, size: int,
+                       views: Sequence[tuple[bool, int]]):
+        """Test-time symmetry views: score every view, turn the patch maps back, average.
+
+        The ``V`` views of the ``B`` preprocessed images (square ``size``) go through
+        anomalib's feature extractor, pooling and embedding as one batch; faiss gives
+        each patch its nearest memory-bank distance; each view's ``(h, w)`` map is
+        mapped back to the image's orientation and the ``V`` maps are averaged.
+        Image score: the maximum of the averaged map (Eq. 7 needs one nearest bank
+        patch per location, which an average of views does not have). The anomaly
+        map is anomalib's generator (blur, resize) applied to the averaged map.
+
+        Returns:
+            ``(scores (B,) float32, anomaly maps (B, size, size) float32, descriptors (B, C))``;
+            descriptors are the global-pooled features of the identity view.
+        """
+        x = preprocess(images, size, spec.mean, spec.std)
+        b = x.shape[0]
+        stacked = []
+        for transpose, k in views:
+            v = x.transpose(2, 3) if transpose else x
+            stacked.append(torch.rot90(v, k, dims=(2, 3)))
+        with torch.inference_mode():
+            feats = model.feature_extractor(torch.cat(stacked))
+            desc = torch.cat([f[:b].mean(dim=(2, 3)) for f in feats.values()], dim=1)
+            feats = {layer: model.feature_pooler(f) for layer, f in feats.items()}
+            emb = model.generate_embedding(feats)
+            _, _, h, w = emb.shape
+            dist, _ = model.nearest_neighbors(model.reshape_embedding(emb), n_neighbors=1)
+            pmaps = dist.reshape(len(views), b, h, w)
+            back = []
+            for j, (transpose, k) in enumerate(views):  # inverse of rot90(transpose?(img), k)
+                m = torch.rot90(pmaps[j], -k, dims=(1, 2))
+                back.append(m.transpose(1, 2) if transpose else m)
+            mean = torch.stack(back).mean(dim=0)  # (B, h, w)
+            scores = mean.reshape(b, -1).amax(dim=1)
+            amap = model.anomaly_map_generator(mean[:, None], (size, size))[:, 0]
+        return scores.float(), amap.float(), desc
 
     # ---- fitting
     def fit(self, product: str, train_images: list[np.ndarray], val_normal: list[np.ndarray],
@@ -898,7 +951,8 @@ class PatchCoreStore:
         del embedding
         coreset_s = time.perf_counter() - t_core
         model.eval()
-        bank = _Bank(model=model, spec=spec, meta={"image_size": cfg.image_size, "pool_size": cfg.pool_size},
+        bank = _Bank(model=model, spec=spec, meta={"image_size": cfg.image_size, "pool_size": cfg.pool_size,
+                                                   "tta": cfg.tta},
                      descriptors=torch.cat(descs), train_paths=list(train_paths or [None] * n))
 
         report(0.8, "calibrating thresholds on the validation split")
@@ -940,7 +994,11 @@ class PatchCoreStore:
             "augment_views": n_views,
             "sigma": cfg.sigma,
             "reweight": cfg.reweight,
-            "image_score_rule": "paper Eq. 7 re-weighted max patch distance (9 neighbours)" if cfg.reweight
+            "tta": cfg.tta,
+            "tta_views": len(AUGMENTATIONS[cfg.tta]),
+            "image_score_rule": (f"max of the patch distances averaged over {len(AUGMENTATIONS[cfg.tta])} "
+                                 f"test-time views ({cfg.tta})") if cfg.tta != "none"
+                                else "paper Eq. 7 re-weighted max patch distance (9 neighbours)" if cfg.reweight
                                 else "max patch distance",
             "bank_dtype": self.settings.patchcore_bank_dtype,
             "coreset_rule": f"k-center greedy, seed {SEED}, random projection to {CORESET_PROJ_DIM} dims"
@@ -1116,7 +1174,9 @@ class PatchCoreStore:
     @staticmethod
     def _label(spec: BackboneSpec, cfg: PatchCoreConfig) -> str:
         aug = "" if cfg.augment == "none" else f"/aug-{cfg.augment}"
-        return f"patchcore/{spec.label}@{cfg.image_size}px/pool{cfg.pool_size}/coreset{cfg.coreset_ratio:g}{aug}"
+        tta = "" if cfg.tta == "none" else f"/tta-{cfg.tta}"
+        return (f"patchcore/{spec.label}@{cfg.image_size}px/pool{cfg.pool_size}/coreset{cfg.coreset_ratio:g}"
+                f"{aug}{tta}")
 
     def _new_model(self, spec: BackboneSpec, cfg: PatchCoreConfig):
         """:func:`build_model` with the settings' search backend and bank dtype; Eq. 7 on/off."""
@@ -1182,7 +1242,7 @@ class PatchCoreStore:
                                   image_size=int(meta["image_size"]), pool_size=int(meta.get("pool_size", 3)),
                                   coreset_ratio=float(meta["coreset_ratio"]), augment=meta.get("augment", "none"),
                                   sigma=float(meta.get("sigma", DEFAULT_SIGMA)),
-                                  reweight=bool(meta.get("reweight", True)))
+                                  reweight=bool(meta.get("reweight", True)), tta=meta.get("tta", "none"))
             model = self._new_model(spec, cfg)
             model.memory_bank = torch.from_numpy(np.load(folder / BANK_NAME).astype(np.float32))
             descriptors = torch.from_numpy(np.load(folder / DESCRIPTORS_NAME))

@@ -103,7 +103,8 @@ def fitted(tmp_path_factory):
         paths.append(str(p))
     events = []
     # the default configuration (not the tuned per-product one): blocks 4+7 at 256 px, no augmentation
-    store = PatchCoreStore(settings, coreset_ratio=0.01, blocks=(4, 7), image_size=256, pool_size=3, augment="none")
+    store = PatchCoreStore(settings, coreset_ratio=0.01, blocks=(4, 7), image_size=256, pool_size=3, augment="none",
+                           tta="none")
     info = store.fit("brick", train, val_normal, val_defect, train_paths=paths,
                      progress=lambda f, m: events.append((f, m)))
     return {"settings": settings, "store": store, "info": info, "paths": paths, "events": events}
@@ -419,6 +420,47 @@ def test_sigma_and_reweight_options():
     ps, _ = m.nearest_neighbors(m.reshape_embedding(m.generate_embedding(
         {k: m.feature_pooler(v) for k, v in m.feature_extractor(x).items()})), 1)
     assert torch.allclose(out.pred_score, ps.reshape(2, -1).amax(1))
+
+
+def test_test_time_views_one_view_is_the_plain_path():
+    """_forward_views with the identity view alone = anomalib's forward (map) and the max patch distance."""
+    spec = backbone_spec("efficientnet-lite0", (4, 7))
+    m = build_model(spec, sigma=4.0)
+    m.memory_bank = torch.randn(300, 120, generator=torch.Generator().manual_seed(3))
+    imgs = _crops(2, seed=91, size=64)
+    score, amap, desc = PatchCoreStore._forward_views(m, imgs, spec, 64, ((False, 0),))
+    from stores.patchcore import preprocess
+
+    with torch.inference_mode():
+        out = m(preprocess(imgs, 64, spec.mean, spec.std))
+    assert amap.shape == (2, 64, 64) and desc.shape == (2, 40 + 80)
+    assert torch.allclose(amap, out.anomaly_map[:, 0], atol=1e-5)
+    assert torch.allclose(score, amap.new_tensor([float(out.anomaly_map[i].max()) for i in range(2)]), rtol=0.2)
+    patch_max = m.nearest_neighbors(m.reshape_embedding(m.generate_embedding(
+        {k: m.feature_pooler(v) for k, v in m.feature_extractor(preprocess(imgs, 64, spec.mean, spec.std)).items()})),
+        1)[0].reshape(2, -1).amax(1)
+    assert torch.allclose(score, patch_max, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["flips", "dihedral"])
+def test_test_time_views_are_equivariant(tmp_path, mode):
+    """With test-time views of a symmetry group, a mirrored / turned image gets the same score and
+    the mirrored / turned anomaly map (the views are mapped back before they are averaged)."""
+    store = PatchCoreStore(Settings(state_dir=tmp_path), coreset_ratio=0.05, image_size=64, augment="none",
+                           tta=mode)
+    store.fit("brick", _crops(3, seed=93, size=64), _crops(2, seed=94, size=64))
+    meta = store.meta("brick")
+    assert meta["tta"] == mode and meta["tta_views"] == {"flips": 4, "dihedral": 8}[mode]
+    assert meta["model"].endswith(f"/tta-{mode}") and "test-time views" in meta["image_score_rule"]
+    img = _hole(_crops(1, seed=95, size=64)[0], (20, 40), radius=5)[0]
+    base = store.inspect(img, "brick")
+    for view in augment_views(img, mode)[1:]:
+        r = store.inspect(view, "brick")
+        assert r.score == pytest.approx(base.score, rel=1e-4)
+    mirrored = store.inspect(np.ascontiguousarray(img[:, ::-1]), "brick")
+    assert np.allclose(mirrored.anomaly_map, base.anomaly_map[:, ::-1], atol=1e-3 * base.anomaly_map.max())
+    with pytest.raises(ValueError):
+        PatchCoreStore(Settings(state_dir=tmp_path), tta="sideways")
 
 
 def test_augment_views():
