@@ -21,6 +21,8 @@ Usage::
         --pools 3 5 --ratios 0.01 --samplers coreset random
     .venv/bin/python bench/bench_patchcore_tuning.py sweep --products gravel --augment none flips \
         --sigmas 2 4 8 --reweight 1 0          # bank augmentation, map blur, Eq. 7 vs max
+    .venv/bin/python bench/bench_patchcore_tuning.py tta --products grass --augment flips --tta none flips dihedral \
+        --sigmas 8 --ratios 0.01      # test-time symmetry views (the store's own averaging path)
     .venv/bin/python bench/bench_patchcore_tuning.py latency      # store.inspect, 1 image, 2 threads
     .venv/bin/python bench/bench_patchcore_tuning.py fit          # store.fit_from_manifest timings (tmp state)
 
@@ -209,6 +211,48 @@ def cmd_sweep(args) -> None:
                                   "extract_s": round(ext_s, 1), **r}), flush=True)
 
 
+def cmd_tta(args) -> None:
+    """Test-time symmetry views: one coreset bank per (product, augment), every ``--tta`` mode scored
+    through the store's own ``PatchCoreStore._forward_views`` (map blur at each ``--sigmas``)."""
+    from sklearn.metrics import roc_auc_score
+
+    from stores.patchcore import PatchCoreStore
+
+    torch.set_num_threads(args.threads)
+    blocks = tuple(int(b) for b in args.blocks[0].split(","))
+    spec = backbone_spec("efficientnet-lite0", blocks)
+    for product, aug in [(p, a) for p in args.products for a in args.augment]:
+        cache = extract_augmented(256, blocks, product, aug)
+        train = embed(cache["train"], cache["layers"], 3)
+        d = train.shape[1]
+        train = train.permute(0, 2, 3, 1).reshape(-1, d).contiguous()
+        n_keep = max(1, int(train.shape[0] * args.ratios[0]))
+        bank = train[torch.as_tensor(greedy_coreset_indices(train, n_keep, seed=0))].contiguous()
+        data_dir, _, val = _items(product)
+        imgs = [load_rgb(data_dir / it["image"]) for it in val]
+        labels, types = cache["labels"].numpy(), cache["types"]
+        masks = cache["masks"].numpy().reshape(-1)
+        for sigma in args.sigmas:
+            model = build_model(spec, 3, sigma=sigma)
+            model.memory_bank = bank
+            for mode in args.tta:
+                scores, maps = [], []
+                for i in range(0, len(imgs), 8):
+                    sc, am, _ = PatchCoreStore._forward_views(model, imgs[i:i + 8], spec, 256, AUGMENTATIONS[mode])
+                    scores.append(sc)
+                    maps.append(am)
+                s = torch.cat(scores).numpy()
+                per_type = {}
+                for t in sorted({t for t in types if t}):
+                    sel = np.array([(tt == t) or (tt is None) for tt in types])
+                    per_type[t] = round(float(roc_auc_score(labels[sel], s[sel])), 3)
+                print(json.dumps({"product": product, "augment": aug, "tta": mode, "views": len(AUGMENTATIONS[mode]),
+                                  "sigma": sigma, "bank": n_keep,
+                                  "image_auroc": round(float(roc_auc_score(labels, s)), 4),
+                                  "pixel_auroc": round(float(roc_auc_score(masks, torch.cat(maps).numpy().reshape(-1))), 4),
+                                  "per_type": per_type}), flush=True)
+
+
 def cmd_latency(args) -> None:
     """Single-image PatchCoreStore.inspect wall time (median of N, after warm-up), torch threads 2."""
     from stores.patchcore import PatchCoreStore
@@ -251,7 +295,7 @@ def cmd_fit(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("command", choices=["sweep", "latency", "fit"])
+    ap.add_argument("command", choices=["sweep", "tta", "latency", "fit"])
     ap.add_argument("--products", nargs="+", default=list(PRODUCTS))
     ap.add_argument("--sizes", nargs="+", type=int, default=[256])
     ap.add_argument("--blocks", nargs="+", default=["4,7"])
@@ -264,9 +308,11 @@ def main() -> None:
     ap.add_argument("--augment", nargs="+", default=["none"], choices=sorted(AUGMENTATIONS),
                     help="symmetry views of the train normals added to the bank")
     ap.add_argument("--proj", type=int, default=None, help="coreset selection in a random projection to this many dims")
+    ap.add_argument("--tta", nargs="+", default=["none"], choices=sorted(AUGMENTATIONS),
+                    help="(tta command) test-time views averaged at inference")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    {"sweep": cmd_sweep, "latency": cmd_latency, "fit": cmd_fit}[args.command](args)
+    {"sweep": cmd_sweep, "tta": cmd_tta, "latency": cmd_latency, "fit": cmd_fit}[args.command](args)
 
 
 if __name__ == "__main__":
