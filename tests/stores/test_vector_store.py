@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faiss
 import numpy as np
 import pytest
 
@@ -109,3 +110,84 @@ def test_faiss_switches_exact_to_hnsw_and_compacts(tmp_path):
     store.persist()
     with pytest.raises(ValueError):
         FaissVectorStore({"image": 8}, tmp_path / "s.npz")  # other fields than the persisted ones
+
+
+def _clustered(rng, n, d, centres):
+    x = centres[rng.integers(0, len(centres), n)] + rng.standard_normal((n, d)).astype(np.float32) * (0.6 / np.sqrt(d))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_faiss_hnsw_sq8_recall_filters_rebuild_and_persistence(tmp_path):
+    """hnsw_storage="sq8": SQ8 graph + exact re-ranking; same answers as exact search on clustered data."""
+    rng = np.random.default_rng(11)
+    d, n = 96, 3000
+    centres = _unit(rng, 16, d)
+    vecs = _clustered(rng, n, d, centres)
+    ids = np.arange(5000, 5000 + n, dtype=np.int64)
+    payloads = [{"product": PRODUCTS[i % 3], "defect_type": None} for i in range(n)]
+    with pytest.raises(ValueError):
+        FaissVectorStore({"image": d}, None, hnsw_storage="pq")
+    with pytest.raises(ValueError):
+        FaissVectorStore({"image": d}, None, hnsw_storage="sq8", refine_factor=0.5)
+    path = tmp_path / "sq8.npz"
+    store = FaissVectorStore({"image": d}, path, hnsw_threshold=1000, hnsw_storage="sq8", refine_factor=2)
+    store.add(ids[:1500], {"image": vecs[:1500]}, payloads[:1500])  # switches to HNSW, SQ trained on these
+    store.add(ids[1500:], {"image": vecs[1500:]}, payloads[1500:])  # later rows go through the trained SQ
+    assert store.kind == "hnsw"
+    inner = faiss.downcast_index(store.indexes["image"].index)
+    assert isinstance(inner, faiss.IndexRefine)
+    assert isinstance(faiss.downcast_index(inner.base_index), faiss.IndexHNSWSQ)
+    queries = _clustered(rng, 50, d, centres)
+    truth = np.argsort(-(vecs @ queries.T), axis=0)[:10].T + 5000
+
+    def recall(s, where=None, keep=None):
+        got = s.search("image", queries, 10, where)
+        want = truth if keep is None else [
+            [int(ids[keep][j]) for j in np.argsort(-(vecs[keep] @ q))[:10]] for q in queries]
+        return np.mean([len({i for i, _ in g} & set(w)) / 10 for g, w in zip(got, want)]), got
+
+    r, got = recall(store)
+    assert r >= 0.95
+    # scores are exact inner products (re-ranked against the float vectors), best first
+    for g, q in zip(got[:5], queries[:5]):
+        np.testing.assert_allclose([s for _, s in g], [float(vecs[i - 5000] @ q) for i, _ in g], atol=1e-5)
+        assert [s for _, s in g] == sorted((s for _, s in g), reverse=True)
+    # the re-rank factor is what buys the recall: 1 = plain SQ8 order
+    store.refine_factor = 1.0
+    r1, _ = recall(store)
+    store.refine_factor = 2.0
+    assert r >= r1
+    # filters go through the id map into the graph
+    keep = np.array([p["product"] == "gravel" for p in payloads])
+    rf, got = recall(store, {"product": "gravel"}, keep)
+    assert rf >= 0.95 and all(payloads[i - 5000]["product"] == "gravel" for g in got for i, _ in g)
+    # stored vectors stay exact (the float copy), not SQ8 reconstructions
+    np.testing.assert_array_equal(store.get_vectors("image", [5003, 7999]), vecs[[3, 2999]])
+    # persistence keeps the storage choice; a reloaded store answers the same
+    store.persist()
+    again = FaissVectorStore({"image": d}, path, hnsw_threshold=1000)  # storage from the file, not the args
+    assert again.hnsw_storage == "sq8" and again.refine_factor == 2.0 and again.kind == "hnsw"
+    assert [[i for i, _ in g] for g in again.search("image", queries, 10)] == \
+        [[i for i, _ in g] for g in store.search("image", queries, 10)]
+    # tombstones (excluded by the translated selector), then compaction (> 25 % dead) rebuilds an sq8 graph
+    top = [i for i, _ in again.search("image", queries[:1], 10)[0]]
+    again.remove(top[:3])
+    assert again.tombstones == set(top[:3])
+    assert not set(top[:3]) & {i for i, _ in again.search("image", queries[:1], 10)[0]}
+    dead = ids[:1000].tolist()
+    again.remove(dead)
+    gone = len(set(dead) | set(top[:3]))
+    assert again.kind == "hnsw" and not again.tombstones and again.indexes["image"].ntotal == n - gone
+    assert isinstance(faiss.downcast_index(faiss.downcast_index(again.indexes["image"].index).base_index),
+                      faiss.IndexHNSWSQ)
+    live = np.ones(n, bool)
+    live[:1000] = False
+    live[[i - 5000 for i in top[:3]]] = False
+    r_live, got = recall(again, None, live)
+    assert r_live >= 0.95 and all(i >= 6000 for g in got for i, _ in g)
+    np.testing.assert_array_equal(again.get_vectors("image", [6000]), vecs[[1000]])
+    # an old file without the field loads as the default flat storage
+    flat = FaissVectorStore({"image": d}, tmp_path / "flat.npz", hnsw_threshold=1000)
+    flat.add(ids, {"image": vecs}, payloads)
+    flat.persist()
+    assert FaissVectorStore({"image": d}, tmp_path / "flat.npz").hnsw_storage == "flat"
