@@ -49,6 +49,10 @@ shift || true
 case "$cmd" in
   setup) setup_python; setup_models_and_data ;;
   app)   setup_python; setup_models_and_data; exec "$VENV/bin/python" app.py "$@" ;;
-  test)  setup_python; setup_chromium; setup_models_and_data; exec "$VENV/bin/python" -m pytest "$@" ;;
+  # the tests start from a copy of the state just built (build_state() still fills in anything missing),
+  # instead of building every store a second time (DRA_TEST_SEED_STATE= builds a fresh one)
+  test)  setup_python; setup_chromium; setup_models_and_data
+         export DRA_TEST_SEED_STATE="${DRA_TEST_SEED_STATE-$PWD/state}"  # set it empty to build from scratch
+         exec "$VENV/bin/python" -m pytest "$@" ;;
   *) echo "usage: $0 {app|test|setup} [args]" >&2; exit 2 ;;
 esac

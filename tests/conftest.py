@@ -37,8 +37,9 @@ def built_state(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("state")
     seed = os.environ.get("DRA_TEST_SEED_STATE")
     if seed:
-        # developer shortcut (CI never sets it): start from a copy of an already built
-        # state directory instead of building one; build_state() still fills in anything missing
+        # start from a copy of an already built state directory instead of building one
+        # (run.sh test points it at the state its set-up step just built from scratch);
+        # build_state() still fills in anything missing
         shutil.copytree(seed, root, dirs_exist_ok=True, ignore=shutil.ignore_patterns("models", "runs", "uploads"))
     _use_state(root)
     from stores.pipeline import build_state
