@@ -844,12 +844,15 @@ class PatchCoreStore:
         """Test-time symmetry views: score every view, turn the patch maps back, average.
 
         The ``V`` views of the ``B`` preprocessed images (square ``size``) go through
-        anomalib's feature extractor, pooling and embedding as one batch; faiss gives
+        anomalib's feature extractor (``BATCH_SIZE`` images per call), pooling and
+        embedding; faiss gives
         each patch its nearest memory-bank distance; each view's ``(h, w)`` map is
         mapped back to the image's orientation and the ``V`` maps are averaged.
         Image score: the maximum of the averaged map (Eq. 7 needs one nearest bank
         patch per location, which an average of views does not have). The anomaly
-        map is anomalib's generator (blur, resize) applied to the averaged map.
+        map is anomalib's generator (blur, resize) applied to the averaged map. When
+        the views form a group (``hflip``, ``flips``, ``dihedral``), a turned or mirrored
+        image gets the same score and the turned map.
 
         Returns:
             ``(scores (B,) float32, anomaly maps (B, size, size) float32, descriptors (B, C))``;
