@@ -67,6 +67,19 @@ def _items(product: str):
     return data_dir, train, val
 
 
+def _features(model, spec, data_dir: Path, items: list[dict], size: int, view: int = 0,
+              mode: str = "none") -> dict[str, torch.Tensor]:
+    """Backbone block outputs (float16) of ``items`` in symmetry view ``view`` of ``mode``, by layer."""
+    out = {layer: [] for layer in spec.layers}
+    for i in range(0, len(items), 8):
+        imgs = [augment_views(load_rgb(data_dir / it["image"]), mode)[view] for it in items[i:i + 8]]
+        with torch.inference_mode():
+            f = model.feature_extractor(preprocess(imgs, size, spec.mean, spec.std))
+        for layer in spec.layers:
+            out[layer].append(f[layer].half())
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
 def extract(size: int, blocks: tuple[int, ...], product: str) -> dict:
     """Backbone block outputs (float16) for train and val images, cached on disk."""
     key = CACHE / f"{product}_{size}_{'-'.join(map(str, blocks))}.pt"
@@ -76,23 +89,14 @@ def extract(size: int, blocks: tuple[int, ...], product: str) -> dict:
     spec = backbone_spec("efficientnet-lite0", blocks)
     model = build_model(spec)
 
-    def feats(items, view: int = 0, mode: str = "none"):
-        out = {layer: [] for layer in spec.layers}
-        for i in range(0, len(items), 8):
-            imgs = [augment_views(load_rgb(data_dir / it["image"]), mode)[view] for it in items[i:i + 8]]
-            with torch.inference_mode():
-                f = model.feature_extractor(preprocess(imgs, size, spec.mean, spec.std))
-            for layer in spec.layers:
-                out[layer].append(f[layer].half())
-        return {k: torch.cat(v) for k, v in out.items()}
-
     masks = []
     for it in val:
         if it.get("mask"):
             masks.append(np.asarray(load_rgb(data_dir / it["mask"]))[..., 0] > 0)
         else:
             masks.append(np.zeros((256, 256), dtype=bool))
-    res = {"train": feats(train), "val": feats(val), "labels": torch.tensor([it["label"] == "defect" for it in val]),
+    res = {"train": _features(model, spec, data_dir, train, size),
+           "val": _features(model, spec, data_dir, val, size), "labels": torch.tensor([it["label"] == "defect" for it in val]),
            "masks": torch.from_numpy(np.stack(masks)), "layers": list(spec.layers),
            "types": [it.get("defect_type") for it in val]}
     CACHE.mkdir(parents=True, exist_ok=True)
@@ -112,15 +116,9 @@ def extract_augmented(size: int, blocks: tuple[int, ...], product: str, mode: st
         data_dir, train, _ = _items(product)
         spec = backbone_spec("efficientnet-lite0", blocks)
         model = build_model(spec)
-        extra = {layer: [] for layer in spec.layers}
-        for view in range(1, len(AUGMENTATIONS[mode])):
-            for i in range(0, len(train), 8):
-                imgs = [augment_views(load_rgb(data_dir / it["image"]), mode)[view] for it in train[i:i + 8]]
-                with torch.inference_mode():
-                    f = model.feature_extractor(preprocess(imgs, size, spec.mean, spec.std))
-                for layer in spec.layers:
-                    extra[layer].append(f[layer].half())
-        extra = {k: torch.cat(v) for k, v in extra.items()}
+        views = [_features(model, spec, data_dir, train, size, view, mode)
+                 for view in range(1, len(AUGMENTATIONS[mode]))]
+        extra = {layer: torch.cat([v[layer] for v in views]) for layer in spec.layers}
         torch.save(extra, key)
     out = dict(cache)
     out["train"] = {k: torch.cat([cache["train"][k], extra[k]]) for k in cache["train"]}
