@@ -216,6 +216,18 @@ DEFAULT_CONFIG = PatchCoreConfig()
 #:   grass flips-bank flips views .884/.938 -> .923/.960 (dihedral views .831: grass is not
 #:   rotation-symmetric); gravel flips-bank dihedral views .887/.941 -> .930/.965 (flips views
 #:   .888, 4 rotations .903; the gravel data holds 90-degree turns). Cost: one forward per view.
+#: symmetry of a product's photos -> (bank views ``augment``, test-time views ``tta``), for products
+#: fitted from the UI / API. The views must be real symmetries of the product (dihedral views cost
+#: grass 0.09 image AUROC); the pairs are the tuned ones: ``mirror`` = brick (mirror views at test
+#: time only; the mirrored bank gave no gain), ``flips`` = grass, ``turns`` = gravel (a dihedral
+#: bank was not better than the flips bank and took 2x the fit time).
+SYMMETRIES: dict[str, tuple[str, str]] = {
+    "none": ("none", "none"),      # orientation matters (text, arrows, a part with a fixed pose)
+    "mirror": ("none", "hflip"),   # looks the same mirrored left-right
+    "flips": ("flips", "flips"),   # mirrored left-right and up-down (and turned 180 degrees)
+    "turns": ("flips", "dihedral"),  # any 90-degree turn and mirror (isotropic textures)
+}
+
 PRODUCT_CONFIGS: dict[str, PatchCoreConfig] = {
     "brick": PatchCoreConfig(sigma=8.0, tta="hflip"),
     "gravel": PatchCoreConfig(augment="flips", sigma=8.0, tta="dihedral"),
@@ -782,9 +794,22 @@ class PatchCoreStore:
                 shutil.rmtree(d, ignore_errors=True)
         return restored
 
-    def config_for(self, product: str) -> PatchCoreConfig:
-        """The :class:`PatchCoreConfig` a fit of ``product`` uses (overrides applied)."""
+    def config_for(self, product: str, symmetry: str | None = None) -> PatchCoreConfig:
+        """The :class:`PatchCoreConfig` a fit of ``product`` uses (overrides applied).
+
+        Args:
+            symmetry: a :data:`SYMMETRIES` key; when given it sets the bank and
+                test-time views (``augment``, ``tta``) of the product's entry.
+
+        Raises:
+            ValueError: unknown symmetry.
+        """
         base = PRODUCT_CONFIGS.get(product, DEFAULT_CONFIG)
+        if symmetry is not None:
+            if symmetry not in SYMMETRIES:
+                raise ValueError(f"unknown symmetry {symmetry!r}; choose from {', '.join(SYMMETRIES)}")
+            augment, tta = SYMMETRIES[symmetry]
+            base = replace(base, augment=augment, tta=tta)
         return replace(base, **self._overrides)
 
     # ---- catalogue
@@ -886,7 +911,7 @@ class PatchCoreStore:
     # ---- fitting
     def fit(self, product: str, train_images: list[np.ndarray], val_normal: list[np.ndarray],
             val_defect: list[np.ndarray] | None = None, train_paths: list[str] | None = None,
-            progress: Callable[[float, str], None] | None = None) -> dict:
+            progress: Callable[[float, str], None] | None = None, symmetry: str | None = None) -> dict:
         """Build and save the memory bank of ``product``; calibrate its thresholds.
 
         Args:
@@ -897,6 +922,9 @@ class PatchCoreStore:
                 threshold maximises Youden's J (see :func:`calibrate_threshold`).
             train_paths: file path of each training image (for ``nearest_normal``).
             progress: ``progress(fraction 0..1, message)`` callback.
+            symmetry: :data:`SYMMETRIES` key (``none`` / ``mirror`` / ``flips`` /
+                ``turns``) choosing the bank and test-time views; None: the
+                product's configured ones. Stored in meta.json.
 
         Configuration: :meth:`config_for` (blocks, input size, pooling, coreset
         ratio, blur sigma, Eq. 7 on/off, and the symmetry views of each training
@@ -914,7 +942,7 @@ class PatchCoreStore:
 
         Raises:
             ValueError: bad product id, no training images, < 2 val normals,
-                too few patches for the coreset ratio.
+                too few patches for the coreset ratio, unknown symmetry.
         """
         t0 = time.perf_counter()
         if not product or not all(c.isalnum() or c in "-_" for c in product):
@@ -930,7 +958,7 @@ class PatchCoreStore:
         val_normal = [load_rgb(im) for im in val_normal]
         val_defect = [load_rgb(im) for im in (val_defect or [])]
 
-        cfg = self.config_for(product)
+        cfg = self.config_for(product, symmetry)
         spec = backbone_spec(self.settings.patchcore_backbone, cfg.blocks)
         model = self._new_model(spec, cfg)
         model.train()
@@ -1009,6 +1037,7 @@ class PatchCoreStore:
             "reweight": cfg.reweight,
             "tta": cfg.tta,
             "tta_views": len(AUGMENTATIONS[cfg.tta]),
+            "symmetry": symmetry,
             "image_score_rule": (f"max of the patch distances averaged over {len(AUGMENTATIONS[cfg.tta])} "
                                  f"test-time views ({cfg.tta})") if cfg.tta != "none"
                                 else "paper Eq. 7 re-weighted max patch distance (9 neighbours)" if cfg.reweight

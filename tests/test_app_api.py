@@ -346,8 +346,9 @@ def test_fit_product_from_zip_then_inspect_and_infer(client, api_state, tmp_path
             Image.fromarray(_texture(100 + i)).save(buf, format="PNG")
             zf.writestr(f"normals/../tile_{i}.png", buf.getvalue())
         zf.writestr("notes.txt", "not an image")
-    r = client.predict("tile-b", [handle_file(str(archive))], api_name="/fit_product")
+    r = client.predict("tile-b", [handle_file(str(archive))], "flips", api_name="/fit_product")
     assert r["product"] == "tile-b" and r["n_train"] == 8 and r["n_val"] == 2 and r["bank_size"] > 0
+    assert r["symmetry"] == "flips" and r["views"] == 4  # mirrored views in the bank and at inspection
     assert "tile-b" in r["products"] and any("notes.txt" in s for s in r["skipped"])
     assert (api_state / "banks" / "tile-b").is_dir() and len(list((api_state / "products" / "tile-b" / "train")
                                                                .glob("*.png"))) == 8
@@ -365,6 +366,8 @@ def test_fit_product_from_zip_then_inspect_and_infer(client, api_state, tmp_path
         client.predict("tile-c", [handle_file(str(probe))], api_name="/fit_product")
     with pytest.raises(AppError, match="product id"):
         client.predict("../etc", [handle_file(str(archive))], api_name="/fit_product")
+    with pytest.raises(AppError, match="symmetry must be one of none, mirror, flips, turns"):
+        client.predict("tile-c", [handle_file(str(archive))], "sideways", api_name="/fit_product")
     assert not (api_state / "banks" / "tile-c").exists()
 
 

@@ -417,7 +417,8 @@ def gallery_items(product: str | None = None, defect_type: str | None = None, li
 
 
 # ---------------------------------------------------------------------------- products
-def fit_product(name: str, files, progress: Progress = None, val_fraction: float = 0.2) -> dict:
+def fit_product(name: str, files, progress: Progress = None, val_fraction: float = 0.2,
+                symmetry: str | None = "none") -> dict:
     """Add a product from normal images (files and / or zip archives) and fit its PatchCore bank.
 
     The images are stored as PNG under ``<state_dir>/products/<product>/train/`` (so the
@@ -428,18 +429,28 @@ def fit_product(name: str, files, progress: Progress = None, val_fraction: float
     references so that product inference (``Services.infer_product``) can name the
     product. The product then appears in every product list and in the agent's tools.
 
+    ``symmetry`` (:data:`stores.patchcore.SYMMETRIES`: ``none``, ``mirror``, ``flips``,
+    ``turns``; empty = ``none``) says under which mirrors / turns the product looks the
+    same: the bank then also holds those views of the training images and every
+    inspection averages the anomaly maps of those views (more accurate, one backbone
+    pass per view).
+
     Returns:
         ``{"product", "n_train", "n_val", "skipped" [messages], "bank_size",
-        "threshold", "pixel_threshold", "fit_s", "products"}``.
+        "threshold", "pixel_threshold", "fit_s", "symmetry", "views", "products"}``.
 
     Raises:
-        ActionError: bad product id, fewer than 4 usable images, unreadable zip.
+        ActionError: bad product id or symmetry, fewer than 4 usable images, unreadable zip.
     """
     from stores.imageio import save_png
+    from stores.patchcore import SYMMETRIES
 
     pid = str(name or "").strip().lower()
     if not pid or len(pid) > 40 or not all(c.isalnum() or c in "-_" for c in pid) or not pid[0].isalnum():
         raise ActionError("product id: 1-40 letters, digits, '-' or '_', starting with a letter or digit")
+    sym = str(symmetry or "none").strip().lower()
+    if sym not in SYMMETRIES:
+        raise ActionError(f"symmetry must be one of {', '.join(SYMMETRIES)}, got {symmetry!r}")
     report = progress or (lambda _f, _m: None)
     report(0.0, "reading the uploaded images")
     try:
@@ -461,9 +472,9 @@ def fit_product(name: str, files, progress: Progress = None, val_fraction: float
         # the bank records the final paths; the images are published there only after a good fit
         report(0.03, "waiting for running inspections to finish")
         with MODEL_LOCK.exclusive():  # fit and the first load of the new bank build models (torch.fx)
-            out = svc.patchcore.fit(pid, train, val, train_paths=final_paths,
+            out = svc.patchcore.fit(pid, train, val, train_paths=final_paths, symmetry=sym,
                                     progress=lambda f, m: report(0.05 + 0.85 * f, m))
-            svc.patchcore.meta(pid)
+            meta = svc.patchcore.meta(pid)
         if folder.exists():
             old = folder.parent / f".old-{pid}-{uuid.uuid4().hex[:8]}"
             folder.replace(old)
@@ -484,7 +495,8 @@ def fit_product(name: str, files, progress: Progress = None, val_fraction: float
     report(1.0, f"{pid}: fitted")
     return {"product": pid, "n_train": len(train), "n_val": len(val), "skipped": skipped,
             "bank_size": out.get("bank_size"), "threshold": out.get("threshold"),
-            "pixel_threshold": out.get("pixel_threshold"), "fit_s": out.get("fit_s"), "products": products()}
+            "pixel_threshold": out.get("pixel_threshold"), "fit_s": out.get("fit_s"), "symmetry": sym,
+            "views": int(meta.get("tta_views", 1)), "products": products()}
 
 
 # ---------------------------------------------------------------------------- history

@@ -307,20 +307,22 @@ def _product_rows() -> list[list]:
         try:
             m = json.loads((store.banks_dir / p / "meta.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):  # a broken bank must not hide the others
-            out.append([p, "", "", "", "", "unreadable bank"])
+            out.append([p, "", "", "", "", "", "unreadable bank"])
             continue
         auroc = m.get("image_auroc_val")
-        out.append([p, m.get("n_train"), m.get("bank_size"), round(float(m.get("threshold", 0)), 4),
+        views = f"{m.get('tta_views', 1)} ({m.get('tta', 'none')})"
+        out.append([p, m.get("n_train"), m.get("bank_size"), views, round(float(m.get("threshold", 0)), 4),
                     None if auroc is None else round(float(auroc), 3), m.get("fitted_at", "")])
     return out
 
 
 @guarded
-def ui_fit(name, files, progress=gr.Progress()):
-    r = actions.fit_product(name, files, progress=_progress_cb(progress))
+def ui_fit(name, files, symmetry, progress=gr.Progress()):
+    r = actions.fit_product(name, files, progress=_progress_cb(progress), symmetry=symmetry)
     skipped = f" · skipped {len(r['skipped'])} file(s): {'; '.join(r['skipped'][:3])}" if r["skipped"] else ""
     msg = (f"✅ **{r['product']}** fitted on {r['n_train']} images ({r['n_val']} for calibration): bank "
-           f"{r['bank_size']} patches, threshold {r['threshold']:.3f}, {r['fit_s']:.1f} s{skipped}. "
+           f"{r['bank_size']} patches, {r['views']} view(s) per inspection, threshold {r['threshold']:.3f}, "
+           f"{r['fit_s']:.1f} s{skipped}. "
            "It is now available in every product list and to the agent.")
     return msg, _product_rows(), r
 
@@ -335,14 +337,20 @@ def build_products_tab() -> dict:
                 name = gr.Textbox(label="Product id", placeholder="e.g. tile-b", elem_id="product-name")
                 files = gr.File(label="Normal images or zip", file_count="multiple", type="filepath",
                                 file_types=["image", ".zip"], elem_id="product-files")
+                symmetry = gr.Radio(
+                    [("none: orientation matters", "none"), ("left-right mirror", "mirror"),
+                     ("mirrors both ways (and 180° turn)", "flips"), ("any 90° turn or mirror (textures)", "turns")],
+                    value="none", label="The part looks the same when ...", elem_id="product-symmetry",
+                    info="Only real symmetries: the bank also holds those views of the normals and each "
+                         "inspection averages them (more accurate; one backbone pass per view).")
                 fit = gr.Button("Fit PatchCore", variant="primary", elem_id="product-fit")
                 status = gr.Markdown(elem_id="product-status")
             with gr.Column(scale=2):
-                table = gr.Dataframe(headers=["product", "train images", "bank patches", "threshold",
+                table = gr.Dataframe(headers=["product", "train images", "bank patches", "views", "threshold",
                                               "val image AUROC", "fitted at"], interactive=False,
                                      elem_id="product-list")
                 raw = gr.JSON(label="Result", open=False)
-        fit.click(ui_fit, [name, files], [status, table, raw], api_visibility="private", **WRITE)
+        fit.click(ui_fit, [name, files, symmetry], [status, table, raw], api_visibility="private", **WRITE)
     return {"table": table}
 
 
@@ -453,8 +461,8 @@ def register_api() -> None:
         return {"documents": actions.list_manuals()}
 
     @guarded
-    def fit_product(product: str, images: list[str], progress=gr.Progress()):
-        return actions.fit_product(product, images, progress=_progress_cb(progress))
+    def fit_product(product: str, images: list[str], symmetry: str = "none", progress=gr.Progress()):
+        return actions.fit_product(product, images, progress=_progress_cb(progress), symmetry=symmetry)
 
     @guarded
     def history(product: str = "", defect_type: str = "", verdict: str = "", text: str = "", limit: float = 100):
@@ -493,7 +501,7 @@ def register_api() -> None:
     ep(ingest_manual, [f_pdf, t[0]], out, **WRITE)
     ep(delete_manual, [t[0]], out, **WRITE)
     ep(manuals, [], out)
-    ep(fit_product, [t[0], f_images], out, **WRITE)
+    ep(fit_product, [t[0], f_images, t[1]], out, **WRITE)
     ep(history, [t[0], t[1], t[2], t[3], n_limit], out)
     ep(history_run, [t[0]], out)
     ep(export_manual, [t[0], t[1]], out_file)

@@ -463,6 +463,35 @@ def test_test_time_views_are_equivariant(tmp_path, mode):
         PatchCoreStore(Settings(state_dir=tmp_path), tta="sideways")
 
 
+def test_symmetry_choice_sets_bank_and_test_time_views(tmp_path):
+    """A product fitted with a symmetry (UI / API choice) gets those bank and test-time views,
+    recorded in meta.json; a mirrored photo then scores like the photo. Unknown names fail
+    before any work."""
+    from stores.patchcore import SYMMETRIES
+
+    store = PatchCoreStore(Settings(state_dir=tmp_path, patchcore_image_size=64, patchcore_coreset_ratio=0.05))
+    assert set(SYMMETRIES) == {"none", "mirror", "flips", "turns"}
+    for name, (augment, tta) in SYMMETRIES.items():
+        cfg = store.config_for("tile", name)
+        assert (cfg.augment, cfg.tta, cfg.image_size) == (augment, tta, 64)
+    assert store.config_for("tile") == store.config_for("tile", "none")  # untuned product: no views
+    with pytest.raises(ValueError, match="symmetry"):
+        store.config_for("tile", "sideways")
+    with pytest.raises(ValueError, match="symmetry"):
+        store.fit("tile", _crops(3, seed=81, size=64), _crops(2, seed=82, size=64), symmetry="sideways")
+    assert store.products() == []
+
+    store.fit("tile", _crops(3, seed=81, size=64), _crops(2, seed=82, size=64), symmetry="flips")
+    meta = store.meta("tile")
+    assert (meta["symmetry"], meta["augment"], meta["augment_views"], meta["tta"], meta["tta_views"]) == \
+        ("flips", "flips", 4, "flips", 4)
+    assert meta["n_patches"] == 3 * 4 * 8 * 8  # 3 images x 4 views x an 8 x 8 patch grid at 64 px
+    img = _hole(_crops(1, seed=83, size=64)[0], (20, 40), radius=5)[0]
+    base = store.inspect(img, "tile")
+    flipped = store.inspect(np.ascontiguousarray(img[::-1]), "tile")
+    assert flipped.score == pytest.approx(base.score, rel=1e-4)
+
+
 def test_augment_views():
     img = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
     assert [v.shape for v in augment_views(img, "none")] == [(2, 3, 3)]
