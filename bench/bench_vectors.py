@@ -105,13 +105,18 @@ BACKENDS = ("exact", "hnsw", "hnsw-sq8", "milvus")
 HNSW_BACKENDS = ("hnsw", "hnsw-sq8")
 
 
+# HNSW graph of the FAISS backends (--hnsw-m, --ef-construction; default: the store's)
+GRAPH = {"hnsw_m": HNSW_M, "ef_construction": HNSW_EF_CONSTRUCTION}
+
+
 def _make_store(name: str, fields: dict, workdir: Path, n: int, refine_factor: float):
     if name == "exact":
         return FaissVectorStore(fields, None, hnsw_threshold=10**12)
     if name == "hnsw":
-        return FaissVectorStore(fields, None, hnsw_threshold=0)
+        return FaissVectorStore(fields, None, hnsw_threshold=0, **GRAPH)
     if name == "hnsw-sq8":
-        return FaissVectorStore(fields, None, hnsw_threshold=0, hnsw_storage="sq8", refine_factor=refine_factor)
+        return FaissVectorStore(fields, None, hnsw_threshold=0, hnsw_storage="sq8", refine_factor=refine_factor,
+                                **GRAPH)
     if name == "milvus":
         return MilvusVectorStore(fields, str(workdir / f"bench_{n}.db"), collection="bench")
     raise ValueError(name)
@@ -302,6 +307,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--refine", type=float, nargs="*", default=None,
                     help="hnsw-sq8: re-rank factors for the efSearch curve (default: the store's)")
     ap.add_argument("--refine-factor", type=float, default=REFINE_FACTOR, help="hnsw-sq8: the store's re-rank factor")
+    ap.add_argument("--hnsw-m", type=int, default=HNSW_M, help="HNSW graph degree M (default: the store's)")
+    ap.add_argument("--ef-construction", type=int, default=HNSW_EF_CONSTRUCTION,
+                    help="HNSW build beam width (default: the store's)")
     ap.add_argument("--small", action="store_true", help="CI mode: 2,000 x 64-d, 50 queries")
     args = ap.parse_args(argv)
     if args.small:
@@ -309,6 +317,7 @@ def main(argv: list[str] | None = None) -> dict:
     faiss.omp_set_num_threads(args.threads)
     global SEARCH_THREADS
     SEARCH_THREADS = args.search_threads
+    GRAPH.update(hnsw_m=args.hnsw_m, ef_construction=args.ef_construction)
     refine_values = args.refine if args.refine else [args.refine_factor]
     backends = ["exact"] + [b for b in args.backends if b != "exact"]  # the anchor first
     rows: list[dict] = []
@@ -341,7 +350,7 @@ def main(argv: list[str] | None = None) -> dict:
             gc.collect()
     print(f"vector backends: d={args.dim}, {args.queries} queries, k={args.k}, FAISS threads {args.threads} "
           f"(search {args.search_threads or args.threads}), "
-          f"HNSW M={HNSW_M} efConstruction={HNSW_EF_CONSTRUCTION} efSearch={HNSW_EF_SEARCH}, "
+          f"HNSW M={args.hnsw_m} efConstruction={args.ef_construction} efSearch={HNSW_EF_SEARCH}, "
           f"hnsw-sq8 re-rank factor {args.refine_factor:g}; ratios against FAISS exact (IndexFlatIP) on the same data")
     print(f"| backend | n | p50 ms | p95 ms | recall@{args.k} | build s | memory MiB | p50 / exact | build / exact |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -360,7 +369,7 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{p['p50_ms']:.3f} | {p['p95_ms']:.3f} | {p['recall_at_k']:.3f} |")
     summary = {"dim": args.dim, "k": args.k, "queries": args.queries, "threads": args.threads,
                "search_threads": args.search_threads or args.threads,
-               "hnsw": {"M": HNSW_M, "efConstruction": HNSW_EF_CONSTRUCTION, "efSearch": HNSW_EF_SEARCH,
+               "hnsw": {"M": args.hnsw_m, "efConstruction": args.ef_construction, "efSearch": HNSW_EF_SEARCH,
                         "refine_factor": args.refine_factor},
                "rows": rows}
     print(json.dumps(summary))

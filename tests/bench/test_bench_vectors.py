@@ -43,12 +43,14 @@ def test_bench_vectors_streamed_path_and_sq8():
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_vectors.py"), "--sizes", str(n), "--dim", "32",
                           "--queries", "30", "--stream-above", "1000", "--exact-queries", "5",
                           "--backends", "exact", "hnsw", "hnsw-sq8", "milvus", "--milvus-max", "1000",
-                          "--search-threads", "1", "--ef-search", "16", "--refine", "1", "2"],
+                          "--search-threads", "1", "--ef-search", "16", "--refine", "1", "2",
+                          "--hnsw-m", "24", "--ef-construction", "60"],
                          capture_output=True, text=True, cwd=ROOT, timeout=600, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
     rows = {r["backend"]: r for r in res["rows"]}
     assert "skipped" in rows["milvus"] and res["search_threads"] == 1
+    assert (res["hnsw"]["M"], res["hnsw"]["efConstruction"]) == (24, 60) and "M=24 efConstruction=60" in out.stdout
     assert rows["exact"]["streamed"] and rows["exact"]["latency_queries"] == 5 and rows["exact"]["recall_at_k"] == 1.0
     for name in ("hnsw", "hnsw-sq8"):
         r = rows[name]
