@@ -216,6 +216,12 @@ DEFAULT_CONFIG = PatchCoreConfig()
 #:   grass flips-bank flips views .884/.938 -> .923/.960 (dihedral views .831: grass is not
 #:   rotation-symmetric); gravel flips-bank dihedral views .887/.941 -> .930/.965 (flips views
 #:   .888, 4 rotations .903; the gravel data holds 90-degree turns). Cost: one forward per view.
+PRODUCT_CONFIGS: dict[str, PatchCoreConfig] = {
+    "brick": PatchCoreConfig(sigma=8.0, tta="hflip"),
+    "gravel": PatchCoreConfig(augment="flips", sigma=8.0, tta="dihedral"),
+    "grass": PatchCoreConfig(augment="flips", sigma=8.0, tta="flips"),
+}
+
 #: symmetry of a product's photos -> (bank views ``augment``, test-time views ``tta``), for products
 #: fitted from the UI / API. The views must be real symmetries of the product (dihedral views cost
 #: grass 0.09 image AUROC); the pairs are the tuned ones: ``mirror`` = brick (mirror views at test
@@ -226,12 +232,6 @@ SYMMETRIES: dict[str, tuple[str, str]] = {
     "mirror": ("none", "hflip"),   # looks the same mirrored left-right
     "flips": ("flips", "flips"),   # mirrored left-right and up-down (and turned 180 degrees)
     "turns": ("flips", "dihedral"),  # any 90-degree turn and mirror (isotropic textures)
-}
-
-PRODUCT_CONFIGS: dict[str, PatchCoreConfig] = {
-    "brick": PatchCoreConfig(sigma=8.0, tta="hflip"),
-    "gravel": PatchCoreConfig(augment="flips", sigma=8.0, tta="dihedral"),
-    "grass": PatchCoreConfig(augment="flips", sigma=8.0, tta="flips"),
 }
 
 

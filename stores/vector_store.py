@@ -155,10 +155,11 @@ class FaissVectorStore(VectorStore):
             (``IndexRefineFlat``), so scores are exact inner products and
             :meth:`get_vectors` / rebuilds stay lossless. Costs ~1.25x the memory of
             ``"flat"``. Persisted with the store (a loaded store keeps its saved choice).
-            Measured (bench/bench_vectors.py, 1M x 2568 synthetic, 1 search thread): at
-            efSearch 128 recall@10 0.931 in 1.63 ms p50 against 0.932 in 2.27 ms for
-            ``"flat"``; recall 0.959 needs efSearch 192 (1.88 ms). Neither storage reaches
-            1 ms at recall 0.95 there, so ``"flat"`` stays the default.
+            Measured (bench/bench_vectors.py, 1M synthetic, 1 search thread): with the
+            efConstruction-80 graph at d = 2568, efSearch 128 gave recall@10 0.931 in 1.63 ms
+            p50 against 0.932 in 2.27 ms for ``"flat"``; with efConstruction 200 at d = 520,
+            ``"flat"`` reaches 0.971 in 0.87 ms at efSearch 96 (sq8: 0.968 in 0.76 ms), so
+            ``"flat"`` stays the default; at d = 2568 sq8 needs ~1.7 ms for 0.95.
         refine_factor: ``"sq8"`` only: candidates re-ranked per result (>= 1).
 
     A store whose file exists is loaded from it; fields must match.
