@@ -85,6 +85,8 @@ class Settings:
     patchcore_coreset_ratio: float = field(default_factory=lambda: float(_env("DRA_PATCHCORE_CORESET_RATIO", "0")))
     # nearest-neighbour search over the memory bank: faiss | torch (anomalib's chunked distances)
     patchcore_search: str = field(default_factory=lambda: _env("DRA_PATCHCORE_SEARCH", "faiss"))
+    # EfficientNet-Lite0 feature extraction: onnxruntime (exported in memory, faster) | torch (eager, anomalib's)
+    patchcore_runtime: str = field(default_factory=lambda: _env("DRA_PATCHCORE_RUNTIME", "onnxruntime"))
     # memory bank storage / faiss index precision: float32 | float16
     patchcore_bank_dtype: str = field(default_factory=lambda: _env("DRA_PATCHCORE_BANK_DTYPE", "float32"))
     # retrieval

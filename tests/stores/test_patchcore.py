@@ -573,6 +573,36 @@ def test_separable_blur_equals_anomalib_blur():
                           SeparableGaussianBlur)
 
 
+
+def test_onnxruntime_features_equal_eager_lite0():
+    """ONNX Runtime block outputs = eager Lite0 (real weights) at any input size; same PatchCore scores."""
+    from stores.backbones import OnnxBlockFeatures, load_lite0
+
+    onnx_fe = OnnxBlockFeatures((4, 7), pretrained=True)
+    eager = load_lite0(blocks=(4, 7), pretrained=True)
+    gen = torch.Generator().manual_seed(0)
+    for shape in ((2, 3, 64, 64), (1, 3, 96, 80)):
+        x = torch.randn(*shape, generator=gen)
+        got, ref = onnx_fe(x), eager(x)
+        assert sorted(got) == ["_blocks.4", "_blocks.7"]
+        for b in (4, 7):
+            assert got[f"_blocks.{b}"].shape == ref[f"block{b}"].shape
+            assert (got[f"_blocks.{b}"] - ref[f"block{b}"]).abs().max() < 1e-3
+    spec = backbone_spec("efficientnet-lite0", (4, 7))
+    with pytest.raises(ValueError, match="runtime"):
+        build_model(spec, runtime="tensorrt")
+    fast, ref_model = build_model(spec, runtime="onnxruntime"), build_model(spec, runtime="torch")
+    assert isinstance(fast.feature_extractor, OnnxBlockFeatures)
+    assert not isinstance(ref_model.feature_extractor, OnnxBlockFeatures)
+    bank = torch.randn(200, 120, generator=gen).abs()
+    fast.memory_bank, ref_model.memory_bank = bank, bank.clone()
+    x = torch.randn(2, 3, 64, 64, generator=gen)
+    with torch.inference_mode():
+        a, b = fast(x), ref_model(x)
+    assert (a.pred_score - b.pred_score).abs().max() < 1e-3 * b.pred_score.abs().max()
+    assert (a.anomaly_map - b.anomaly_map).abs().max() < 1e-3 * b.anomaly_map.abs().max()
+
+
 _REFIT_SCRIPT = """
 import sys
 import numpy as np
