@@ -179,6 +179,8 @@ class OnnxBlockFeatures(nn.Module):
         opts.intra_op_num_threads = int(threads or torch.get_num_threads())
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # no busy-waiting between runs: torch's OpenMP threads run the rest of the pipeline on the same cores
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
