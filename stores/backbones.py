@@ -35,6 +35,7 @@ LITE0_BLOCKS = {
 }
 
 _LOCK = threading.Lock()
+_ONNX_LOCK = threading.Lock()  # separate: an export loads the eager module under _LOCK
 
 
 def lite0_weights_path() -> str:
@@ -166,7 +167,7 @@ class OnnxBlockFeatures(nn.Module):
 
         self.blocks = tuple(sorted(int(b) for b in blocks))
         self.names = [f"_blocks.{b}" for b in self.blocks]
-        eager = EfficientNetLite0(blocks=self.blocks, pretrained=pretrained, with_head=False)
+        eager = load_lite0(blocks=self.blocks, pretrained=pretrained, with_head=False)  # the shared eager instance
         wrapper = _BlockTuple(eager, self.blocks).eval()
         buf = io.BytesIO()
         dyn = {"x": {0: "batch", 2: "height", 3: "width"}}
@@ -204,5 +205,5 @@ class _BlockTuple(nn.Module):
 @lru_cache(maxsize=4)
 def load_lite0_onnx(blocks: tuple[int, ...], pretrained: bool = True) -> OnnxBlockFeatures:
     """Cached, shared :class:`OnnxBlockFeatures` (export once per process; sessions are thread-safe)."""
-    with _LOCK:
+    with _ONNX_LOCK:
         return OnnxBlockFeatures(blocks, pretrained=pretrained)
