@@ -1,11 +1,11 @@
 """Vector backends at scale, side by side in one process: FAISS exact (the anchor), FAISS HNSW, Milvus.
 
-    python bench/bench_vectors.py [--sizes 10000 100000] [--dim 2568] [--queries 200] [--k 10]
+    python bench/bench_vectors.py [--sizes 10000 100000] [--dim 520] [--queries 200] [--k 10]
                                   [--backends exact hnsw hnsw-sq8 milvus] [--milvus-max 100000] [--threads 2]
                                   [--search-threads 1] [--ef-search 16 32 64] [--refine 1 2]
     python bench/bench_vectors.py --small          # CI mode: 2,000 x 64-d, exact / hnsw / milvus
     python bench/bench_vectors.py --sizes 1000000 --backends exact hnsw hnsw-sq8 --search-threads 1 \
-        --ef-search 16 32 64 --refine 1 2          # 1M x 2568: streamed, one 10.3 GB copy at a time
+        --ef-search 64 96 128                      # 1M x 520: streamed, one 2.1 GB copy at a time
 
 Every backend is the project's own store class (:mod:`stores.vector_store`), so the
 figures include its Python wrapper: ``FaissVectorStore`` with ``IndexFlatIP`` (exact),
@@ -15,7 +15,9 @@ codes + exact re-ranking of ``--refine-factor`` x k candidates), ``MilvusVectorS
 would use HNSW through the same class).
 
 Data: synthetic L2-normalised vectors of the image index's width (``--dim``, default
-2568 = 2 x 1280 EfficientNet-Lite0 global part + 8 defect dims) drawn around 256
+520: the offline profile's 512-d projected EfficientNet-Lite0 global part + 8 defect dims,
+the same width as the hub profile's open_clip ViT-B-32 512 + 8; ``--dim 2568`` is the
+unprojected offline vector, ``DRA_IMAGE_GLOBAL_DIM=0``) drawn around 256
 random cluster centres (real embeddings are clustered; uniform random vectors make
 HNSW look worse than it is); queries are fresh draws from the same mixture, never in
 the store. Per backend and size: query latency p50 / p95 (one query per call, ms),
@@ -52,7 +54,7 @@ import psutil  # noqa: E402
 from stores.vector_store import (HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M, REFINE_FACTOR,  # noqa: E402
                                  FaissVectorStore, MilvusVectorStore)
 
-DEFAULT_DIM = 2 * 1280 + 8
+DEFAULT_DIM = 512 + 8  # stores.settings image_global_dim + image_index.DEFECT_DIM
 
 
 CHUNK = 20_000

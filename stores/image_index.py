@@ -34,12 +34,15 @@ on the "image" vector), and fused: prefetch candidates on one vector, re-rank
 them by ``(1 - w) * image cosine + w * caption cosine`` (``w`` =
 ``DRA_SEARCH_TEXT_WEIGHT``).
 
-Vector of an image (``dim = 2 * 1280 + DEFECT_DIM``), L2-normalised::
+Vector of an image (``dim = 512 + DEFECT_DIM`` = 520 with the offline defaults;
+``2 * 1280 + DEFECT_DIM`` with ``DRA_IMAGE_GLOBAL_DIM=0``), L2-normalised::
 
     [GLOBAL_WEIGHT * g, DEFECT_WEIGHT * d]
 
 * ``g``: :class:`stores.embedders.DefectAwareEmbedder` (global EfficientNet-Lite0
-  feature + residual from the product's normal mean), unit norm: product identity.
+  feature + residual from the product's normal mean, projected from 2560 to
+  ``DRA_IMAGE_GLOBAL_DIM`` = 512 dimensions by a fixed random orthonormal matrix), unit
+  norm: product identity.
 * ``d``: the defect part (:mod:`stores.defect_descriptor`): region statistics and
   anomaly-weighted Lite0 features, located by the PatchCore anomaly map (predicted,
   never a ground-truth mask), mapped by the product's metric (defect-type class
@@ -148,7 +151,7 @@ class ImageIndex:
         self._base = base
         normal_means = self._read_normal_means()
         if callable(getattr(base, "raw", None)) and not isinstance(base, DefectAwareEmbedder):
-            self.embedder = DefectAwareEmbedder(base, normal_means)
+            self.embedder = DefectAwareEmbedder(base, normal_means, out_dim=self.settings.image_global_dim)
         else:
             self.embedder = base
         self._has_raw = callable(getattr(base, "raw", None))
@@ -895,7 +898,7 @@ class ImageIndex:
             return
         with self._lock:
             _atomic_savez(self._normals_path, {k: np.asarray(v, np.float32) for k, v in normal_means.items()})
-            self.embedder = DefectAwareEmbedder(self._base, normal_means, self.embedder.global_weight)
+            self.embedder = self.embedder.with_means(normal_means)
             self._reembed_all(progress)
 
     def fit_projections(self, labelled: dict[str, tuple[np.ndarray, list[str]]], progress: Progress = None) -> dict:
@@ -973,7 +976,7 @@ class ImageIndex:
                 means = self.embedder.compute_normal_means(
                     {p: [load_rgb(data_dir / rel) for rel in rels] for p, rels in normals.items()})
                 _atomic_savez(self._normals_path, {k: np.asarray(v, np.float32) for k, v in means.items()})
-                self.embedder = DefectAwareEmbedder(self._base, means, self.embedder.global_weight)
+                self.embedder = self.embedder.with_means(means)
             rows = []
             labelled: dict[str, tuple[list, list]] = {}
             for n, product in enumerate(products):

@@ -89,6 +89,9 @@ class Settings:
     patchcore_runtime: str = field(default_factory=lambda: _env("DRA_PATCHCORE_RUNTIME", "onnxruntime"))
     # memory bank storage / faiss index precision: float32 | float16
     patchcore_bank_dtype: str = field(default_factory=lambda: _env("DRA_PATCHCORE_BANK_DTYPE", "float32"))
+    # similar-defect search: width of the offline image vector's global part after a fixed
+    # random orthonormal projection (stores.embedders.DefectAwareEmbedder); 0 = none (2 x 1280)
+    image_global_dim: int = field(default_factory=lambda: int(_env("DRA_IMAGE_GLOBAL_DIM", "512")))
     # retrieval
     search_k: int = field(default_factory=lambda: int(_env("DRA_SEARCH_K", "5")))
     # similar-defect search (issue 4): fused score = (1 - w) * image cosine + w * caption cosine

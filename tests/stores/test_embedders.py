@@ -76,3 +76,27 @@ def test_multilingual_embedder_korean_retrieval():
     # cross-lingual: an English question finds the Korean crack passage
     en = embed_queries(emb, ["why do bricks crack during firing"])
     assert int(np.argmax(en[0] @ docs.T)) == 0
+
+
+def test_defect_aware_projection_is_fixed_and_keeps_geometry():
+    """The 2560 -> 512 random orthonormal projection: same matrix in every instance, cosines kept."""
+    base = get_image_embedder()
+    normals = {"brick": [_crop("brick", 0, x) for x in (0, 128, 256)], "grass": [_crop("grass", 0, x) for x in (0, 128, 256)]}
+    means = DefectAwareEmbedder(base).compute_normal_means(normals)
+    full = DefectAwareEmbedder(base, means)
+    proj = DefectAwareEmbedder(base, means, out_dim=512)
+    again = full.with_means(means)
+    assert full.dim == 2 * base.dim and again.dim == full.dim and proj.with_means(means).dim == 512
+    assert proj.name != full.name and "rr512" in proj.name  # a persisted index re-embeds on change
+    ims = [_crop("brick", 150, 0), _crop("brick", 150, 200), _crop("grass", 150, 0), _crop("grass", 150, 200)]
+    raw = base.raw(ims)
+    v_full, v_proj = full.embed_raw(raw), proj.embed_raw(raw)
+    _unit_rows(v_proj, 512, 4)
+    np.testing.assert_array_equal(v_proj, DefectAwareEmbedder(base, means, out_dim=512).embed_raw(raw))
+    assert not np.allclose(v_proj, DefectAwareEmbedder(base, means, out_dim=512, seed=1).embed_raw(raw))
+    # Johnson-Lindenstrauss: cosines move by a few hundredths, the product's neighbours stay
+    c_full, c_proj = v_full @ v_full.T, v_proj @ v_proj.T
+    assert np.abs(c_full - c_proj).max() < 0.15
+    assert c_proj[0, 1] > max(c_proj[0, 2], c_proj[0, 3]) and c_proj[2, 3] > max(c_proj[2, 0], c_proj[2, 1])
+    with pytest.raises(ValueError, match="out_dim"):
+        DefectAwareEmbedder(base, out_dim=4096)

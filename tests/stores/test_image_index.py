@@ -153,7 +153,7 @@ def test_built_index_retrieves_defect_type(built_state):
     settings = get_settings()
     index = ImageIndex(settings)
     assert set(index.projections) == {"brick", "gravel", "grass"}  # metric fitted per product at build
-    assert index.dim == index.embedder.dim + 8
+    assert index.dim == index.embedder.dim + 8 == settings.image_global_dim + 8 == 520  # offline default
     report = index.evaluate()
     assert report["n_queries"] == 120 and report["product_accuracy"] == 1.0
     assert report["recall_at_1"] >= R1_FLOOR, report
