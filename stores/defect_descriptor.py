@@ -60,6 +60,10 @@ region stats 25-30 ms, deep pooling 220-240 ms, tail stats 280 ms (hence off by
 default); a whole query through ``ImageIndex.search`` 1.8 s including PatchCore.
 Index build: + ~10 min on that machine for 150 gallery + 450 synthesized images
 (``SYNTH_PER_TYPE`` in :mod:`stores.image_index`; 15 per type halves it, R@1 -0.05).
+
+The figures above are the history of this module. Current ones (README "Similar-defect
+search"): with the tuned PatchCore banks, gallery descriptors renewed under the current maps
+and 600 synthesized defects per type, Recall@1 0.858, Recall@5 0.908, MRR@10 0.883.
 """
 
 from __future__ import annotations

@@ -83,7 +83,14 @@ INDEX_VERSION = 3
 DEFECT_DIM = 8  # width of the defect part (the metric gives 5 class probabilities; zero-padded)
 GLOBAL_WEIGHT = 0.3
 DEFECT_WEIGHT = 1.0
-SYNTH_PER_TYPE = 90  # measured: 30 -> Recall@1 0.633, 90 -> 0.683 (index build 80 s -> 190 s)
+# Defects per type synthesized (data.synth, on each product's val normals) to train the defect
+# metric; the default is Settings.synth_per_type (DRA_SYNTH_PER_TYPE). Measured Recall@1 (120 val
+# queries): 30 -> 0.633, 90 -> 0.683 on early banks; on the current banks with the gallery's
+# descriptors renewed under the current maps: 90 -> 0.783, 300 -> 0.842, 600 -> 0.858 (with the
+# stale gallery descriptors of earlier builds: 90 -> 0.767, 180 -> 0.800, 300 -> 0.825,
+# 450 -> 0.842, 600 -> 0.850). Cost: describing 3,000 synthesized images per product, about
+# 16 min of index build for the three products on 2 cores (90: ~3 min).
+SYNTH_PER_TYPE = 600
 PREFETCH_MIN = 50  # fused search: candidates prefetched on the first vector (at least; 10 x k otherwise)
 MODES = ("auto", "image", "text", "fused")
 Progress = Callable[[float, str], None] | None
@@ -901,6 +908,24 @@ class ImageIndex:
             self.embedder = self.embedder.with_means(normal_means)
             self._reembed_all(progress)
 
+    def renew_descriptors(self, product: str, progress: Progress = None) -> int:
+        """Recompute the cached defect descriptors of ``product``'s items and re-embed the index.
+
+        Call after the product's PatchCore bank was refitted: descriptors are pooled under
+        its anomaly maps, and queries use the new maps. The product's defect metric stays
+        as fitted (``cli.py build`` refits it with new synthesized defects).
+
+        Returns:
+            the number of items of ``product`` whose descriptors were renewed.
+        """
+        with self._lock:
+            ids = [i for i, it in self.meta["items"].items() if it["product"] == product]
+            for i in ids:
+                self._features.get(i, {}).pop("defect", None)
+            if ids:
+                self._reembed_all(progress)
+            return len(ids)
+
     def fit_projections(self, labelled: dict[str, tuple[np.ndarray, list[str]]], progress: Progress = None) -> dict:
         """Fit the per-product defect metric and re-embed the index with it.
 
@@ -932,7 +957,7 @@ class ImageIndex:
                                          sort_keys=True).encode()).hexdigest()
 
     def build_from_manifest(self, data_dir: Path | None = None, progress: Progress = None,
-                            normals_per_product: int = 40, synth_per_type: int = SYNTH_PER_TYPE) -> dict:
+                            normals_per_product: int = 40, synth_per_type: int | None = None) -> dict:
         """Index the manifest's gallery split, with normal statistics and the defect metric.
 
         Steps: per-product normal mean from train normals; PatchCore anomaly maps of
@@ -947,7 +972,9 @@ class ImageIndex:
             normals_per_product: training normals per product used for the normal mean.
             synth_per_type: defects per type synthesized (``data.synth``) on the product's
                 val normal images to enlarge the metric's training set (never indexed;
-                the val defect queries are other images); 0 = gallery only.
+                the val defect queries are other images); 0 = gallery only; None =
+                ``Settings.synth_per_type`` (``DRA_SYNTH_PER_TYPE``, default
+                :data:`SYNTH_PER_TYPE` = 600).
 
         Returns:
             ``{"items": n_total, "added": n_new, "products": [...], "model": name, "skipped": bool,
@@ -957,6 +984,8 @@ class ImageIndex:
             FileNotFoundError: no manifest.
         """
         data_dir = Path(data_dir or self.settings.data_dir)
+        if synth_per_type is None:
+            synth_per_type = int(self.settings.synth_per_type)
         manifest = _load_manifest(data_dir)
         gallery = [it for it in manifest["items"] if it["split"] == "gallery"]
         normals: dict[str, list[str]] = {}
@@ -994,11 +1023,27 @@ class ImageIndex:
                     clean = [load_rgb(data_dir / it["image"]) for it in manifest["items"]
                              if it["product"] == product and it["split"] == "val" and it["label"] == "good"]
                     ims, types = synthesize_training_defects(clean, product, synth_per_type)
-                    report(0.1 + 0.6 * (n + 0.5) / len(products), f"{product}: {len(ims)} synthesized defects")
-                    for d, t in zip(self.describe(ims, product), types):
-                        if d is not None:
-                            labelled[product][0].append(d)
-                            labelled[product][1].append(t)
+                    step = 50
+                    for start in range(0, len(ims), step):
+                        report(0.1 + 0.6 * (n + 0.2 + 0.8 * start / len(ims)) / len(products),
+                               f"{product}: synthesized defects {start}/{len(ims)} (defect metric)")
+                        for d, t in zip(self.describe(ims[start:start + step], product), types[start:start + step]):
+                            if d is not None:
+                                labelled[product][0].append(d)
+                                labelled[product][1].append(t)
+            # Items indexed by an earlier build keep cached descriptors pooled under the anomaly
+            # maps of the banks of that time; a rebuild follows a bank or configuration change,
+            # so they are renewed: gallery items from the descriptors just computed, other items
+            # of these products (registered ones) recomputed from their stored images by the
+            # re-embedding below. Queries always use the current maps.
+            fresh = {content_hash(r["rgb"])[:16]: r["defect_descriptor"] for r in rows}
+            for item_id, it in self.meta["items"].items():
+                if it["product"] not in products or item_id not in self._features:
+                    continue
+                if fresh.get(item_id) is not None:
+                    self._features[item_id]["defect"] = np.asarray(fresh[item_id], np.float32)
+                else:
+                    self._features[item_id].pop("defect", None)
             report(0.7, "fitting the defect metric")
             fitted = self.fit_projections({p: (np.stack(X), y) for p, (X, y) in labelled.items()})
             before = len(self)

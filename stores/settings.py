@@ -92,6 +92,9 @@ class Settings:
     # similar-defect search: width of the offline image vector's global part after a fixed
     # random orthonormal projection (stores.embedders.DefectAwareEmbedder); 0 = none (2 x 1280)
     image_global_dim: int = field(default_factory=lambda: int(_env("DRA_IMAGE_GLOBAL_DIM", "512")))
+    # similar-defect search: defects per type synthesized on each product's val normals to train
+    # the defect metric at index build (stores.image_index.SYNTH_PER_TYPE; 0 = gallery only)
+    synth_per_type: int = field(default_factory=lambda: int(_env("DRA_SYNTH_PER_TYPE", "600")))
     # retrieval
     search_k: int = field(default_factory=lambda: int(_env("DRA_SEARCH_K", "5")))
     # similar-defect search (issue 4): fused score = (1 - w) * image cosine + w * caption cosine

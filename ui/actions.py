@@ -486,8 +486,12 @@ def fit_product(name: str, files, progress: Progress = None, val_fraction: float
         raise ActionError(str(exc)) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    report(0.92, "adding normal references to the image index")
     index = svc.image_index
+    if any(it["product"] == pid for it in index.items()):  # a refit: descriptors under the new maps
+        report(0.9, "renewing the image index's defect descriptors")
+        with MODEL_LOCK.shared():
+            index.renew_descriptors(pid)
+    report(0.92, "adding normal references to the image index")
     step = max(1, len(train) // NORMAL_REFERENCES)
     with MODEL_LOCK.shared():
         for rgb in train[::step][:NORMAL_REFERENCES]:

@@ -195,6 +195,42 @@ def test_built_index_map_argument_restart_and_add(built_state, writable_state):
     assert again.delete(new_id) and all(h["id"] != new_id for h in again.search(rgb, k=5))
 
 
+
+def test_rebuild_renews_cached_descriptors(built_state, writable_state):
+    """A rebuild (banks or configuration changed) renews every item's cached defect descriptor.
+
+    Before the fix the gallery kept descriptors pooled under the old banks' maps while the
+    metric and the queries used the new ones.
+    """
+    from stores.settings import get_settings
+
+    settings = get_settings()
+    index = ImageIndex(settings)
+    gallery_id = next(i for i, it in index.meta["items"].items() if it["product"] == "brick")
+    q = _val_defects(settings.data_dir)[0]
+    registered = index.add(load_rgb(settings.data_dir / q["image"]), q["product"], q["defect_type"])
+    expected = {i: index.describe([load_rgb(index._image_path(i))], index.meta["items"][i]["product"])[0]
+                for i in (gallery_id, registered)}
+    for i in expected:  # what an older bank's maps would have left in the cache
+        index._features[i]["defect"] = np.zeros_like(expected[i])
+    index._save()
+    index.meta["manifest_fingerprint"] = "from an older bank"
+    out = index.build_from_manifest(synth_per_type=1)
+    assert out["skipped"] is False and out["added"] == 0
+    reopened = ImageIndex(settings)
+    for i, want in expected.items():
+        np.testing.assert_allclose(reopened._features[i]["defect"], want, rtol=1e-5, atol=1e-6)
+    # a refit of one product from the UI renews that product's descriptors only
+    product = reopened.meta["items"][gallery_id]["product"]
+    other = next(i for i, it in reopened.meta["items"].items() if it["product"] != product)
+    kept = reopened._features[other]["defect"].copy()
+    reopened._features[gallery_id]["defect"] = np.zeros_like(expected[gallery_id])
+    n = reopened.renew_descriptors(product)
+    assert n == sum(it["product"] == product for it in reopened.meta["items"].values())
+    np.testing.assert_allclose(reopened._features[gallery_id]["defect"], expected[gallery_id], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(reopened._features[other]["defect"], kept)
+
+
 # --------------------------------------------------------------------------- registration, search modes, backends
 
 
