@@ -59,7 +59,7 @@ Cost per image (2 shared, heavily loaded CPU cores): PatchCore inspect 400-800 m
 region stats 25-30 ms, deep pooling 220-240 ms, tail stats 280 ms (hence off by
 default); a whole query through ``ImageIndex.search`` 1.8 s including PatchCore.
 Index build: + ~10 min on that machine for 150 gallery + 450 synthesized images
-(``SYNTH_PER_TYPE`` in :mod:`stores.image_index`; 15 per type halves it, R@1 -0.05).
+(``DRA_SYNTH_PER_TYPE``, see :mod:`stores.image_index`; 15 per type halves it, R@1 -0.05).
 
 The figures above are the history of this module. Current ones (README "Similar-defect
 search"): with the tuned PatchCore banks, gallery descriptors renewed under the current maps

@@ -30,6 +30,7 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Protocol, runtime_checkable
 
@@ -129,21 +130,14 @@ class Lite0Embedder:
         return l2_normalize(self.raw(images)) if len(images) else np.zeros((0, self.dim), np.float32)
 
 
-_ROTATIONS: dict[tuple[int, int, int], object] = {}
-_ROTATIONS_LOCK = threading.Lock()
-
-
+@lru_cache(maxsize=8)
 def _random_rotation(d_in: int, d_out: int, seed: int):
     """Cached ``faiss.RandomRotationMatrix(d_in, d_out)`` initialised with ``seed`` (orthonormal rows)."""
     import faiss
 
-    key = (d_in, d_out, seed)
-    with _ROTATIONS_LOCK:
-        if key not in _ROTATIONS:
-            rot = faiss.RandomRotationMatrix(d_in, d_out)
-            rot.init(seed)
-            _ROTATIONS[key] = rot
-        return _ROTATIONS[key]
+    rot = faiss.RandomRotationMatrix(d_in, d_out)
+    rot.init(seed)
+    return rot
 
 
 class DefectAwareEmbedder:

@@ -84,13 +84,12 @@ DEFECT_DIM = 8  # width of the defect part (the metric gives 5 class probabiliti
 GLOBAL_WEIGHT = 0.3
 DEFECT_WEIGHT = 1.0
 # Defects per type synthesized (data.synth, on each product's val normals) to train the defect
-# metric; the default is Settings.synth_per_type (DRA_SYNTH_PER_TYPE). Measured Recall@1 (120 val
+# metric: Settings.synth_per_type (DRA_SYNTH_PER_TYPE, default 600). Measured Recall@1 (120 val
 # queries): 30 -> 0.633, 90 -> 0.683 on early banks; on the current banks with the gallery's
 # descriptors renewed under the current maps: 90 -> 0.783, 300 -> 0.842, 600 -> 0.858 (with the
 # stale gallery descriptors of earlier builds: 90 -> 0.767, 180 -> 0.800, 300 -> 0.825,
 # 450 -> 0.842, 600 -> 0.850). Cost: describing 3,000 synthesized images per product, about
 # 16 min of index build for the three products on 2 cores (90: ~3 min).
-SYNTH_PER_TYPE = 600
 PREFETCH_MIN = 50  # fused search: candidates prefetched on the first vector (at least; 10 x k otherwise)
 MODES = ("auto", "image", "text", "fused")
 Progress = Callable[[float, str], None] | None
@@ -973,8 +972,8 @@ class ImageIndex:
             synth_per_type: defects per type synthesized (``data.synth``) on the product's
                 val normal images to enlarge the metric's training set (never indexed;
                 the val defect queries are other images); 0 = gallery only; None =
-                ``Settings.synth_per_type`` (``DRA_SYNTH_PER_TYPE``, default
-                :data:`SYNTH_PER_TYPE` = 600).
+                ``Settings.synth_per_type`` (``DRA_SYNTH_PER_TYPE``, default 600; measured
+                curve in the module comment before ``PREFETCH_MIN``).
 
         Returns:
             ``{"items": n_total, "added": n_new, "products": [...], "model": name, "skipped": bool,

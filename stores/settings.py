@@ -93,7 +93,7 @@ class Settings:
     # random orthonormal projection (stores.embedders.DefectAwareEmbedder); 0 = none (2 x 1280)
     image_global_dim: int = field(default_factory=lambda: int(_env("DRA_IMAGE_GLOBAL_DIM", "512")))
     # similar-defect search: defects per type synthesized on each product's val normals to train
-    # the defect metric at index build (stores.image_index.SYNTH_PER_TYPE; 0 = gallery only)
+    # the defect metric at index build (measured in stores/image_index.py; 0 = gallery only)
     synth_per_type: int = field(default_factory=lambda: int(_env("DRA_SYNTH_PER_TYPE", "600")))
     # retrieval
     search_k: int = field(default_factory=lambda: int(_env("DRA_SEARCH_K", "5")))
