@@ -40,12 +40,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from stores.settings import get_settings  # sets the offline / no-telemetry environment first
+from core.settings import get_settings  # sets the offline / no-telemetry environment first
 
 import gradio as gr  # noqa: E402
 
-from stores.catalog import UnknownProductError, check_product, products  # noqa: E402
-from stores.imageio import InvalidImageError  # noqa: E402
+from core.catalog import UnknownProductError, check_product, products  # noqa: E402
+from core.imageio import InvalidImageError  # noqa: E402
 
 log = logging.getLogger("dra.app")
 
@@ -76,7 +76,7 @@ def reset_agent() -> None:
 def _loaded_store(name: str):
     """A store of the process's services if it is already loaded, else None (never loads)."""
     try:
-        from stores.services import get_services
+        from services.container import get_services
 
         return get_services().__dict__.get(name)
     except Exception:  # noqa: BLE001 - the banner must never fail
@@ -87,7 +87,7 @@ def active_models(agent_model: str | None = None) -> dict[str, str]:
     """Names of the active model per role (JSON-friendly, for the banner and ``/models``).
 
     Stores already loaded report their own ``.model`` name; roles not loaded yet
-    report the configured choice from :class:`stores.settings.Settings`.
+    report the configured choice from :class:`core.settings.Settings`.
     """
     s = get_settings()
     if not agent_model:
@@ -533,7 +533,7 @@ def warm_up() -> dict:
     """
     import numpy as np
 
-    from stores.services import get_services
+    from services.container import get_services
 
     t0 = time.perf_counter()
     svc = get_services()

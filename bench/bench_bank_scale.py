@@ -8,14 +8,14 @@ Normal images are fresh crops from the data builder's own crop function
 the same flips / photometric jitter as the sample data), seeded per size.
 Every size is fitted in its own subprocess (``PatchCoreStore.fit`` into a
 temporary state folder, the product's configuration from
-``stores.patchcore.PatchCoreStore.config_for`` unless overridden), so that the
+``models.patchcore.model.PatchCoreStore.config_for`` unless overridden), so that the
 peak resident memory (``resource.getrusage(...).ru_maxrss``) belongs to that fit
 alone. Printed per size: training images, patches, bank size, fit time split
 into feature extraction and coreset, peak RSS, the RSS growth during the fit,
 and the size a full ``N x N`` float32 distance matrix over the patches would
 need: the figure that anomalib 2.7's and the official code's samplers hit
 before they run out of memory. The greedy coreset here keeps one ``(N,)``
-distance vector (``stores.patchcore.greedy_coreset_indices``).
+distance vector (``models.patchcore.model.greedy_coreset_indices``).
 
 Anchor: none for time (anomalib's ``KCenterGreedy`` would be the anchor; the
 O(N) claim is about memory, shown by peak RSS << N x N matrix).
@@ -62,8 +62,8 @@ def run_one(args) -> dict:
     """Fit one bank of ``args.one`` normal images in this process; return the figures."""
     import torch
 
-    from stores.patchcore import PatchCoreStore, backbone_spec
-    from stores.settings import Settings
+    from models.patchcore.model import PatchCoreStore, backbone_spec
+    from core.settings import Settings
 
     torch.set_num_threads(args.threads)
     n = int(args.one)

@@ -49,12 +49,12 @@ def pct(values: list[float], q: float) -> float:
 def _images(product: str, n_train: int, n_val: int, small: bool):
     """Train normals and timed val images: the built manifest's, else fresh builder crops (rows 0-319)."""
     from data.build import random_crop, source_rows
-    from stores.settings import get_settings
+    from core.settings import get_settings
 
     data_dir = get_settings().data_dir
     if not small and (data_dir / "manifest.json").is_file():
         from data.build import load_manifest
-        from stores.imageio import load_rgb
+        from core.imageio import load_rgb
 
         items = [it for it in load_manifest(data_dir)["items"] if it["product"] == product]
         train = [load_rgb(data_dir / it["image"]) for it in items if it["split"] == "train"][:n_train]
@@ -81,8 +81,8 @@ def _time(fn, items, warm: int = 2) -> list[float]:
 def run(args) -> dict:
     from anomalib.models.image.patchcore.torch_model import PatchcoreModel
 
-    from stores.patchcore import PatchCoreStore, backbone_spec, build_model, preprocess
-    from stores.settings import Settings
+    from models.patchcore.model import PatchCoreStore, backbone_spec, build_model, preprocess
+    from core.settings import Settings
 
     torch.set_num_threads(args.threads)
     train, val, source = _images(args.product, args.train, args.n, args.small)

@@ -5,7 +5,7 @@ EfficientNet-Lite0 blocks, neighbourhood pooling size, memory-bank sampler
 (k-center-greedy coreset vs random) and ratio, image-score re-weighting
 (paper Eq. 7 as in anomalib vs plain max patch distance), anomaly-map blur sigma,
 memory-bank augmentation with symmetry views of the train normals
-(``stores.patchcore.augment_views``; their features are cached too) and
+(``models.patchcore.model.augment_views``; their features are cached too) and
 coreset selection in a random projection (``--proj``).
 
 Backbone features are extracted once per (size, blocks) with the store's own
@@ -43,8 +43,8 @@ from torch.nn import functional as F  # noqa: N812
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stores.imageio import load_rgb  # noqa: E402
-from stores.patchcore import (  # noqa: E402
+from core.imageio import load_rgb  # noqa: E402
+from models.patchcore.model import (  # noqa: E402
     AUGMENTATIONS,
     _read_manifest,
     augment_views,
@@ -53,7 +53,7 @@ from stores.patchcore import (  # noqa: E402
     greedy_coreset_indices,
     preprocess,
 )
-from stores.settings import get_settings  # noqa: E402
+from core.settings import get_settings  # noqa: E402
 
 CACHE = Path("/tmp/pc_tune")
 PRODUCTS = ("brick", "gravel", "grass")
@@ -105,7 +105,7 @@ def extract(size: int, blocks: tuple[int, ...], product: str) -> dict:
 
 
 def extract_augmented(size: int, blocks: tuple[int, ...], product: str, mode: str) -> dict:
-    """``extract`` plus train features of every symmetry view (``stores.patchcore.augment_views``)."""
+    """``extract`` plus train features of every symmetry view (``models.patchcore.model.augment_views``)."""
     cache = extract(size, blocks, product)
     if mode == "none":
         return cache
@@ -214,7 +214,7 @@ def cmd_tta(args) -> None:
     through the store's own ``PatchCoreStore._forward_views`` (map blur at each ``--sigmas``)."""
     from sklearn.metrics import roc_auc_score
 
-    from stores.patchcore import PatchCoreStore
+    from models.patchcore.model import PatchCoreStore
 
     torch.set_num_threads(args.threads)
     blocks = tuple(int(b) for b in args.blocks[0].split(","))
@@ -253,7 +253,7 @@ def cmd_tta(args) -> None:
 
 def cmd_latency(args) -> None:
     """Single-image PatchCoreStore.inspect wall time (median of N, after warm-up), torch threads 2."""
-    from stores.patchcore import PatchCoreStore
+    from models.patchcore.model import PatchCoreStore
 
     torch.set_num_threads(args.threads)
     store = PatchCoreStore()
@@ -276,8 +276,8 @@ def cmd_fit(args) -> None:
     import shutil
     import tempfile
 
-    from stores.patchcore import PatchCoreStore
-    from stores.settings import Settings
+    from models.patchcore.model import PatchCoreStore
+    from core.settings import Settings
 
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="pc_fit_"))

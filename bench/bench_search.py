@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 
-from stores.settings import get_settings  # noqa: E402
+from core.settings import get_settings  # noqa: E402
 
 
 def stats(ms: list[float]) -> dict:
@@ -49,9 +49,9 @@ def main() -> None:
     import faiss
 
     from data.build import load_manifest
-    from stores.embedders import get_image_embedder
-    from stores.imageio import load_rgb
-    from stores.services import get_services
+    from models.embedders import get_image_embedder
+    from core.imageio import load_rgb
+    from services.container import get_services
 
     settings = get_settings()
     manifest = load_manifest(settings.data_dir)

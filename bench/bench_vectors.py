@@ -54,7 +54,7 @@ import psutil  # noqa: E402
 from stores.vector_store import (HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M, REFINE_FACTOR,  # noqa: E402
                                  FaissVectorStore, MilvusVectorStore)
 
-DEFAULT_DIM = 512 + 8  # stores.settings image_global_dim + image_index.DEFECT_DIM
+DEFAULT_DIM = 512 + 8  # core.settings image_global_dim + image_index.DEFECT_DIM
 
 
 CHUNK = 20_000

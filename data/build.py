@@ -38,7 +38,7 @@ import numpy as np
 from PIL import Image
 
 from data import synth
-from stores.settings import DEFECT_TYPES, PRODUCTS, get_settings
+from core.settings import DEFECT_TYPES, PRODUCTS, get_settings
 
 VERSION = 1
 IMAGE_SIZE = 256

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pymupdf
 
-from stores.settings import DEFECT_TYPES, PRODUCTS
+from core.settings import DEFECT_TYPES, PRODUCTS
 
 SUBHEADINGS = {"en": ("Cause", "Immediate action", "Prevention"), "ko": ("원인", "즉시 조치", "예방")}
 DEFECT_NAMES = {
@@ -624,7 +624,7 @@ def manual_pages(product: str, lang: str = "en") -> list[list[tuple[str, str]]]:
 
 
 def _product_names(product: str) -> str:
-    from stores.catalog import product_info
+    from core.catalog import product_info
 
     p = product_info(product)
     return f"{p['en']} ({p['ko']}) — id {product}"

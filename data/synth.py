@@ -32,7 +32,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage import draw
 
-from stores.settings import DEFECT_TYPES  # noqa: F401 - re-exported: the fixed taxonomy ids
+from core.settings import DEFECT_TYPES  # noqa: F401 - re-exported: the fixed taxonomy ids
 
 #: a change smaller than this (max over RGB channels, 0-255 levels) is never "meaningful"
 MIN_DELTA = 4.0

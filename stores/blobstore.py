@@ -1,7 +1,7 @@
 """Image blobs stored by content hash: local file system (default) or S3-compatible object storage.
 
 Keys are content addresses: ``<first 16 hex of sha256>.png`` where the sha256 is
-:func:`stores.imageio.content_hash` of the **decoded, normalised RGB pixels**
+:func:`core.imageio.content_hash` of the **decoded, normalised RGB pixels**
 (shape + bytes), not of the uploaded file's bytes. So the same picture sent as PNG,
 as a re-saved PNG with other metadata, or as an array gets the same key (duplicate
 detection works across formats), while a lossy re-encoding (JPEG) is a new image.
@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 from stores.atomic import atomic_write_bytes
-from stores.imageio import content_hash
+from core.imageio import content_hash
 
 
 def image_key(rgb: np.ndarray) -> str:

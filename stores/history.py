@@ -3,7 +3,7 @@
 One row per run in ``<state_dir>/history.sqlite3`` (stdlib :mod:`sqlite3`, WAL journal so
 readers never block the writer and a killed process leaves the last committed row
 intact). A row holds the image hash (sha256 of the decoded pixels, see
-:func:`stores.imageio.content_hash`), the product and how it was found, the defect
+:func:`core.imageio.content_hash`), the product and how it was found, the defect
 type, the PatchCore verdict (score, threshold), the tool calls with their arguments,
 observations and durations, the model names per role, the timings and the response
 manual (markdown) with its citations.
@@ -24,7 +24,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from stores.settings import Settings, get_settings
+from core.settings import Settings, get_settings
 
 SCHEMA_VERSION = 1
 _SCHEMA = """

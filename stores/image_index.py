@@ -10,12 +10,12 @@ Layout in ``Settings.index_dir``::
                              "descriptor", "items": {item_id: {"fid", "product", "defect_type", "note",
                              "source", "image" (blob key), "description"}}}  <- the commit record
     normal_means.npz        per-product mean raw image feature of training normals (optional)
-    defect_projection.npz   per-product fitted defect metric (:class:`stores.defect_descriptor.DefectProjection`)
+    defect_projection.npz   per-product fitted defect metric (:class:`models.defect_descriptor.DefectProjection`)
     features.npz            per item: raw global feature and raw defect descriptor (re-embedding without
                             re-running PatchCore)
     images/<hash16>.png     every indexed image (:mod:`stores.blobstore`; or an S3 bucket)
 
-Item ids are the first 16 hex digits of :func:`stores.imageio.content_hash`, the
+Item ids are the first 16 hex digits of :func:`core.imageio.content_hash`, the
 sha256 of the decoded RGB pixels and shape (same picture in any lossless file,
 same id: duplicates are found whatever the file format or metadata).
 
@@ -39,11 +39,11 @@ Vector of an image (``dim = 512 + DEFECT_DIM`` = 520 with the offline defaults;
 
     [GLOBAL_WEIGHT * g, DEFECT_WEIGHT * d]
 
-* ``g``: :class:`stores.embedders.DefectAwareEmbedder` (global EfficientNet-Lite0
+* ``g``: :class:`models.embedders.DefectAwareEmbedder` (global EfficientNet-Lite0
   feature + residual from the product's normal mean, projected from 2560 to
   ``DRA_IMAGE_GLOBAL_DIM`` = 512 dimensions by a fixed random orthonormal matrix), unit
   norm: product identity.
-* ``d``: the defect part (:mod:`stores.defect_descriptor`): region statistics and
+* ``d``: the defect part (:mod:`models.defect_descriptor`): region statistics and
   anomaly-weighted Lite0 features, located by the PatchCore anomaly map (predicted,
   never a ground-truth mask), mapped by the product's metric (defect-type class
   probabilities of a logistic regression learned on the labelled gallery plus
@@ -53,7 +53,7 @@ Vector of an image (``dim = 512 + DEFECT_DIM`` = 520 with the offline defaults;
 
 Image queries are product-filtered (the product given, else the vote of the nearest
 items by ``g`` alone), because defect parts of different products live in different
-learned spaces. Measured numbers: see :mod:`stores.defect_descriptor`.
+learned spaces. Measured numbers: see :mod:`models.defect_descriptor`.
 """
 
 from __future__ import annotations
@@ -71,12 +71,12 @@ import numpy as np
 
 from stores.atomic import atomic_write_bytes
 from stores.blobstore import open_blob_store
-from stores.defect_descriptor import (DefectDescriber, DefectProjection, DescriptorConfig,
+from models.defect_descriptor import (DefectDescriber, DefectProjection, DescriptorConfig,
                                       synthesize_training_defects)
-from stores.embedders import (DefectAwareEmbedder, ImageEmbedder, embed_queries, get_image_embedder,
+from models.embedders import (DefectAwareEmbedder, ImageEmbedder, embed_queries, get_image_embedder,
                               get_text_embedder, l2_normalize)
-from stores.imageio import InvalidImageError, content_hash, load_rgb
-from stores.settings import DEFECT_TYPES, Settings, get_settings
+from core.imageio import InvalidImageError, content_hash, load_rgb
+from core.settings import DEFECT_TYPES, Settings, get_settings
 from stores.vector_store import VectorStore, open_vector_store
 
 INDEX_VERSION = 3
@@ -124,12 +124,12 @@ class ImageIndex:
     Args:
         settings: paths (``settings.index_dir``), backends (``vector_backend``,
             ``blob_store``), fusion weight; default ``get_settings()``.
-        embedder: an :class:`~stores.embedders.ImageEmbedder`; default
-            ``get_image_embedder()`` wrapped in :class:`~stores.embedders.DefectAwareEmbedder`
+        embedder: an :class:`~models.embedders.ImageEmbedder`; default
+            ``get_image_embedder()`` wrapped in :class:`~models.embedders.DefectAwareEmbedder`
             when it exposes raw features.
-        patchcore: a :class:`stores.patchcore.PatchCoreStore` that gives the anomaly maps
+        patchcore: a :class:`models.patchcore.model.PatchCoreStore` that gives the anomaly maps
             (default: one created lazily on the same settings).
-        descriptor_config: :class:`~stores.defect_descriptor.DescriptorConfig`; default the
+        descriptor_config: :class:`~models.defect_descriptor.DescriptorConfig`; default the
             persisted one, else the module default.
         text_embedder: embeds captions and text queries (default ``get_text_embedder()``).
         captioner: optional ``callable(rgb uint8 (H, W, 3)) -> str`` (e.g. a VLM) whose
@@ -201,16 +201,16 @@ class ImageIndex:
 
     @property
     def patchcore(self):
-        """The :class:`stores.patchcore.PatchCoreStore` giving anomaly maps (created lazily)."""
+        """The :class:`models.patchcore.model.PatchCoreStore` giving anomaly maps (created lazily)."""
         if self._patchcore is None:
-            from stores.patchcore import PatchCoreStore
+            from models.patchcore.model import PatchCoreStore
 
             self._patchcore = PatchCoreStore(self.settings)
         return self._patchcore
 
     @property
     def describer(self) -> DefectDescriber:
-        """The :class:`~stores.defect_descriptor.DefectDescriber` (loaded lazily)."""
+        """The :class:`~models.defect_descriptor.DefectDescriber` (loaded lazily)."""
         if self._describer is None:
             self._describer = DefectDescriber(self.descriptor_config)
         return self._describer
@@ -513,7 +513,7 @@ class ImageIndex:
 
         Raises:
             ValueError: an item without a product.
-            stores.imageio.InvalidImageError: an unreadable image.
+            core.imageio.InvalidImageError: an unreadable image.
         """
         prepared = []
         for it in items:
@@ -582,7 +582,7 @@ class ImageIndex:
         return ids
 
     def _check_labels(self, product: str | None, defect_type: str | None) -> tuple[str | None, str | None]:
-        from stores import catalog
+        from core import catalog
 
         if product is not None:
             if product not in catalog.products():
@@ -599,7 +599,7 @@ class ImageIndex:
 
         Args:
             image: RGB uint8 array ``(H, W, 3)`` (grey / RGBA are converted) or a path / bytes.
-            product: a known product id (:func:`stores.catalog.products`).
+            product: a known product id (:func:`core.catalog.products`).
             defect_type: a defect type id of the taxonomy (English or Korean names accepted).
             note: free text, part of the caption vector.
 
@@ -610,7 +610,7 @@ class ImageIndex:
 
         Raises:
             ValueError: unknown product or defect type, or an unreadable image
-                (:class:`stores.imageio.InvalidImageError`, a ValueError).
+                (:class:`core.imageio.InvalidImageError`, a ValueError).
         """
         product, defect_type = self._check_labels(product, defect_type)
         if not product or not defect_type:
@@ -960,9 +960,9 @@ class ImageIndex:
         """Index the manifest's gallery split, with normal statistics and the defect metric.
 
         Steps: per-product normal mean from train normals; PatchCore anomaly maps of
-        the gallery images (banks must be fitted first, as ``stores.pipeline`` does;
+        the gallery images (banks must be fitted first, as ``services.build`` does;
         products without a bank get no defect part); defect descriptors; per-product
-        metric (:class:`~stores.defect_descriptor.DefectProjection`) fitted on the
+        metric (:class:`~models.defect_descriptor.DefectProjection`) fitted on the
         gallery's labels (+ synthesized defects); vectors into FAISS. Idempotent: a
         second call with the same manifest, banks and configuration only checks.
 

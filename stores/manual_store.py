@@ -14,7 +14,7 @@ Footers (``<Title> — page N of M``) are dropped. The product comes from the
 argument, else from the PDF metadata (``keywords = "product=brick;lang=en"`` or
 ``subject``). Language: English chunks are embedded with ``Settings.text_embedder``
 into one collection; Korean chunks with the multilingual embedder
-(:func:`stores.embedders.get_multilingual_text_embedder`) into a second one; a query
+(:func:`models.embedders.get_multilingual_text_embedder`) into a second one; a query
 goes to the collection of its own language first and is filled up from the other.
 Chroma always receives our embedding function (never its ONNX default download)
 and runs with anonymized telemetry off; the space is cosine (score = 1 - distance).
@@ -31,9 +31,9 @@ from typing import Callable
 
 import numpy as np
 
-from stores.catalog import normalize_defect, taxonomy
-from stores.embedders import TextEmbedder, embed_queries, get_multilingual_text_embedder, get_text_embedder
-from stores.settings import Settings, get_settings
+from core.catalog import normalize_defect, taxonomy
+from models.embedders import TextEmbedder, embed_queries, get_multilingual_text_embedder, get_text_embedder
+from core.settings import Settings, get_settings
 
 Progress = Callable[[float, str], None] | None
 SECTIONS = ("cause", "action", "prevention", "general")
@@ -313,7 +313,7 @@ class ManualStore:
         return f"en:{self._embedder_name('en')}, ko:{self._embedder_name('ko')}"
 
     def _embedder_name(self, group: str) -> str:
-        from stores.embedders import MULTILINGUAL_TEXT_EMBEDDER
+        from models.embedders import MULTILINGUAL_TEXT_EMBEDDER
 
         if group == "ko":
             return self._multi.name if self._multi else MULTILINGUAL_TEXT_EMBEDDER

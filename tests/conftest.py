@@ -26,7 +26,7 @@ import pytest  # noqa: E402
 
 def _use_state(path: Path) -> None:
     os.environ["DRA_STATE_DIR"] = str(path)
-    from stores.settings import get_settings
+    from core.settings import get_settings
 
     get_settings.cache_clear()
 
@@ -42,7 +42,7 @@ def built_state(tmp_path_factory) -> Path:
         # build_state() still fills in anything missing
         shutil.copytree(seed, root, dirs_exist_ok=True, ignore=shutil.ignore_patterns("models", "runs", "uploads"))
     _use_state(root)
-    from stores.pipeline import build_state
+    from services.build import build_state
 
     build_state()
     return root

@@ -43,7 +43,7 @@ def serve_app(built_state: Path):
     """Start the app (fresh Blocks, SmolLM2 agent) on a free port; returns ``(demo, url, restore)``."""
     old = os.environ.get("DRA_AGENT_MODEL")
     os.environ["DRA_AGENT_MODEL"] = smollm2_path()
-    from stores.settings import get_settings
+    from core.settings import get_settings
 
     get_settings.cache_clear()
     import app

@@ -6,7 +6,7 @@ import time
 
 from smolagents import Tool
 
-from stores.catalog import check_product
+from core.catalog import check_product
 from tools.context import RunContext
 
 
@@ -55,7 +55,7 @@ class AnomalyScoringTool(Tool):
         self.ctx, self.services = ctx, services
 
     def forward(self, product: str | None = None) -> str:
-        from stores.patchcore import save_artifacts
+        from models.patchcore.model import save_artifacts
 
         t0 = time.perf_counter()
         ctx = self.ctx

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from stores.imageio import content_hash, load_rgb
-from stores.settings import get_settings
+from core.imageio import content_hash, load_rgb
+from core.settings import get_settings
 
 _HANGUL = re.compile(r"[\uac00-\ud7a3]")
 
@@ -74,7 +74,7 @@ class RunContext:
 
     @classmethod
     def from_path(cls, path: str | Path, product: str | None = None, question: str | None = None) -> "RunContext":
-        """Load the photo with :func:`stores.imageio.load_rgb` (raises InvalidImageError)."""
+        """Load the photo with :func:`core.imageio.load_rgb` (raises InvalidImageError)."""
         return cls(image=load_rgb(path), image_path=str(path), product=product, question=question)
 
     def cited_pages(self) -> set[tuple[str, int]]:

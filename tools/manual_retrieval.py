@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from smolagents import Tool
 
-from stores.catalog import check_product, normalize_defect
+from core.catalog import check_product, normalize_defect
 from tools.context import RunContext
 
 SECTIONS = ("cause", "action", "prevention")

@@ -16,9 +16,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
-from stores.catalog import UnknownProductError, check_product, defect_types, normalize_defect, products
-from stores.imageio import InvalidImageError, content_hash, load_rgb
-from stores.settings import get_settings
+from core.catalog import UnknownProductError, check_product, defect_types, normalize_defect, products
+from core.imageio import InvalidImageError, content_hash, load_rgb
+from core.settings import get_settings
 from ui.uploads import UploadError, check_upload, images_from_uploads, safe_name
 
 Progress = Callable[[float, str], None] | None
@@ -83,8 +83,8 @@ MODEL_LOCK = SharedExclusiveLock()
 
 
 def services():
-    """The process's :class:`stores.services.Services`."""
-    from stores.services import get_services
+    """The process's :class:`services.container.Services`."""
+    from services.container import get_services
 
     return get_services()
 
@@ -153,7 +153,7 @@ def inspect(image, product: str | None = None) -> dict:
     Raises:
         ActionError: bad image, unknown product, empty index (cannot infer the product).
     """
-    from stores.patchcore import save_artifacts
+    from models.patchcore.model import save_artifacts
 
     rgb = load_upload_image(image)
     prod = product_arg(product)
@@ -424,12 +424,12 @@ def fit_product(name: str, files, progress: Progress = None, val_fraction: float
     The images are stored as PNG under ``<state_dir>/products/<product>/train/`` (so the
     bank's nearest-normal references survive), split into training and validation
     normals (``val_fraction``, at least 2), fitted and calibrated with
-    :meth:`stores.patchcore.PatchCoreStore.fit` (memory bank written atomically), and
+    :meth:`models.patchcore.model.PatchCoreStore.fit` (memory bank written atomically), and
     up to ``NORMAL_REFERENCES`` training images are added to the image index as normal
     references so that product inference (``Services.infer_product``) can name the
     product. The product then appears in every product list and in the agent's tools.
 
-    ``symmetry`` (:data:`stores.patchcore.SYMMETRIES`: ``none``, ``mirror``, ``flips``,
+    ``symmetry`` (:data:`models.patchcore.model.SYMMETRIES`: ``none``, ``mirror``, ``flips``,
     ``turns``; empty = ``none``) says under which mirrors / turns the product looks the
     same: the bank then also holds those views of the training images and every
     inspection averages the anomaly maps of those views (more accurate, one backbone
@@ -442,8 +442,8 @@ def fit_product(name: str, files, progress: Progress = None, val_fraction: float
     Raises:
         ActionError: bad product id or symmetry, fewer than 4 usable images, unreadable zip.
     """
-    from stores.imageio import save_png
-    from stores.patchcore import SYMMETRIES
+    from core.imageio import save_png
+    from models.patchcore.model import SYMMETRIES
 
     pid = str(name or "").strip().lower()
     if not pid or len(pid) > 40 or not all(c.isalnum() or c in "-_" for c in pid) or not pid[0].isalnum():

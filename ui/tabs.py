@@ -19,7 +19,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from stores.catalog import defect_types, products
+from core.catalog import defect_types, products
 from ui import actions
 from ui.actions import AUTO, ActionError
 
@@ -299,7 +299,7 @@ def _product_rows() -> list[list]:
     """One row per fitted product, read from each bank's ``meta.json`` (never loads a model)."""
     import json
 
-    from stores.services import get_services
+    from services.container import get_services
 
     store = get_services().patchcore
     out = []

@@ -17,8 +17,8 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 
-from stores.imageio import InvalidImageError, load_rgb
-from stores.settings import get_settings
+from core.imageio import InvalidImageError, load_rgb
+from core.settings import get_settings
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 MAX_ZIP_MEMBERS = 2000

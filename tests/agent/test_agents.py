@@ -26,7 +26,7 @@ from agent.agents import AgentResult, AgentStep, DefectAgent, load_prompts
 from agent.checks import check_answer
 from agent.fallback import run_missing_tools, write_manual
 from agent.models import LlamaCppModel, smollm2_gguf_path
-from stores.settings import get_settings
+from core.settings import get_settings
 from tools.context import RunContext
 
 PRODUCTS = ("brick", "gravel", "grass")
@@ -324,7 +324,7 @@ def test_agent_with_project_tools_on_built_state(built_state, smol):
     """The real tools (PatchCore, gallery search, Chroma manuals) on a built state, SmolLM2 model."""
     import json
 
-    from stores.services import Services
+    from services.container import Services
     from tools import RunContext as ToolsRunContext
     from tools import build_tools
 

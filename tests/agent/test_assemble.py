@@ -74,7 +74,7 @@ def test_installed_parts_are_found_in_order():
 @pytest.mark.slow
 def test_real_assembly_verifies(tmp_path):
     """Assemble the real 1.1 GB GGUF (or reuse the verified copy) and re-hash it from disk."""
-    from stores.settings import get_settings
+    from core.settings import get_settings
 
     path = assemble.assemble_gguf(get_settings())
     assert path.stat().st_size == assemble.QWEN_CODER_GGUF_BYTES

@@ -21,7 +21,7 @@ from agent.models import (
     smollm2_gguf_path,
     tool_call_schema,
 )
-from stores.settings import get_settings
+from core.settings import get_settings
 
 
 def smollm2_path() -> Path:

@@ -102,8 +102,8 @@ def test_openai_server_agent_turn(llama_server, built_state, monkeypatch):
     from agent.agents import DefectAgent
     from agent.models import get_agent_model
     from agent.openai_server import OpenAIServerVLModel
-    from stores.services import get_services
-    from stores.settings import get_settings
+    from services.container import get_services
+    from core.settings import get_settings
     from tools import build_tools
     from tools.context import RunContext
 

@@ -192,7 +192,7 @@ def test_qwen2_vl_generated_tool_call_runs_as_smolagents_action(tiny):
 def test_qwen2_vl_backend_from_local_path(tmp_path, monkeypatch):
     from agent.models import get_agent_model
     from agent.qwen2_vl import Qwen2VLModel
-    from stores.settings import Settings
+    from core.settings import Settings
 
     folder = save_tiny_qwen2_vl(tmp_path / "tiny-qwen2-vl")
     for k in ("DRA_AGENT_BACKEND", "DRA_AGENT_MODEL"):
@@ -226,7 +226,7 @@ def test_qwen2_vl_missing_hub_model_names_the_setting(monkeypatch, tmp_path):
     import huggingface_hub.constants as c
 
     from agent.qwen2_vl import Qwen2VLModel
-    from stores.profiles import MissingModelError
+    from core.profiles import MissingModelError
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))

@@ -20,7 +20,7 @@ from PIL import Image
 from skimage.measure import regionprops
 
 from data import build, synth
-from stores.settings import DEFECT_TYPES, PRODUCTS
+from core.settings import DEFECT_TYPES, PRODUCTS
 
 LIMIT = 320
 NOTE_WORDS = {"scratch": ("scratch",), "crack": ("crack",), "hole": ("pit",), "stain": ("stain",),

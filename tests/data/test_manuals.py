@@ -9,7 +9,7 @@ import pymupdf
 import pytest
 
 from data import manuals
-from stores.settings import DEFECT_TYPES, PRODUCTS
+from core.settings import DEFECT_TYPES, PRODUCTS
 
 
 def _collapse(text: str) -> str:

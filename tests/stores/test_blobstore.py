@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from stores.blobstore import LocalBlobStore, S3BlobStore, image_key, open_blob_store
-from stores.imageio import content_hash, load_rgb
-from stores.settings import Settings
+from core.imageio import content_hash, load_rgb
+from core.settings import Settings
 
 
 @pytest.fixture(scope="module")

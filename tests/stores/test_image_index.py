@@ -11,8 +11,8 @@ import pytest
 from skimage import data as skdata
 
 from stores.image_index import ImageIndex
-from stores.imageio import load_rgb, save_png
-from stores.settings import Settings
+from core.imageio import load_rgb, save_png
+from core.settings import Settings
 
 ROWS = 320  # rows >= 320 of the sample photos are reserved and never read
 
@@ -148,7 +148,7 @@ def _val_defects(data_dir: Path) -> list[dict]:
 
 
 def test_built_index_retrieves_defect_type(built_state):
-    from stores.settings import get_settings
+    from core.settings import get_settings
 
     settings = get_settings()
     index = ImageIndex(settings)
@@ -165,8 +165,8 @@ def test_built_index_retrieves_defect_type(built_state):
 
 
 def test_built_index_map_argument_restart_and_add(built_state, writable_state):
-    from stores.patchcore import PatchCoreStore
-    from stores.settings import get_settings
+    from models.patchcore.model import PatchCoreStore
+    from core.settings import get_settings
 
     settings = get_settings()
     q = _val_defects(settings.data_dir)[3]
@@ -202,7 +202,7 @@ def test_rebuild_renews_cached_descriptors(built_state, writable_state):
     Before the fix the gallery kept descriptors pooled under the old banks' maps while the
     metric and the queries used the new ones.
     """
-    from stores.settings import get_settings
+    from core.settings import get_settings
 
     settings = get_settings()
     index = ImageIndex(settings)
@@ -345,7 +345,7 @@ from pathlib import Path
 import numpy as np
 from skimage import data as skdata
 from stores.image_index import ImageIndex
-from stores.settings import Settings
+from core.settings import Settings
 
 settings = dataclasses.replace(Settings(), state_dir=Path(sys.argv[1]))
 index = ImageIndex(settings)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from stores.manual_store import ManualStore, chunk_page, detect_lang, extract_chunks
-from stores.settings import Settings
+from core.settings import Settings
 
 pymupdf = pytest.importorskip("pymupdf")
 
@@ -176,7 +176,7 @@ _KILL_SCRIPT = """
 import dataclasses, os, sys, time
 sys.path.insert(0, {repo!r})
 from stores.manual_store import ManualStore
-from stores.settings import Settings
+from core.settings import Settings
 
 store = ManualStore(dataclasses.replace(Settings(), state_dir=__import__("pathlib").Path({state!r})))
 

@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stores.catalog import UnknownProductError
+from core.catalog import UnknownProductError
 
 
 @pytest.fixture(scope="module")
 def services(built_state):
-    from stores.services import Services
-    from stores.settings import get_settings
+    from services.container import Services
+    from core.settings import get_settings
 
     return Services(get_settings())
 

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from skimage import data, draw
 
-from stores.patchcore import (
+from models.patchcore.model import (
     DEFAULT_CONFIG,
     BankNotFoundError,
     InspectionResult,
@@ -29,7 +29,7 @@ from stores.patchcore import (
     greedy_coreset_indices,
     save_artifacts,
 )
-from stores.settings import Settings
+from core.settings import Settings
 
 ROWS = 320  # never read rows 320..511
 
@@ -226,7 +226,7 @@ def test_artifacts_written(fitted, tmp_path):
 
 
 def test_fixed_color_scale_keeps_normals_cold(fitted):
-    from stores.anomaly_viz import _scale
+    from models.patchcore.anomaly_map import _scale
 
     store = fitted["store"]
     normal = store.inspect(_crops(1, seed=51)[0], "brick")
@@ -429,7 +429,7 @@ def test_test_time_views_one_view_is_the_plain_path():
     m.memory_bank = torch.randn(300, 120, generator=torch.Generator().manual_seed(3))
     imgs = _crops(2, seed=91, size=64)
     score, amap, desc = PatchCoreStore._forward_views(m, imgs, spec, 64, ((False, 0),))
-    from stores.patchcore import preprocess
+    from models.patchcore.model import preprocess
 
     with torch.inference_mode():
         out = m(preprocess(imgs, 64, spec.mean, spec.std))
@@ -467,7 +467,7 @@ def test_symmetry_choice_sets_bank_and_test_time_views(tmp_path):
     """A product fitted with a symmetry (UI / API choice) gets those bank and test-time views,
     recorded in meta.json; a mirrored photo then scores like the photo. Unknown names fail
     before any work."""
-    from stores.patchcore import SYMMETRIES
+    from models.patchcore.model import SYMMETRIES
 
     store = PatchCoreStore(Settings(state_dir=tmp_path, patchcore_image_size=64, patchcore_coreset_ratio=0.05))
     assert set(SYMMETRIES) == {"none", "mirror", "flips", "turns"}
@@ -508,7 +508,7 @@ def test_augment_views():
 
 def test_config_resolution(tmp_path, monkeypatch):
     """Constructor > non-zero setting > tuned per-product config > default; stored in meta.json."""
-    import stores.patchcore as pc
+    import models.patchcore.model as pc
 
     monkeypatch.setitem(pc.PRODUCT_CONFIGS, "widget", PatchCoreConfig(blocks=(3, 5), image_size=96, augment="hflip"))
     store = PatchCoreStore(Settings(state_dir=tmp_path, patchcore_image_size=0, patchcore_coreset_ratio=0))
@@ -559,7 +559,7 @@ def test_separable_blur_equals_anomalib_blur():
     """Our two 1-D passes give anomalib's 2-D GaussianBlur2d (kornia kernel, reflect padding)."""
     from anomalib.models.components import GaussianBlur2d
 
-    from stores.patchcore import SeparableGaussianBlur
+    from models.patchcore.model import SeparableGaussianBlur
 
     x = torch.rand(2, 1, 96, 80, generator=torch.Generator().manual_seed(0)) * 30
     for sigma in (1.0, 4.0, 8.0):
@@ -576,7 +576,7 @@ def test_separable_blur_equals_anomalib_blur():
 
 def test_onnxruntime_features_equal_eager_lite0():
     """ONNX Runtime block outputs = eager Lite0 (real weights) at any input size; same PatchCore scores."""
-    from stores.backbones import OnnxBlockFeatures, load_lite0
+    from models.backbones import OnnxBlockFeatures, load_lite0
 
     onnx_fe = OnnxBlockFeatures((4, 7), pretrained=True)
     eager = load_lite0(blocks=(4, 7), pretrained=True)
@@ -607,8 +607,8 @@ _REFIT_SCRIPT = """
 import sys
 import numpy as np
 from skimage import data
-from stores.patchcore import PatchCoreStore
-from stores.settings import Settings
+from models.patchcore.model import PatchCoreStore
+from core.settings import Settings
 rows = data.brick()[:320]
 rng = np.random.default_rng(int(sys.argv[2]))
 crops = []

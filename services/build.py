@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from stores.settings import PRODUCTS, Settings, get_settings
+from core.settings import PRODUCTS, Settings, get_settings
 
 Progress = Callable[[float, str], None]
 
@@ -32,7 +32,7 @@ def build_state(settings: Settings | None = None, force: bool = False, progress:
         "manuals": ..., "elapsed_s": float}``.
     """
     from data.build import build_sample_data, load_manifest
-    from stores.services import Services
+    from services.container import Services
 
     settings = settings or get_settings()
     progress = progress or _noop

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
-    from stores.settings import Settings
+    from core.settings import Settings
 
 log = logging.getLogger("dra.profiles")
 

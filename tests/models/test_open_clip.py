@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from skimage import data as skdata
 
-from stores.settings import Settings
+from core.settings import Settings
 from tests.tiny_models import TINY_CLIP_CFG, save_tiny_open_clip
 
 ROWS = 320  # rows >= 320 of the sample photos are reserved and never read
@@ -29,7 +29,7 @@ def tiny_clip_dir(tmp_path_factory) -> Path:
 
 
 def test_open_clip_text_and_image_share_space(tiny_clip_dir):
-    from stores.embedders import OpenClipEmbedder, get_image_embedder
+    from models.embedders import OpenClipEmbedder, get_image_embedder
 
     emb = get_image_embedder(f"open_clip:{tiny_clip_dir}")
     assert isinstance(emb, OpenClipEmbedder) and emb.dim == TINY_CLIP_CFG["embed_dim"]
@@ -47,7 +47,7 @@ def test_open_clip_text_and_image_share_space(tiny_clip_dir):
 
 
 def test_open_clip_text_search_through_faiss_index(tiny_clip_dir, tmp_path):
-    from stores.embedders import OpenClipEmbedder
+    from models.embedders import OpenClipEmbedder
     from stores.image_index import ImageIndex
 
     settings = dataclasses.replace(Settings(), state_dir=tmp_path / "state")
@@ -78,8 +78,8 @@ def test_open_clip_text_search_through_faiss_index(tiny_clip_dir, tmp_path):
 
 
 def test_open_clip_missing_hub_weights_name_the_setting(monkeypatch):
-    from stores.embedders import OpenClipEmbedder
-    from stores.profiles import MissingModelError
+    from models.embedders import OpenClipEmbedder
+    from core.profiles import MissingModelError
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", "/nonexistent-hf-home")

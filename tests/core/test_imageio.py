@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stores.imageio import InvalidImageError, content_hash, load_rgb
+from core.imageio import InvalidImageError, content_hash, load_rgb
 
 
 def _png_bytes(img: Image.Image, **kw) -> bytes:

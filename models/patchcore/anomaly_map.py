@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 if TYPE_CHECKING:  # pragma: no cover
-    from stores.patchcore import InspectionResult
+    from models.patchcore.model import InspectionResult
 
 BOX_COLOUR = (255, 255, 255)
 CONTOUR_COLOUR = (255, 255, 255)
@@ -111,7 +111,7 @@ def write_artifacts(result: InspectionResult, rgb: np.ndarray, out_dir: Path) ->
     Raises:
         ValueError: ``rgb`` and ``result.anomaly_map`` sizes differ.
     """
-    from stores.imageio import load_rgb, save_png
+    from core.imageio import load_rgb, save_png
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ import pytest
 
 
 def test_taxonomy_has_five_types_with_korean_names():
-    from stores.catalog import defect_info, defect_types
+    from core.catalog import defect_info, defect_types
 
     assert defect_types() == ["scratch", "crack", "hole", "stain", "contamination"]
     assert [defect_info(d)["ko"] for d in defect_types()] == ["스크래치", "균열", "구멍", "얼룩", "이물질"]
@@ -17,14 +17,14 @@ def test_taxonomy_has_five_types_with_korean_names():
 @pytest.mark.parametrize("name,expected", [("Crack", "crack"), ("균열", "crack"), ("scratches", "scratch"),
                                            ("이물질", "contamination"), ("dent", None), ("", None)])
 def test_normalize_defect(name, expected):
-    from stores.catalog import normalize_defect
+    from core.catalog import normalize_defect
 
     assert normalize_defect(name) == expected
 
 
 def test_check_product(tmp_path, monkeypatch):
-    from stores.catalog import UnknownProductError, check_product
-    from stores.settings import get_settings
+    from core.catalog import UnknownProductError, check_product
+    from core.settings import get_settings
 
     monkeypatch.setenv("DRA_STATE_DIR", str(tmp_path))
     get_settings.cache_clear()
@@ -40,7 +40,7 @@ def test_check_product(tmp_path, monkeypatch):
 
 
 def test_settings_from_env(monkeypatch, tmp_path):
-    from stores.settings import Settings
+    from core.settings import Settings
 
     monkeypatch.setenv("DRA_STATE_DIR", str(tmp_path))
     monkeypatch.setenv("DRA_AGENT_MAX_STEPS", "3")
@@ -52,7 +52,7 @@ def test_settings_from_env(monkeypatch, tmp_path):
 
 
 def test_unsupported_profile_names_the_setting(monkeypatch):
-    from stores.settings import Settings
+    from core.settings import Settings
 
     monkeypatch.setenv("DRA_PROFILE", "cloud")  # offline / hub / auto exist (issue 3)
     with pytest.raises(ValueError, match="DRA_PROFILE"):

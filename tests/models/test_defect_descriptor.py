@@ -7,7 +7,7 @@ import pytest
 from scipy import ndimage as ndi
 from skimage import data as skdata
 
-from stores.defect_descriptor import (STAT_NAMES, DeepPooler, DefectDescriber, DefectProjection, DescriptorConfig,
+from models.defect_descriptor import (STAT_NAMES, DeepPooler, DefectDescriber, DefectProjection, DescriptorConfig,
                                       region_stats)
 
 

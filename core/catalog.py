@@ -11,7 +11,7 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
-from stores.settings import REPO_ROOT, get_settings
+from core.settings import REPO_ROOT, get_settings
 
 TAXONOMY_PATH = REPO_ROOT / "data" / "taxonomy.json"
 

@@ -33,7 +33,7 @@ def load_rgb(source: str | Path | bytes | Image.Image | np.ndarray, max_pixels: 
         InvalidImageError: missing file, not an image, truncated data, too large.
     """
     if max_pixels is None:
-        from stores.settings import get_settings
+        from core.settings import get_settings
 
         max_pixels = get_settings().max_image_pixels
     if isinstance(source, np.ndarray):

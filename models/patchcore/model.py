@@ -11,10 +11,10 @@ distances, the paper's re-weighted image score (9 neighbours) and the
 anomaly map generator (nearest upsampling + Gaussian blur, sigma 4).
 
 Backbone: EfficientNet-Lite0 with its packaged ImageNet weights
-(``stores.backbones``); anomalib builds its ``TimmFeatureExtractor`` around our
+(``models.backbones``); anomalib builds its ``TimmFeatureExtractor`` around our
 ``nn.Module`` (torchvision FX ``create_feature_extractor``, layer names
 ``_blocks.<i>``), so nothing is downloaded. With ``DRA_PATCHCORE_RUNTIME=onnxruntime``
-(default) that extractor is replaced by :class:`stores.backbones.OnnxBlockFeatures`:
+(default) that extractor is replaced by :class:`models.backbones.OnnxBlockFeatures`:
 the same module exported by ``torch.onnx`` and run by ONNX Runtime (same block
 outputs up to float32 rounding; 2-2.3x faster inspection on this CPU, README
 "Speed"). ``DRA_PATCHCORE_BACKBONE`` may name
@@ -53,9 +53,9 @@ import numpy as np
 import torch
 from torch.nn import functional as F  # noqa: N812
 
-from stores.catalog import UnknownProductError
-from stores.imageio import load_rgb
-from stores.settings import Settings, get_settings
+from core.catalog import UnknownProductError
+from core.imageio import load_rgb
+from core.settings import Settings, get_settings
 
 log = logging.getLogger("dra.patchcore")
 
@@ -104,7 +104,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class BankNotFoundError(UnknownProductError, KeyError):
     """No fitted PatchCore memory bank exists for the requested product.
 
-    Subclasses both ``stores.catalog.UnknownProductError`` (a ``ValueError``)
+    Subclasses both ``core.catalog.UnknownProductError`` (a ``ValueError``)
     and ``KeyError``; ``str()`` gives the readable message.
     """
 
@@ -173,7 +173,7 @@ class PatchCoreConfig:
 
     Attributes:
         blocks: EfficientNet-Lite0 block indices whose outputs form the patch
-            features (``stores.backbones.LITE0_BLOCKS``: block 4 = stride 8, 7 = stride 16).
+            features (``models.backbones.LITE0_BLOCKS``: block 4 = stride 8, 7 = stride 16).
         image_size: square model input size in pixels (inputs are resized to it).
         pool_size: neighbourhood average pooling (odd; 3 = the paper's 3x3).
         coreset_ratio: fraction of training patches kept by the greedy coreset (0..1].
@@ -275,7 +275,7 @@ def backbone_spec(name: str, blocks: Sequence[int] | None = None) -> BackboneSpe
         blocks: Lite0 MBConv block indices to take features from (default (4, 7)).
     """
     if name == "efficientnet-lite0":
-        from stores.backbones import LITE_MEAN, LITE_STD
+        from models.backbones import LITE_MEAN, LITE_STD
 
         blocks = tuple(sorted(blocks or DEFAULT_LITE0_BLOCKS))
         return BackboneSpec(name, tuple(f"_blocks.{b}" for b in blocks),
@@ -376,7 +376,7 @@ def build_model(spec: BackboneSpec, pool_size: int = DEFAULT_POOL_SIZE, *, sigma
         bank_dtype: ``"float32"`` or ``"float16"`` faiss index (faiss search only).
         runtime: feature extraction of the EfficientNet-Lite0 backbone: ``"torch"``
             (anomalib's ``TimmFeatureExtractor`` around the eager module, the
-            reference) or ``"onnxruntime"`` (:class:`stores.backbones.OnnxBlockFeatures`,
+            reference) or ``"onnxruntime"`` (:class:`models.backbones.OnnxBlockFeatures`,
             same outputs up to float32 rounding, several times faster on this CPU).
             timm backbones always run in torch.
 
@@ -398,7 +398,7 @@ def build_model(spec: BackboneSpec, pool_size: int = DEFAULT_POOL_SIZE, *, sigma
     cls = faiss_patchcore_class() if search == "faiss" else PatchcoreModel
     extra = {"bank_dtype": bank_dtype} if search == "faiss" else {}
     if spec.name == "efficientnet-lite0":
-        from stores.backbones import load_lite0
+        from models.backbones import load_lite0
 
         blocks = tuple(int(layer.split(".")[1]) for layer in spec.layers)
         backbone = load_lite0(blocks=blocks, pretrained=True, with_head=False).net
@@ -407,13 +407,13 @@ def build_model(spec: BackboneSpec, pool_size: int = DEFAULT_POOL_SIZE, *, sigma
             model = cls(layers=list(spec.layers), backbone=backbone, pre_trained=False,
                         num_neighbors=NUM_NEIGHBORS, **extra)
         if runtime == "onnxruntime":
-            from stores.backbones import load_lite0_onnx
+            from models.backbones import load_lite0_onnx
 
             model.feature_extractor = load_lite0_onnx(blocks, pretrained=True)
     else:  # a timm backbone through anomalib's TimmFeatureExtractor (hub profile: wide_resnet50_2)
         timm_name, _, init = spec.name.partition("@")
         if init != "random":  # "<name>@random": random init (tests); else the pretrained weights
-            from stores.profiles import require_available
+            from core.profiles import require_available
 
             require_available("patchcore_backbone", timm_name)  # cached / local, or a clear error
         model = cls(layers=list(spec.layers), backbone=timm_name, pre_trained=init != "random",
@@ -471,7 +471,7 @@ def preprocess(images: Sequence[np.ndarray], size: int, mean: Sequence[float], s
 
     Each image is resized on its own (bilinear, antialiased) so sizes may differ.
     """
-    from stores import backbones
+    from models import backbones
 
     batch = torch.cat([backbones.to_tensor(im, size) for im in images])
     lite_mean = torch.tensor(backbones.LITE_MEAN).view(1, 3, 1, 1)
@@ -1120,7 +1120,7 @@ class PatchCoreStore:
 
         Raises:
             BankNotFoundError: ``product`` has no fitted bank (KeyError and ValueError subclass).
-            stores.imageio.InvalidImageError: not an image array.
+            core.imageio.InvalidImageError: not an image array.
         """
         return self.inspect_batch([rgb], product)[0]
 
@@ -1336,7 +1336,7 @@ def save_artifacts(result: InspectionResult, rgb: np.ndarray, out_dir: Path) -> 
     Returns:
         ``{"anomaly_map", "mask", "heatmap", "overlay", "comparison"}`` -> path strings.
     """
-    from stores import anomaly_viz
+    from models.patchcore import anomaly_map as anomaly_viz
 
     return anomaly_viz.write_artifacts(result, load_rgb(rgb), Path(out_dir))
 

@@ -233,7 +233,7 @@ class DeepPooler:
     """
 
     def __init__(self, blocks: tuple[int, ...] = (2, 4, 7), pretrained: bool = True):
-        from stores.backbones import load_lite0
+        from models.backbones import load_lite0
 
         self.blocks = tuple(sorted(blocks))
         self._net = load_lite0(blocks=self.blocks, pretrained=pretrained, with_head=False)
@@ -243,7 +243,7 @@ class DeepPooler:
         import torch
         from torch.nn import functional as F  # noqa: N812
 
-        from stores.backbones import to_tensor
+        from models.backbones import to_tensor
 
         out = []
         with self._lock, torch.inference_mode():
@@ -276,7 +276,7 @@ class DefectDescriber:
 
     @property
     def dim(self) -> int:
-        from stores.backbones import LITE0_BLOCKS
+        from models.backbones import LITE0_BLOCKS
 
         d = len(STAT_NAMES) if self.cfg.use_stats else 0
         if self.cfg.use_deep:
@@ -460,7 +460,7 @@ def synthesize_training_defects(normals: list[np.ndarray], product: str, per_typ
                                 seed: int = 777) -> tuple[list[np.ndarray], list[str]]:
     """Extra labelled defects for fitting the metric: the project's synthesiser on normal images.
 
-    Draws each defect type of :data:`stores.settings.DEFECT_TYPES` with
+    Draws each defect type of :data:`core.settings.DEFECT_TYPES` with
     :func:`data.synth.synthesize` onto ``per_type`` normal images (cycled), with
     generators seeded by ``(seed, product, type, i)`` (deterministic). Only the
     metric sees these images; they are never indexed or shown.
@@ -469,7 +469,7 @@ def synthesize_training_defects(normals: list[np.ndarray], product: str, per_typ
         ``(images, defect_types)``: RGB uint8 ``(H, W, 3)`` images and their labels.
     """
     from data import synth
-    from stores.settings import DEFECT_TYPES
+    from core.settings import DEFECT_TYPES
 
     if not normals or per_type <= 0:
         return [], []

@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 from functools import cached_property
 
-from stores.settings import Settings, get_settings
+from core.settings import Settings, get_settings
 
 
 class Services:
@@ -21,9 +21,9 @@ class Services:
 
     @cached_property
     def patchcore(self):
-        """:class:`stores.patchcore.PatchCoreStore`."""
+        """:class:`models.patchcore.model.PatchCoreStore`."""
         with self._lock:
-            from stores.patchcore import PatchCoreStore
+            from models.patchcore.model import PatchCoreStore
 
             return PatchCoreStore(self.settings)
 

