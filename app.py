@@ -1,12 +1,11 @@
-"""Gradio app of the defect response agent (UI only: no model state of its own).
+"""Gradio app of the defect response agent: composition and launch only (no model state of its own).
 
-A person uploads a photo of a part in the chat (optionally with a question and a
-product). The tool-calling agent (:class:`agent.agents.DefectAgent`) runs PatchCore
-anomaly scoring, similar-defect search and manual retrieval; every tool call is
-streamed into the chat as a collapsible "thought" message (title = the call,
-content = the observation, with its duration), the anomaly overlay appears inline,
-the heat-map comparison and the similar past defects appear beside the chat, and
-the run ends with the response manual (markdown citing manual pages).
+The Chat tab and ``/chat`` are :mod:`ui.chat`; the tool tabs (Inspect, Search, Manuals,
+Gallery, Products, History) and their endpoints (``/inspect``, ``/search``, ``/manual``,
+``/register_defect``, ``/relabel_defect``, ``/delete_defect``, ``/gallery``,
+``/ingest_manual``, ``/manuals``, ``/delete_manual``, ``/fit_product``, ``/history``,
+``/history_run``, ``/export_manual``) are :mod:`ui.tabs`; every handler calls the use cases
+of ``services/`` (or the agent), and every analysis is stored in the SQLite history.
 
 Named API endpoints (``gradio_client``)::
 
@@ -14,20 +13,10 @@ Named API endpoints (``gradio_client``)::
     client = Client("http://127.0.0.1:7860/")
     result, overlay = client.predict(handle_file("part.png"), "what should I do?", "auto (infer)",
                                      api_name="/chat")
-    # result: dict answer, steps, citations, product, defect_type, model, fallback, ...
-    # overlay: local path of the downloaded overlay PNG (None when no scoring ran)
     banner = client.predict(api_name="/models")   # {"agent", "image_embedder", ...}
 
-Other tabs (Inspect, Search, Manuals, Gallery, Products, History) and their endpoints
-(``/inspect``, ``/search``, ``/manual``, ``/register_defect``, ``/relabel_defect``,
-``/delete_defect``, ``/gallery``, ``/ingest_manual``, ``/manuals``, ``/delete_manual``,
-``/fit_product``, ``/history``, ``/history_run``, ``/export_manual``) are built by
-:mod:`ui.tabs` on the functions of :mod:`ui.actions`; every analysis is stored in the
-SQLite history (:mod:`stores.history`).
-
-Bad input (not an image, truncated file, unknown product) makes ``/chat`` raise a
-``gr.Error`` whose message says what is wrong; ``gradio_client`` re-raises it as
-``gradio_client.exceptions.AppError``. The server keeps serving.
+Bad input makes an endpoint raise a ``gr.Error`` whose message says what is wrong
+(``gradio_client`` re-raises it as ``AppError``); the server keeps serving.
 
 Run ``python app.py`` to serve on ``Settings.host:Settings.port`` (127.0.0.1:7860).
 ``demo`` is built at import time (Hugging Face Spaces style).
@@ -37,388 +26,23 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
-from core.settings import get_settings  # sets the offline / no-telemetry environment first
+from core.settings import apply_runtime_env, get_settings
+
+apply_runtime_env()  # entry point: offline / no-telemetry environment before gradio and torch load
 
 import gradio as gr  # noqa: E402
+import numpy as np  # noqa: E402
 
-from core.catalog import UnknownProductError, check_product, products  # noqa: E402
-from core.imageio import InvalidImageError  # noqa: E402
+from core.catalog import products  # noqa: E402
+from services.container import get_services  # noqa: E402
+from services.lock import MODEL_LOCK  # noqa: E402
+from ui import tabs  # noqa: E402
+from ui.chat import AGENT_CONCURRENCY_ID, AUTO_PRODUCT, active_models, banner_markdown, chat_api, respond  # noqa: E402
 
 log = logging.getLogger("dra.app")
 
-AUTO_PRODUCT = "auto (infer)"
-AGENT_CONCURRENCY_ID = "agent"  # the LLM is single: every agent run shares one slot
-DEFAULT_AGENT_NAME = "Qwen2.5-Coder-1.5B-Instruct Q4_K_M GGUF (llama.cpp)"
 
-# ---------------------------------------------------------------------------
-# process-wide lazy singleton: the agent (loads its model on first use)
-# ---------------------------------------------------------------------------
-def get_agent():
-    """The process's :class:`agent.agents.DefectAgent` (see :func:`agent.agents.get_default_agent`)."""
-    from agent.agents import get_default_agent
-
-    return get_default_agent()
-
-
-def reset_agent() -> None:
-    """Drop the agent singleton (the next run builds it again from the current settings)."""
-    from agent.agents import reset_default_agent
-
-    reset_default_agent()
-
-
-# ---------------------------------------------------------------------------
-# model banner
-# ---------------------------------------------------------------------------
-def _loaded_store(name: str):
-    """A store of the process's services if it is already loaded, else None (never loads)."""
-    try:
-        from services.container import get_services
-
-        return get_services().__dict__.get(name)
-    except Exception:  # noqa: BLE001 - the banner must never fail
-        return None
-
-
-def active_models(agent_model: str | None = None) -> dict[str, str]:
-    """Names of the active model per role (JSON-friendly, for the banner and ``/models``).
-
-    Stores already loaded report their own ``.model`` name; roles not loaded yet
-    report the configured choice from :class:`core.settings.Settings`.
-    """
-    s = get_settings()
-    if not agent_model:
-        agent_model = Path(s.agent_model).name if s.agent_model else (
-            DEFAULT_AGENT_NAME if s.agent_backend == "llamacpp" else s.agent_backend)
-        from agent.agents import loaded_default_agent
-
-        current = loaded_default_agent()
-        if current is not None:
-            agent_model = str(getattr(current, "model_name", None) or getattr(current, "model_id", None) or agent_model)
-    roles = {"agent": agent_model}
-    for role, store, configured in (
-        ("image_embedder", "image_index", s.image_embedder),
-        ("patchcore_backbone", "patchcore", s.patchcore_backbone),
-        ("text_embedder", "manuals", s.text_embedder),
-    ):
-        obj = _loaded_store(store)
-        roles[role] = str(getattr(obj, "model", None) or configured)
-    roles["profile"] = s.model_resolution.label(s.profile)  # e.g. "auto: agent=offline, image_embedder=hub, ..."
-    return roles
-
-
-def banner_markdown(agent_model: str | None = None) -> str:
-    """The banner line naming the active models."""
-    m = active_models(agent_model)
-    return (
-        "## Defect response agent\n"
-        "Upload a photo of a part (optionally ask a question and pick the product). "
-        "The agent scores it with PatchCore, searches similar past defects, reads the manuals "
-        "and writes a response manual citing manual pages.\n\n"
-        f"**Agent:** `{m['agent']}` · **Image embedder:** `{m['image_embedder']}` · "
-        f"**PatchCore backbone:** `{m['patchcore_backbone']}` · **Text embedder:** `{m['text_embedder']}` · "
-        f"**Profile:** `{m['profile']}`"
-    )
-
-
-# ---------------------------------------------------------------------------
-# the analysis shared by the chat UI and the /chat endpoint
-# ---------------------------------------------------------------------------
-def _product_arg(product: str | None) -> str | None:
-    """Dropdown / API value → product id or None (infer). Raises UnknownProductError."""
-    if product is None:
-        return None
-    p = str(product).strip()
-    if not p or p.lower() in ("auto", AUTO_PRODUCT, "none"):
-        return None
-    return check_product(p)
-
-
-def _check_upload(path: str | Path | None) -> Path:
-    """The uploaded file's path; InvalidImageError when missing or above the size limit."""
-    if not path:
-        raise InvalidImageError("no image was attached: upload a photo of the part (PNG, JPEG, ...)")
-    p = Path(path)
-    if not p.is_file():
-        raise InvalidImageError(f"the uploaded file {p.name} could not be found on the server")
-    limit = get_settings().max_upload_mb
-    if p.stat().st_size > limit * 1024 * 1024:
-        raise InvalidImageError(f"{p.name} is larger than the upload limit of {limit:g} MB (DRA_MAX_UPLOAD_MB)")
-    return p
-
-
-def start_run(path: str | Path | None, question: str | None, product: str | None):
-    """Validate the inputs and build the run context.
-
-    Returns:
-        :class:`tools.context.RunContext` with the decoded photo (RGB uint8 ``(H, W, 3)``).
-
-    Raises:
-        InvalidImageError: missing, oversized, non-image or truncated file.
-        UnknownProductError: a product id that is not in the catalog.
-    """
-    from tools.context import RunContext
-
-    p = _check_upload(path)
-    prod = _product_arg(product)
-    q = (question or "").strip() or None
-    return RunContext.from_path(p, product=prod, question=q)
-
-
-def _fmt_args(arguments: dict | None) -> str:
-    if not arguments:
-        return ""
-    return ", ".join(f"{k}={v!r}" for k, v in arguments.items() if v is not None)
-
-
-def _step_dict(step) -> dict:
-    return {
-        "tool": step.tool,
-        "arguments": dict(step.arguments or {}),
-        "observation": step.observation,
-        "duration_s": round(float(step.duration_s or 0.0), 3),
-        "error": step.error,
-    }
-
-
-def _hits(ctx) -> list[dict]:
-    return list((ctx.search or {}).get("hits") or [])
-
-
-def _gallery(ctx) -> list[tuple[str, str]]:
-    out = []
-    for h in _hits(ctx):
-        img = h.get("image")
-        if img and Path(img).is_file():
-            out.append((str(img), f"{h.get('defect_type')} · {h.get('product')} · {float(h.get('score', 0)):.2f}"))
-    return out
-
-
-def result_dict(result, ctx) -> dict:
-    """JSON-friendly digest of an :class:`agent.agents.AgentResult` and its run context."""
-    insp = ctx.inspection or {}
-    return {
-        "answer": result.answer,
-        "steps": [_step_dict(s) for s in result.steps],
-        "citations": [dict(c) for c in (result.citations or [])],
-        "product": result.product or ctx.product,
-        "product_source": ctx.product_source,
-        "defect_type": result.defect_type or ctx.defect_type,
-        "model": result.model,
-        "fallback": bool(result.fallback),
-        "fallback_reason": result.fallback_reason,
-        "elapsed_s": round(float(result.elapsed_s), 3),
-        "score": insp.get("score"),
-        "threshold": insp.get("threshold"),
-        "is_anomalous": insp.get("is_anomalous"),
-        "regions": insp.get("regions", []),
-        "similar": [{k: h.get(k) for k in ("id", "product", "defect_type", "score")} for h in _hits(ctx)],
-        "overlay": insp.get("overlay"),
-        "run_id": ctx.run_id,
-    }
-
-
-def record_history(result, ctx, source: str) -> str | None:
-    """Store the run in the SQLite history (:mod:`stores.history`); returns its id (None on failure)."""
-    from stores.history import get_history
-
-    try:
-        return get_history().record_run(result, ctx, source=source, models=active_models(result.model))
-    except Exception:  # noqa: BLE001 - a history failure must not lose the answer
-        log.exception("could not record the run in the history")
-        return None
-
-
-def export_files(run_id: str | None) -> tuple[str | None, str | None]:
-    """``(markdown path, pdf path)`` of a stored run's response manual (None where it failed)."""
-    from ui.actions import export_manual
-
-    if not run_id:
-        return None, None
-    out = []
-    for fmt in ("md", "pdf"):
-        try:
-            out.append(export_manual(run_id, fmt))
-        except Exception:  # noqa: BLE001
-            log.exception("export of %s as %s failed", run_id, fmt)
-            out.append(None)
-    return out[0], out[1]
-
-
-# ---------------------------------------------------------------------------
-# /chat endpoint (JSON)
-# ---------------------------------------------------------------------------
-def chat_api(image: str | None, question: str | None = "", product: str | None = AUTO_PRODUCT):
-    """Analyse one photo and return the response manual (endpoint ``/chat``).
-
-    Args:
-        image: server path of the uploaded file (send it with ``gradio_client.handle_file``).
-        question: optional question ("" for none); a Korean question gets a Korean manual when available.
-        product: a product id from the catalog, or ``"auto (infer)"`` / ``""`` to infer it.
-
-    Returns:
-        ``(result, overlay)``: ``result`` is a dict with ``answer`` (markdown), ``steps``
-        [{tool, arguments, observation, duration_s, error}], ``citations`` [{source, page}],
-        ``product``, ``defect_type``, ``model``, ``fallback``, ``fallback_reason``,
-        ``elapsed_s``, ``score``, ``threshold``, ``is_anomalous``, ``regions``, ``similar``,
-        ``overlay`` (server path), ``run_id``, ``history_id`` (the run's row in the history,
-        see ``/history_run``); ``overlay`` is the overlay PNG as a file (None if absent).
-
-    Raises:
-        gr.Error: bad input (not an image, truncated, too large, unknown product) or a
-            failed run, with a message that says what is wrong.
-    """
-    try:
-        ctx = start_run(image, question, product)
-    except (InvalidImageError, UnknownProductError) as exc:
-        raise gr.Error(f"Bad input: {exc}", print_exception=False) from None
-    result = None
-    from ui.actions import MODEL_LOCK
-
-    try:
-        with MODEL_LOCK.shared():  # no product fit (torch.fx tracing) while the tools run models
-            for event in get_agent().stream(ctx):
-                if not _is_step(event):
-                    result = event
-    except Exception as exc:  # noqa: BLE001 - reported to the caller, server keeps serving
-        log.exception("agent run failed")
-        raise gr.Error(f"The analysis failed: {type(exc).__name__}: {exc}") from None
-    if result is None:
-        raise gr.Error("The analysis ended without a result")
-    out = result_dict(result, ctx)
-    out["history_id"] = record_history(result, ctx, "api")
-    overlay = out["overlay"] if out["overlay"] and Path(out["overlay"]).is_file() else None
-    return out, overlay
-
-
-def _is_step(event) -> bool:
-    return hasattr(event, "tool") and hasattr(event, "observation")
-
-
-# ---------------------------------------------------------------------------
-# streaming chat handler (UI)
-# ---------------------------------------------------------------------------
-def _user_messages(text: str, path: str | None) -> list[dict]:
-    msgs = []
-    if path:
-        msgs.append({"role": "user", "content": {"path": path, "alt_text": Path(path).name}})
-    if text:
-        msgs.append({"role": "user", "content": text})
-    return msgs
-
-
-def _final_markdown(result, ctx) -> str:
-    parts = [result.answer.strip() if result.answer else "_(empty answer)_"]
-    notes = []
-    if result.fallback:
-        reason = f": {result.fallback_reason}" if result.fallback_reason else ""
-        notes.append(f"ℹ️ This manual was written by the deterministic fallback from the tool results{reason}.")
-    src = f" ({ctx.product_source})" if ctx.product_source and ctx.product_source != "user" else ""
-    notes.append(
-        f"Product: **{result.product or ctx.product}**{src} · defect type: **{result.defect_type or ctx.defect_type}**"
-        f" · model `{result.model}` · {float(result.elapsed_s):.1f} s"
-    )
-    return "\n\n".join(parts) + "\n\n---\n" + "\n\n".join(notes)
-
-
-def respond(message: dict | None, history: list, product: str, last_image: str | None) -> Iterator[tuple]:
-    """Chat handler (streaming): yields ``(history, textbox, comparison, gallery, banner, last_image,
-    markdown download, pdf download)``; a finished run is stored in the history and its
-    response manual exported as Markdown and PDF for the two download buttons.
-
-    ``message`` is the MultimodalTextbox value ``{"text": str, "files": [path]}``. A
-    message without a photo re-analyses the session's last photo with the new question.
-    """
-    message = message or {}
-    text = (message.get("text") or "").strip()
-    files = message.get("files") or []
-    new_path = None
-    if files:
-        f = files[-1]
-        new_path = f if isinstance(f, str) else (f.get("path") if isinstance(f, dict) else getattr(f, "path", None))
-    history = list(history or []) + _user_messages(text, new_path)
-    path = new_path or last_image
-    keep = gr.update()
-    cleared = gr.update(value=None)
-
-    if not path:
-        history.append({"role": "assistant",
-                        "content": "Please attach a photo of the part (📎 button or drag & drop), "
-                                   "optionally with a question."})
-        yield history, cleared, keep, keep, keep, last_image, keep, keep
-        return
-    try:
-        ctx = start_run(path, text, product)
-    except (InvalidImageError, UnknownProductError) as exc:
-        if new_path and isinstance(exc, InvalidImageError):  # show the name, not a broken picture
-            history = [m for m in history if not (isinstance(m, dict) and isinstance(m.get("content"), dict)
-                                                  and m["content"].get("path") == new_path)]
-            history.insert(len(history) - (1 if text else 0),
-                           {"role": "user", "content": f"📎 {Path(new_path).name}"})
-        history.append({"role": "assistant", "content": f"⚠️ **Cannot analyse this upload.** {exc}"})
-        yield history, cleared, keep, keep, keep, last_image, keep, keep
-        return
-    last_image = str(path)
-
-    t0 = time.perf_counter()
-    working = gr.ChatMessage(content="", metadata={"title": "⏳ Agent at work …", "status": "pending"})
-    history.append(working)
-    yield history, cleared, None, [], keep, last_image, keep, keep
-
-    shown_overlay = shown_gallery = False
-    comparison, gallery = keep, keep
-    from ui.actions import MODEL_LOCK
-
-    try:
-        with MODEL_LOCK.shared():  # no product fit (torch.fx tracing) while the tools run models
-            for event in get_agent().stream(ctx):
-                if _is_step(event):
-                    body = event.observation or ""
-                    if event.error:
-                        body = f"❌ {event.error}\n\n{body}".strip()
-                    history.insert(len(history) - 1, gr.ChatMessage(
-                        content=body or "(no observation)",
-                        metadata={"title": f"🛠️ {event.tool}({_fmt_args(event.arguments)})",
-                                  "status": "done", "duration": round(float(event.duration_s or 0.0), 2)},
-                    ))
-                    insp = ctx.inspection or {}
-                    if not shown_overlay and insp.get("overlay") and Path(insp["overlay"]).is_file():
-                        shown_overlay = True
-                        verdict = "ANOMALOUS" if insp.get("is_anomalous") else "NORMAL"
-                        history.insert(len(history) - 1, {"role": "assistant", "content": {
-                            "path": insp["overlay"],
-                            "alt_text": f"anomaly overlay: score {insp.get('score')} / threshold "
-                                        f"{insp.get('threshold')} ({verdict})"}})
-                        comp = insp.get("comparison") or insp.get("heatmap")
-                        comparison = comp if comp and Path(comp).is_file() else keep
-                    if not shown_gallery and _hits(ctx):
-                        shown_gallery = True
-                        gallery = _gallery(ctx)
-                    yield history, keep, comparison, gallery, keep, last_image, keep, keep
-                else:
-                    result = event
-                    working.metadata = {"title": "✅ Agent finished", "status": "done",
-                                        "duration": round(time.perf_counter() - t0, 2)}
-                    working.content = f"{len(result.steps)} tool call(s) · model `{result.model}`"
-                    history.append({"role": "assistant", "content": _final_markdown(result, ctx)})
-                    md_path, pdf_path = export_files(record_history(result, ctx, "app"))
-                    yield (history, keep, comparison, gallery, banner_markdown(result.model), last_image,
-                           gr.update(value=md_path, interactive=md_path is not None),
-                           gr.update(value=pdf_path, interactive=pdf_path is not None))
-    except Exception as exc:  # noqa: BLE001 - shown in the chat, the app keeps running
-        log.exception("agent run failed")
-        working.metadata = {"title": "❌ Agent failed", "status": "done",
-                            "duration": round(time.perf_counter() - t0, 2)}
-        history.append({"role": "assistant", "content": f"❌ **The analysis failed.** {type(exc).__name__}: {exc}"})
-        yield history, keep, comparison, gallery, keep, last_image, keep, keep
-
-
-# ---------------------------------------------------------------------------
-# layout
-# ---------------------------------------------------------------------------
 CSS = """
 #banner {padding: 4px 8px;}
 #chat .message img {max-height: 320px;}
@@ -430,8 +54,6 @@ def build_app() -> gr.Blocks:
 
     Per-session values live in ``gr.State`` only; queue slots are described in :mod:`ui.tabs`.
     """
-    from ui import tabs
-
     with gr.Blocks(title="Defect response agent", delete_cache=(3600, 3600)) as demo:
         banner = gr.Markdown(banner_markdown(), elem_id="banner")
         last_image = gr.State(None)  # per session: the last photo, for follow-up questions
@@ -511,8 +133,6 @@ def build_app() -> gr.Blocks:
 
 def _on_load():
     """Page load: fresh banner, product lists (products fitted since start-up), manuals, products."""
-    from ui import tabs
-
     prods = products()
     manual_rows, manual_choices = tabs._manual_updates()
     return (banner_markdown(), gr.update(choices=[AUTO_PRODUCT] + prods),
@@ -531,25 +151,20 @@ def warm_up() -> dict:
     process while it runs, so a bank loaded lazily in one request thread breaks a
     forward pass running in another. Loading all banks up front avoids that race.
     """
-    import numpy as np
-
-    from services.container import get_services
-
     t0 = time.perf_counter()
     svc = get_services()
-    prods = svc.patchcore.products()
+    prods = svc.banks.products()
     for p in prods:
-        svc.patchcore.meta(p)  # loads (and traces) the bank's model
+        svc.banks.get(p)  # loads (and traces) the bank's model
     if len(svc.image_index):
-        svc.image_index.search(np.full((64, 64, 3), 128, np.uint8), k=1)
+        with MODEL_LOCK.shared():
+            svc.image_index.search(np.full((64, 64, 3), 128, np.uint8), k=1)
     svc.manuals.count()
     try:
         svc.manuals.query("warm up", k=1)
     except ValueError:
         pass
-    from stores.history import get_history
-
-    get_history()
+    svc.history.count()
     return {"products": prods, "seconds": round(time.perf_counter() - t0, 1)}
 
 

@@ -28,7 +28,6 @@ import importlib.resources
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +39,13 @@ from smolagents.monitoring import LogLevel
 from smolagents.utils import AgentError, AgentMaxStepsError
 
 from agent.checks import check_answer, complete_sources, find_citations, manual_pattern
+from agent.fallback import run_missing_tools, write_manual
+from agent.models import GenerationTimeout, get_agent_model
+from agent.types import AgentResult, AgentStep
+from core import catalog
 from core.settings import Settings, get_settings
+from services.container import get_services
+from tools import build_tools
 
 if TYPE_CHECKING:  # pragma: no cover
     from smolagents import Tool
@@ -49,66 +54,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 PROMPTS_PATH = Path(__file__).resolve().parent / "prompts" / "toolcalling_agent.yaml"
 _EXTRA_PROMPT_KEYS = ("task", "answer_problems")
-
-
-@dataclass
-class AgentStep:
-    """One tool call of a run.
-
-    Attributes:
-        tool: tool name (``"invalid_tool_call"`` when the model output was not a valid call).
-        arguments: the call's arguments.
-        observation: what the tool returned to the model ("" on error).
-        duration_s: wall time of the tool call in seconds.
-        error: error message when the call failed, else None.
-    """
-
-    tool: str
-    arguments: dict
-    observation: str
-    duration_s: float
-    error: str | None = None
-
-
-@dataclass
-class AgentResult:
-    """Outcome of one run.
-
-    Attributes:
-        steps: tool calls in order (the model's, then the fallback's if any).
-        answer: the response manual (markdown).
-        citations: ``[{"source": file, "page": 1-based page}]`` cited in ``answer``, in order.
-        model: display name of the model (e.g. ``"llamacpp:qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"``).
-        elapsed_s: wall time of the run in seconds.
-        fallback: True when :mod:`agent.fallback` wrote the answer.
-        fallback_reason: why (None when the model's answer passed the checks).
-        product: product id (given or inferred), or None.
-        defect_type: defect type id found by similar-defect search, or None.
-    """
-
-    steps: list[AgentStep]
-    answer: str
-    citations: list[dict]
-    model: str
-    elapsed_s: float
-    fallback: bool
-    fallback_reason: str | None
-    product: str | None
-    defect_type: str | None
-
-    def to_dict(self) -> dict:
-        """JSON-friendly dict (the CLI ``ask`` output)."""
-        return {
-            "steps": [vars(s).copy() for s in self.steps],
-            "answer": self.answer,
-            "citations": self.citations,
-            "model": self.model,
-            "elapsed_s": round(self.elapsed_s, 2),
-            "fallback": self.fallback,
-            "fallback_reason": self.fallback_reason,
-            "product": self.product,
-            "defect_type": self.defect_type,
-        }
 
 
 def load_prompts(path: Path = PROMPTS_PATH) -> tuple[dict, dict]:
@@ -148,8 +93,6 @@ class _ToolView:
 
 def _known(kind: str) -> list[str]:
     try:
-        from core import catalog
-
         return list(catalog.products()) if kind == "product" else list(catalog.defect_types())
     except Exception:  # catalog unavailable: no enum, the tool checks the value
         return []
@@ -234,8 +177,6 @@ class _RunModel(Model):
         return offered
 
     def generate(self, messages, stop_sequences=None, response_format=None, tools_to_call_from=None, **kwargs):
-        from agent.models import GenerationTimeout
-
         if time.monotonic() > self.deadline:
             raise GenerationTimeout("agent deadline passed")
         if getattr(self.inner, "supports_deadline", False):
@@ -274,8 +215,6 @@ class DefectAgent:
 
     def _resolve_model(self) -> tuple[Model, str]:
         if self._model is None:
-            from agent.models import get_agent_model
-
             self._model, self._model_name = get_agent_model(self.settings)
         return self._model, self._model_name
 
@@ -325,8 +264,6 @@ class DefectAgent:
 
         fallback = reason is not None
         if fallback:
-            from agent.fallback import run_missing_tools, write_manual
-
             for step in run_missing_tools(ctx, tools):
                 steps.append(step)
                 yield step
@@ -479,9 +416,6 @@ def get_default_agent() -> DefectAgent:
     global _DEFAULT_AGENT
     with _DEFAULT_LOCK:
         if _DEFAULT_AGENT is None:
-            from services.container import get_services
-            from tools import build_tools
-
             _DEFAULT_AGENT = DefectAgent(tools_factory=lambda ctx: build_tools(ctx, get_services()))
         return _DEFAULT_AGENT
 

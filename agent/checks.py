@@ -13,6 +13,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from core import catalog
+
 SECTIONS = (
     "Defect summary",
     "Location and extent",
@@ -68,8 +70,6 @@ def _names(value: str | None, kind: str) -> list[str]:
         return []
     names = {value, value.replace("_", " ")}
     try:
-        from core import catalog
-
         info = catalog.defect_info(value) if kind == "defect" else catalog.product_info(value)
         names |= {str(info.get("en", "")), str(info.get("ko", ""))}
     except (KeyError, ImportError, OSError, ValueError):

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from agent.checks import SECTIONS
+from agent.types import AgentStep
 
 _SECTION_KEYS = {"Likely causes": "cause", "Immediate actions": "action", "Prevention": "prevent"}
 _BULLET = re.compile(r"^\s*(?:[-*+\u2022\u00b7]|\d+[.)])\s*")
@@ -56,10 +57,8 @@ def run_missing_tools(ctx: Any, tools: list) -> Iterator:
         tools: the run's smolagents tools (looked up by name; missing ones are skipped).
 
     Yields:
-        :class:`agent.agents.AgentStep` (``error`` set when a tool raised; the fallback goes on).
+        :class:`agent.types.AgentStep` (``error`` set when a tool raised; the fallback goes on).
     """
-    from agent.agents import AgentStep
-
     by_name = {t.name: t for t in tools}
 
     def call(name: str, **arguments):

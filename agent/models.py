@@ -20,7 +20,6 @@ their own modules with :func:`register_agent_backend`, imported on first use).
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -40,13 +39,8 @@ from smolagents.models import (
 )
 from smolagents.monitoring import TokenUsage
 
+from agent.assemble import assemble_gguf
 from core.settings import Settings, get_settings
-
-# llama.cpp's CPU backend uses OpenMP; with the default (active) wait policy its threads
-# spin and, when another process competes for the 2 cores, generation collapses (measured
-# with SmolLM2-135M under load: 31 s instead of 0.9 s for 30 tokens). libgomp reads this
-# once, when it is first loaded, so it must be set before llama_cpp (or torch) is imported.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 class GenerationTimeout(TimeoutError):
@@ -350,8 +344,6 @@ def _llamacpp_backend(settings: Settings) -> tuple[Model, str]:
         if not path.is_file():
             raise FileNotFoundError(f"DRA_AGENT_MODEL={settings.agent_model}: no such GGUF file")
     else:
-        from agent.assemble import assemble_gguf
-
         path = assemble_gguf(settings)
     model = LlamaCppModel(
         path,

@@ -29,14 +29,13 @@ import time
 from smolagents.models import ChatMessage, MessageRole, Model, OpenAIServerModel
 
 from agent.models import GenerationTimeout, register_agent_backend
+from agent.qwen2_vl import _to_pil, image_key, parse_qwen_tool_calls
 from core.settings import Settings
 
 
 def dedupe_images(messages: list, keep_images: bool = True) -> list:
     """Copy of smolagents ``messages`` where every image appears once (first occurrence kept);
     with ``keep_images=False`` all image parts are removed. Messages left empty are dropped."""
-    from agent.qwen2_vl import _to_pil, image_key
-
     seen: set[str] = set()
     out = []
     for msg in messages:
@@ -115,8 +114,6 @@ class OpenAIServerVLModel(OpenAIServerModel):
                  deadline: float | None = None, **kwargs) -> ChatMessage:
         """One chat completion on the server; see the class docstring."""
         import openai
-
-        from agent.qwen2_vl import parse_qwen_tool_calls
 
         if deadline is not None:
             left = deadline - time.monotonic()

@@ -51,6 +51,7 @@ from smolagents.models import (
 from smolagents.monitoring import TokenUsage
 
 from agent.models import GenerationTimeout, register_agent_backend
+from core.profiles import QWEN2_VL_DEFAULT, require_available
 from core.settings import Settings
 
 PRECISIONS = ("auto", "4bit", "bf16", "fp32")
@@ -277,8 +278,6 @@ class Qwen2VLModel(Model):
         else:
             from transformers import AutoModelForImageTextToText, AutoProcessor
 
-            from core.profiles import require_available
-
             if not Path(model_id).expanduser().is_dir():
                 require_available("agent", model_id)
             precision, device = choose_precision(precision)
@@ -375,8 +374,6 @@ class Qwen2VLModel(Model):
 @register_agent_backend("qwen2-vl")
 def _qwen2_vl_backend(settings: Settings) -> tuple[Model, str]:
     """Qwen2-VL / Qwen2.5-VL from ``settings.agent_model`` (hub id or local folder)."""
-    from core.profiles import QWEN2_VL_DEFAULT
-
     model = Qwen2VLModel(
         settings.agent_model or QWEN2_VL_DEFAULT,
         precision=settings.vlm_precision,

@@ -77,7 +77,7 @@ def run_one(args) -> dict:
     if args.augment:
         overrides["augment"] = args.augment
     with tempfile.TemporaryDirectory(prefix="bank_scale_") as tmp:
-        store = PatchCoreStore(Settings(state_dir=Path(tmp)), **overrides)
+        store = PatchCoreStore(Settings.from_env(state_dir=Path(tmp)), **overrides)
         cfg = store.config_for(args.product)
         # warm the backbone so its load is not counted as fit memory / time
         store._new_model(backbone_spec(store.settings.patchcore_backbone, cfg.blocks), cfg)

@@ -90,16 +90,16 @@ def run(args) -> dict:
     if args.small:
         over.update(coreset_ratio=0.05, augment="none")
     with tempfile.TemporaryDirectory(prefix="bench_inspect_") as tmp:
-        tuned_tta = PatchCoreStore(Settings(state_dir=Path(tmp)), **over).config_for(args.product).tta
+        tuned_tta = PatchCoreStore(Settings.from_env(state_dir=Path(tmp)), **over).config_for(args.product).tta
         tta_ms, tta_fit_s = None, None
         if tuned_tta != "none":
-            tstore = PatchCoreStore(Settings(state_dir=Path(tmp) / "tta"), **over)
+            tstore = PatchCoreStore(Settings.from_env(state_dir=Path(tmp) / "tta"), **over)
             t0 = time.perf_counter()
             tstore.fit(args.product, train, val[:2] if len(val) > 2 else val)
             tta_fit_s = time.perf_counter() - t0
             tta_ms = _time(lambda im: tstore.inspect(im, args.product), val)
             tta_model = tstore.meta(args.product)["model"]
-        store = PatchCoreStore(Settings(state_dir=Path(tmp)), **over, tta="none")
+        store = PatchCoreStore(Settings.from_env(state_dir=Path(tmp)), **over, tta="none")
         cfg = store.config_for(args.product)
         t0 = time.perf_counter()
         store.fit(args.product, train, val[:2] if len(val) > 2 else val)

@@ -282,7 +282,7 @@ def cmd_fit(args) -> None:
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="pc_fit_"))
     try:
-        store = PatchCoreStore(Settings(state_dir=tmp))
+        store = PatchCoreStore(Settings.from_env(state_dir=tmp))
         for product in args.products:
             info = store.fit_from_manifest(product, data_dir=get_settings().data_dir)
             ev = store.evaluate(product, data_dir=get_settings().data_dir)

@@ -11,12 +11,13 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
+from core.errors import InputError
 from core.settings import REPO_ROOT, get_settings
 
 TAXONOMY_PATH = REPO_ROOT / "data" / "taxonomy.json"
 
 
-class UnknownProductError(ValueError):
+class UnknownProductError(InputError):
     """A product id that has neither sample data nor a fitted memory bank."""
 
 
@@ -80,3 +81,41 @@ def check_product(product_id: str | None) -> str | None:
     if pid not in known:
         raise UnknownProductError(f"unknown product {product_id!r}; known products: {', '.join(known)}")
     return pid
+
+
+#: dropdown / API values that mean "no product given: infer it" (or "no filter")
+NO_PRODUCT = ("", "auto", "auto (infer)", "none", "all", "any")
+
+
+def parse_product(value: str | None) -> str | None:
+    """A product argument from any edge (CLI flag, dropdown, API, tool call) -> product id or None.
+
+    Empty, ``auto``, ``auto (infer)``, ``none``, ``all`` and ``any`` (any case) mean "not
+    given" (None: infer it, or no filter).
+
+    Raises:
+        UnknownProductError: an id that is not in :func:`products`, with the known ones.
+    """
+    if value is None:
+        return None
+    v = str(value).strip()
+    if v.lower() in NO_PRODUCT:
+        return None
+    return check_product(v)
+
+
+def parse_defect(value: str | None) -> str | None:
+    """A defect-type argument (id, English or Korean name) -> taxonomy id, or None when empty / ``all``.
+
+    Raises:
+        InputError: an unknown defect type, with the known ids.
+    """
+    if value is None:
+        return None
+    v = str(value).strip()
+    if v.lower() in ("", "all", "any", "none", "auto", "auto (infer)"):
+        return None
+    d = normalize_defect(v)
+    if d is None:
+        raise InputError(f"unknown defect type {value!r}; one of {', '.join(defect_types())}")
+    return d

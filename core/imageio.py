@@ -13,8 +13,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from core.errors import InputError
+from core.settings import get_settings
 
-class InvalidImageError(ValueError):
+
+class InvalidImageError(InputError):
     """The input is not a readable, reasonably sized raster image."""
 
 
@@ -33,8 +36,6 @@ def load_rgb(source: str | Path | bytes | Image.Image | np.ndarray, max_pixels: 
         InvalidImageError: missing file, not an image, truncated data, too large.
     """
     if max_pixels is None:
-        from core.settings import get_settings
-
         max_pixels = get_settings().max_image_pixels
     if isinstance(source, np.ndarray):
         return _array_to_rgb(source)

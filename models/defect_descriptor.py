@@ -72,6 +72,10 @@ import threading
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import torch
+from torch.nn import functional as F  # noqa: N812
+
+from models.backbones import LITE0_BLOCKS, load_lite0, to_tensor
 
 SIZE = 256  # working resolution (pixels, square)
 EPS = 1e-6
@@ -233,18 +237,11 @@ class DeepPooler:
     """
 
     def __init__(self, blocks: tuple[int, ...] = (2, 4, 7), pretrained: bool = True):
-        from models.backbones import load_lite0
-
         self.blocks = tuple(sorted(blocks))
         self._net = load_lite0(blocks=self.blocks, pretrained=pretrained, with_head=False)
         self._lock = threading.Lock()
 
     def __call__(self, images: list[np.ndarray], maps: list[np.ndarray]) -> np.ndarray:
-        import torch
-        from torch.nn import functional as F  # noqa: N812
-
-        from models.backbones import to_tensor
-
         out = []
         with self._lock, torch.inference_mode():
             for i in range(0, len(images), 16):
@@ -276,8 +273,6 @@ class DefectDescriber:
 
     @property
     def dim(self) -> int:
-        from models.backbones import LITE0_BLOCKS
-
         d = len(STAT_NAMES) if self.cfg.use_stats else 0
         if self.cfg.use_deep:
             d += sum(LITE0_BLOCKS[b][0] for b in self.cfg.blocks)
@@ -454,30 +449,3 @@ def tail_stats(rgb: np.ndarray, weight: np.ndarray | None = None) -> np.ndarray:
         n, elong, _, _, _ = _shape_stats(masks[name])
         feats += [np.log1p(n), np.log(masks[name].mean() + 1e-5), np.log(elong)]
     return np.nan_to_num(np.asarray(feats, np.float32))
-
-
-def synthesize_training_defects(normals: list[np.ndarray], product: str, per_type: int,
-                                seed: int = 777) -> tuple[list[np.ndarray], list[str]]:
-    """Extra labelled defects for fitting the metric: the project's synthesiser on normal images.
-
-    Draws each defect type of :data:`core.settings.DEFECT_TYPES` with
-    :func:`data.synth.synthesize` onto ``per_type`` normal images (cycled), with
-    generators seeded by ``(seed, product, type, i)`` (deterministic). Only the
-    metric sees these images; they are never indexed or shown.
-
-    Returns:
-        ``(images, defect_types)``: RGB uint8 ``(H, W, 3)`` images and their labels.
-    """
-    from data import synth
-    from core.settings import DEFECT_TYPES
-
-    if not normals or per_type <= 0:
-        return [], []
-    pseed = int.from_bytes(product.encode()[:8].ljust(8, b"\0"), "little") % (2**31)
-    images, labels = [], []
-    for ti, defect in enumerate(DEFECT_TYPES):
-        for i in range(per_type):
-            rng = np.random.default_rng([seed, pseed, ti, i])
-            images.append(synth.synthesize(defect, normals[i % len(normals)], rng, product).image)
-            labels.append(defect)
-    return images, labels

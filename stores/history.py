@@ -8,9 +8,7 @@ type, the PatchCore verdict (score, threshold), the tool calls with their argume
 observations and durations, the model names per role, the timings and the response
 manual (markdown) with its citations.
 
-The response manual of a run can be exported as Markdown (:func:`manual_markdown`) or
-PDF (:func:`manual_pdf`, rendered by pymupdf's ``Story`` HTML layout engine; Korean
-text uses the installed Noto Sans CJK font, else MuPDF's built-in CJK fallback).
+Exports of a run's manual (Markdown, PDF) are :mod:`services.history`.
 """
 
 from __future__ import annotations
@@ -24,7 +22,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from core.settings import Settings, get_settings
+from core.settings import Settings
 
 SCHEMA_VERSION = 1
 _SCHEMA = """
@@ -58,11 +56,6 @@ CREATE INDEX IF NOT EXISTS runs_product ON runs(product, defect_type);
 """
 _JSON_COLS = {"models_json": "models", "tool_calls_json": "tool_calls", "citations_json": "citations",
               "timings_json": "timings"}
-CJK_FONT_CANDIDATES = (
-    "/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc",
-    "/usr/share/fonts/noto-cjk/NotoSansCJK-Regular.ttc",
-    "/usr/share/fonts/truetype/noto/NotoSansCJK-Regular.ttc",
-)
 
 
 class HistoryStore:
@@ -75,7 +68,9 @@ class HistoryStore:
 
     def __init__(self, settings: Settings | None = None, path: str | Path | None = None):
         if path is None:
-            path = Path((settings or get_settings()).state_dir) / "history.sqlite3"
+            if settings is None:
+                raise ValueError("give the settings or the database path")
+            path = Path(settings.state_dir) / "history.sqlite3"
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
@@ -224,87 +219,3 @@ class HistoryStore:
                                           "GROUP BY product, defect_type ORDER BY product, defect_type")]
             return {"total": total, "by_product": group("product"), "by_defect_type": group("defect_type"),
                     "by_verdict": group("verdict"), "by_product_defect": pairs}
-
-
-# ---------------------------------------------------------------------- export
-def manual_markdown(run: dict) -> str:
-    """The response manual of a run as a Markdown document with a header of run facts."""
-    facts = [
-        f"- Run: `{run.get('id')}` · {run.get('created', '')}",
-        f"- Product: **{run.get('product') or 'unknown'}** ({run.get('product_source') or '-'}) · "
-        f"defect type: **{run.get('defect_type') or 'unknown'}**",
-    ]
-    if run.get("verdict"):
-        facts.append(f"- Verdict: **{run['verdict']}** (score {run.get('score')} vs threshold {run.get('threshold')})")
-    if run.get("question"):
-        facts.append(f"- Question: {run['question']}")
-    models = run.get("models") or {}
-    if models:
-        facts.append("- Models: " + ", ".join(f"{k} `{v}`" for k, v in models.items()))
-    facts.append(f"- Image sha256: `{run.get('image_sha256') or '-'}`")
-    calls = run.get("tool_calls") or []
-    steps = "\n".join(f"{i + 1}. `{c.get('tool')}` ({float(c.get('duration_s') or 0):.2f} s)"
-                      for i, c in enumerate(calls)) or "(none)"
-    return (f"# Response manual\n\n{chr(10).join(facts)}\n\n---\n\n{(run.get('answer') or '').strip()}\n\n"
-            f"---\n\n### Tool calls\n\n{steps}\n")
-
-
-def _cjk_font() -> str | None:
-    for p in CJK_FONT_CANDIDATES:
-        if Path(p).is_file():
-            return p
-    return None
-
-
-def manual_pdf(run: dict, path: str | Path) -> Path:
-    """Render :func:`manual_markdown` of a run to an A4 PDF at ``path`` (pymupdf ``Story``).
-
-    Markdown is converted to HTML with markdown-it-py; Korean text renders with
-    Noto Sans CJK (``fonts-noto-cjk``) when installed.
-
-    Returns:
-        the PDF path.
-    """
-    import pymupdf
-    from markdown_it import MarkdownIt
-
-    html = MarkdownIt("commonmark", {"html": False}).enable("table").render(manual_markdown(run))
-    # Latin text in Nimbus Sans; glyphs it lacks (Hangul, CJK) come from the Noto Sans CJK
-    # collection when installed, else from MuPDF's built-in Droid Sans Fallback. (Using the
-    # .ttc as the primary family drops ASCII digits in MuPDF 1.26, so it is only a fallback.)
-    font = _cjk_font()
-    archive = pymupdf.Archive(str(Path(font).parent)) if font else None
-    css = ("body {font-family: sans-serif, cjk; font-size: 10pt; line-height: 1.35;} "
-           "h1 {font-size: 17pt;} h2 {font-size: 13pt;} code {font-size: 9pt;}")
-    if font:
-        css = f"@font-face {{font-family: cjk; src: url({Path(font).name});}} " + css
-    story = pymupdf.Story(html=html, user_css=css, archive=archive)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:6]}.tmp")
-    writer = pymupdf.DocumentWriter(str(tmp))
-    mediabox = pymupdf.paper_rect("a4")
-    where = mediabox + (48, 48, -48, -48)
-    more = True
-    while more:
-        dev = writer.begin_page(mediabox)
-        more, _ = story.place(where)
-        story.draw(dev)
-        writer.end_page()
-    writer.close()
-    tmp.replace(path)
-    return path
-
-
-_STORES: dict[str, HistoryStore] = {}
-_STORES_LOCK = threading.Lock()
-
-
-def get_history(settings: Settings | None = None) -> HistoryStore:
-    """Cached :class:`HistoryStore` per state directory."""
-    settings = settings or get_settings()
-    key = str(settings.state_dir)
-    with _STORES_LOCK:
-        if key not in _STORES:
-            _STORES[key] = HistoryStore(settings)
-        return _STORES[key]

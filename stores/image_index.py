@@ -58,10 +58,8 @@ learned spaces. Measured numbers: see :mod:`models.defect_descriptor`.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
-import os
 import threading
 import time
 from pathlib import Path
@@ -71,13 +69,13 @@ import numpy as np
 
 from stores.atomic import atomic_write_bytes
 from stores.blobstore import open_blob_store
-from models.defect_descriptor import (DefectDescriber, DefectProjection, DescriptorConfig,
-                                      synthesize_training_defects)
+from models.defect_descriptor import DefectDescriber, DefectProjection, DescriptorConfig
 from models.embedders import (DefectAwareEmbedder, ImageEmbedder, embed_queries, get_image_embedder,
                               get_text_embedder, l2_normalize)
 from core.imageio import InvalidImageError, content_hash, load_rgb
-from core.settings import DEFECT_TYPES, Settings, get_settings
-from stores.vector_store import VectorStore, open_vector_store
+from core import catalog
+from core.settings import DEFECT_TYPES, Settings
+from stores.vector_store import FaissVectorStore, VectorStore, open_vector_store
 
 INDEX_VERSION = 3
 DEFECT_DIM = 8  # width of the defect part (the metric gives 5 class probabilities; zero-padded)
@@ -93,16 +91,7 @@ DEFECT_WEIGHT = 1.0
 PREFETCH_MIN = 50  # fused search: candidates prefetched on the first vector (at least; 10 x k otherwise)
 MODES = ("auto", "image", "text", "fused")
 Progress = Callable[[float, str], None] | None
-# test hook (crash-safety test): DRA_INDEX_PAUSE_AT=<stage> makes a registration print
-# "wrote <stage>" and sleep DRA_INDEX_PAUSE_S seconds right after that write; stages:
-# blobs, features, vectors, items. Unset in normal use (no effect).
-_PAUSE_ENV = "DRA_INDEX_PAUSE_AT"
-
-
-def _write_pause(stage: str) -> None:
-    if os.environ.get(_PAUSE_ENV) == stage:
-        print(f"wrote {stage}", flush=True)
-        time.sleep(float(os.environ.get("DRA_INDEX_PAUSE_S", "60")))
+AnomalyMaps = Callable[[list[np.ndarray], str], "list[np.ndarray] | None"]
 
 
 def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -111,24 +100,19 @@ def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def _load_manifest(data_dir: Path) -> dict:
-    path = Path(data_dir) / "manifest.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"no manifest at {path}: build the sample data first (python cli.py build)")
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
 class ImageIndex:
     """Persistent, thread-safe similar-defect image index with two named vectors per item.
 
     Args:
         settings: paths (``settings.index_dir``), backends (``vector_backend``,
-            ``blob_store``), fusion weight; default ``get_settings()``.
+            ``blob_store``), fusion weight.
         embedder: an :class:`~models.embedders.ImageEmbedder`; default
             ``get_image_embedder()`` wrapped in :class:`~models.embedders.DefectAwareEmbedder`
             when it exposes raw features.
-        patchcore: a :class:`models.patchcore.model.PatchCoreStore` that gives the anomaly maps
-            (default: one created lazily on the same settings).
+        anomaly_maps: ``anomaly_maps(rgbs, product) -> [float32 (H, W)] | None``: the PatchCore
+            anomaly maps of images of one product (None when the product has no bank);
+            the service container passes one backed by :class:`stores.banks.BankStore`.
+            None: no defect part (the index behaves like a global-feature index).
         descriptor_config: :class:`~models.defect_descriptor.DescriptorConfig`; default the
             persisted one, else the module default.
         text_embedder: embeds captions and text queries (default ``get_text_embedder()``).
@@ -139,10 +123,10 @@ class ImageIndex:
     Scores are cosine similarities in [-1, 1], higher = closer.
     """
 
-    def __init__(self, settings: Settings | None = None, embedder: ImageEmbedder | None = None,
-                 patchcore=None, descriptor_config: DescriptorConfig | None = None, text_embedder=None,
+    def __init__(self, settings: Settings, embedder: ImageEmbedder | None = None,
+                 anomaly_maps: AnomalyMaps | None = None, descriptor_config: DescriptorConfig | None = None, text_embedder=None,
                  captioner: Callable[[np.ndarray], str] | None = None):
-        self.settings = settings or get_settings()
+        self.settings = settings
         self.dir = Path(self.settings.index_dir)
         self.images_dir = self.dir / "images"
         self._meta_path = self.dir / "items.json"
@@ -164,7 +148,7 @@ class ImageIndex:
         stored_cfg = self._read_stored_config()
         self.descriptor_config = descriptor_config or stored_cfg or DescriptorConfig()
         self._describer: DefectDescriber | None = None
-        self._patchcore = patchcore
+        self._anomaly_maps = anomaly_maps
         self.projections: dict[str, DefectProjection] = self._read_projections()
         self._features: dict[str, dict[str, np.ndarray]] = self._read_features()
         self._load()
@@ -198,15 +182,6 @@ class ImageIndex:
         if indexes is None:
             raise AttributeError("the Milvus backend has no in-process FAISS index")
         return indexes["image"]
-
-    @property
-    def patchcore(self):
-        """The :class:`models.patchcore.model.PatchCoreStore` giving anomaly maps (created lazily)."""
-        if self._patchcore is None:
-            from models.patchcore.model import PatchCoreStore
-
-            self._patchcore = PatchCoreStore(self.settings)
-        return self._patchcore
 
     @property
     def describer(self) -> DefectDescriber:
@@ -261,8 +236,6 @@ class ImageIndex:
             # persisted with other widths (another embedder): start empty; _load re-embeds
             if self.settings.vector_backend != "faiss":
                 return self._drop_milvus(fields)
-            from stores.vector_store import FaissVectorStore
-
             return FaissVectorStore(fields, None, hnsw_threshold=int(self.settings.faiss_hnsw_threshold))
 
     def _drop_milvus(self, fields: dict) -> VectorStore:
@@ -345,9 +318,9 @@ class ImageIndex:
 
         None when ``product`` is None or has no fitted PatchCore bank.
         """
-        if product is None or not rgbs or product not in self.patchcore.products():
+        if product is None or not rgbs or self._anomaly_maps is None:
             return None
-        return [r.anomaly_map for r in self.patchcore.inspect_batch(list(rgbs), product)]
+        return self._anomaly_maps(list(rgbs), product)
 
     def describe(self, rgbs: list[np.ndarray], product: str | None,
                  anomaly_maps: list[np.ndarray | None] | None = None) -> list[np.ndarray | None]:
@@ -546,7 +519,6 @@ class ImageIndex:
                         descs[j] = v
                 # 1. blobs (content-addressed: an orphan after a crash is harmless)
                 keys = [self.blobs.put_image(rgb) for _, rgb, _ in chunk]
-                _write_pause("blobs")
                 fids = np.arange(self.meta["next_fid"], self.meta["next_fid"] + len(chunk), dtype=np.int64)
                 rows = {}
                 for (item_id, rgb, it), fid, g, dsc, key in zip(chunk, fids, raw, descs, keys):
@@ -565,14 +537,11 @@ class ImageIndex:
                 try:
                     # 2. features, 3. vectors, 4. items.json (the commit)
                     self._write_features()
-                    _write_pause("features")
                     self.vectors.add(fids, {"image": image, "caption": caption},
                                      [self._payload(r) for r in rows.values()])
                     self.vectors.persist()
-                    _write_pause("vectors")
                     self.meta["next_fid"] = int(fids[-1]) + 1
                     self._write_meta()
-                    _write_pause("items")
                 except BaseException:
                     self.meta["items"] = committed
                     self.vectors.remove(fids.tolist())
@@ -582,8 +551,6 @@ class ImageIndex:
         return ids
 
     def _check_labels(self, product: str | None, defect_type: str | None) -> tuple[str | None, str | None]:
-        from core import catalog
-
         if product is not None:
             if product not in catalog.products():
                 raise ValueError(f"unknown product {product!r}; known: {', '.join(catalog.products())}")
@@ -946,96 +913,35 @@ class ImageIndex:
             self._reembed_all(progress)
             return fitted
 
-    def _fingerprint(self, normals: dict, gallery: list[dict], synth_per_type: int = 0) -> str:
-        banks = {}
-        for p in sorted({g["product"] for g in gallery}):
-            if p in self.patchcore.products():
-                banks[p] = self.patchcore.meta(p).get("fitted_at")
-        return hashlib.sha256(json.dumps([normals, [g["image"] for g in gallery], self.model,
-                                          self.descriptor_config.to_dict(), banks, synth_per_type],
-                                         sort_keys=True).encode()).hexdigest()
+    @property
+    def manifest_fingerprint(self) -> str | None:
+        """Fingerprint of the sample data, banks and configuration of the last gallery build."""
+        return self.meta.get("manifest_fingerprint")
 
-    def build_from_manifest(self, data_dir: Path | None = None, progress: Progress = None,
-                            normals_per_product: int = 40, synth_per_type: int | None = None) -> dict:
-        """Index the manifest's gallery split, with normal statistics and the defect metric.
-
-        Steps: per-product normal mean from train normals; PatchCore anomaly maps of
-        the gallery images (banks must be fitted first, as ``services.build`` does;
-        products without a bank get no defect part); defect descriptors; per-product
-        metric (:class:`~models.defect_descriptor.DefectProjection`) fitted on the
-        gallery's labels (+ synthesized defects); vectors into FAISS. Idempotent: a
-        second call with the same manifest, banks and configuration only checks.
-
-        Args:
-            data_dir: folder holding ``manifest.json`` (default ``Settings.data_dir``).
-            normals_per_product: training normals per product used for the normal mean.
-            synth_per_type: defects per type synthesized (``data.synth``) on the product's
-                val normal images to enlarge the metric's training set (never indexed;
-                the val defect queries are other images); 0 = gallery only; None =
-                ``Settings.synth_per_type`` (``DRA_SYNTH_PER_TYPE``, default 600; measured
-                curve in the module comment before ``PREFETCH_MIN``).
-
-        Returns:
-            ``{"items": n_total, "added": n_new, "products": [...], "model": name, "skipped": bool,
-            "metric": {product: dims}}``
-
-        Raises:
-            FileNotFoundError: no manifest.
-        """
-        data_dir = Path(data_dir or self.settings.data_dir)
-        if synth_per_type is None:
-            synth_per_type = int(self.settings.synth_per_type)
-        manifest = _load_manifest(data_dir)
-        gallery = [it for it in manifest["items"] if it["split"] == "gallery"]
-        normals: dict[str, list[str]] = {}
-        for it in manifest["items"]:
-            if it["split"] == "train" and it["label"] == "good":
-                normals.setdefault(it["product"], []).append(it["image"])
-        normals = {p: sorted(v)[:normals_per_product] for p, v in normals.items()}
-        fp = self._fingerprint(normals, gallery, synth_per_type)
-        products = sorted({g["product"] for g in gallery})
-        report = progress or (lambda _f, _m: None)
+    def commit_build(self, fingerprint: str) -> None:
+        """Record a finished gallery build (:func:`services.build.build_gallery`) and persist."""
         with self._lock:
-            if self.meta.get("manifest_fingerprint") == fp and len(self) >= len(gallery):
-                return {"items": len(self), "added": 0, "products": products, "model": self.model, "skipped": True,
-                        "metric": {p: v.out_dim for p, v in self.projections.items()}}
-            if isinstance(self.embedder, DefectAwareEmbedder) and normals:
-                report(0.0, "normal statistics")
-                means = self.embedder.compute_normal_means(
-                    {p: [load_rgb(data_dir / rel) for rel in rels] for p, rels in normals.items()})
-                _atomic_savez(self._normals_path, {k: np.asarray(v, np.float32) for k, v in means.items()})
-                self.embedder = self.embedder.with_means(means)
-            rows = []
-            labelled: dict[str, tuple[list, list]] = {}
-            for n, product in enumerate(products):
-                its = [g for g in gallery if g["product"] == product]
-                rgbs = [load_rgb(data_dir / g["image"]) for g in its]
-                report(0.1 + 0.6 * n / len(products), f"{product}: anomaly maps and defect descriptors")
-                descs = self.describe(rgbs, product)
-                for g, rgb, d in zip(its, rgbs, descs):
-                    rows.append({"rgb": rgb, "product": product, "defect_type": g.get("defect_type"),
-                                 "note": g.get("note") or "", "source": g["id"], "defect_descriptor": d})
-                    if d is not None and g.get("defect_type"):
-                        labelled.setdefault(product, ([], []))[0].append(d)
-                        labelled[product][1].append(g["defect_type"])
-                if product in labelled and synth_per_type > 0:
-                    clean = [load_rgb(data_dir / it["image"]) for it in manifest["items"]
-                             if it["product"] == product and it["split"] == "val" and it["label"] == "good"]
-                    ims, types = synthesize_training_defects(clean, product, synth_per_type)
-                    step = 50
-                    for start in range(0, len(ims), step):
-                        report(0.1 + 0.6 * (n + 0.2 + 0.8 * start / len(ims)) / len(products),
-                               f"{product}: synthesized defects {start}/{len(ims)} (defect metric)")
-                        for d, t in zip(self.describe(ims[start:start + step], product), types[start:start + step]):
-                            if d is not None:
-                                labelled[product][0].append(d)
-                                labelled[product][1].append(t)
-            # Items indexed by an earlier build keep cached descriptors pooled under the anomaly
-            # maps of the banks of that time; a rebuild follows a bank or configuration change,
-            # so they are renewed: gallery items from the descriptors just computed, other items
-            # of these products (registered ones) recomputed from their stored images by the
-            # re-embedding below. Queries always use the current maps.
-            fresh = {content_hash(r["rgb"])[:16]: r["defect_descriptor"] for r in rows}
+            self.meta["manifest_fingerprint"] = fingerprint
+            self._save()
+
+    def set_normal_means_only(self, normal_means: dict[str, np.ndarray]) -> None:
+        """Store per-product normal statistics without re-embedding (a build re-embeds after)."""
+        if not isinstance(self.embedder, DefectAwareEmbedder):
+            return
+        with self._lock:
+            _atomic_savez(self._normals_path, {k: np.asarray(v, np.float32) for k, v in normal_means.items()})
+            self.embedder = self.embedder.with_means(normal_means)
+
+    def refresh_descriptors(self, products: list[str], fresh: dict[str, np.ndarray | None]) -> None:
+        """Replace the cached defect descriptors of ``products``' items.
+
+        Items indexed by an earlier build keep descriptors pooled under the anomaly maps
+        of the banks of that time; a rebuild follows a bank or configuration change, so
+        they are renewed: items in ``fresh`` (id -> raw descriptor) get that one, other
+        items of these products lose theirs and are recomputed from their stored images
+        at the next re-embedding. Queries always use the current maps.
+        """
+        with self._lock:
             for item_id, it in self.meta["items"].items():
                 if it["product"] not in products or item_id not in self._features:
                     continue
@@ -1043,83 +949,9 @@ class ImageIndex:
                     self._features[item_id]["defect"] = np.asarray(fresh[item_id], np.float32)
                 else:
                     self._features[item_id].pop("defect", None)
-            report(0.7, "fitting the defect metric")
-            fitted = self.fit_projections({p: (np.stack(X), y) for p, (X, y) in labelled.items()})
-            before = len(self)
-            self.add_many(rows, progress=lambda f, m: report(0.75 + 0.25 * f, m))
-            self.meta["manifest_fingerprint"] = fp
-            self._save()
-            return {"items": len(self), "added": len(self) - before, "products": products, "model": self.model,
-                    "skipped": False, "metric": fitted}
 
-    def evaluate(self, data_dir: Path | None = None, k: int = 10) -> dict:
-        """Similar-defect retrieval quality with the manifest's val defects as queries.
-
-        Queries are never in the gallery and go through :meth:`search` exactly as a
-        user's image does (product inferred, PatchCore map predicted, no ground-truth
-        mask). Metrics: defect-type Recall@1 / Recall@5 (a hit of the query's defect
-        type within the top 1 / 5), MRR@10 (reciprocal rank of the first hit of that
-        type within the top 10, else 0), product accuracy of the top hit; overall, per
-        product and per type; mean wall time per query (ms, PatchCore included).
-
-        Returns:
-            ``{"recall_at_1", "recall_at_5", "mrr_at_10", "product_accuracy", "n_queries",
-            "per_product": {p: {...}}, "recall_at_1_per_type", "ms_per_query", "model"}``
-        """
-        data_dir = Path(data_dir or self.settings.data_dir)
-        manifest = _load_manifest(data_dir)
-        queries = [it for it in manifest["items"] if it["split"] == "val" and it["label"] == "defect"]
-        if not queries:
-            raise ValueError("the manifest has no val defects to evaluate with")
-        rows = []
-        t0 = time.perf_counter()
-        for q in queries:
-            hits = self.search(load_rgb(data_dir / q["image"]), k=k)
-            types = [h["defect_type"] for h in hits]
-            rank = next((i + 1 for i, t in enumerate(types) if t == q["defect_type"]), None)
-            rows.append((q["product"], q["defect_type"], rank, bool(hits) and hits[0]["product"] == q["product"]))
-        ms = (time.perf_counter() - t0) * 1000.0 / len(queries)
-
-        def summary(sel: list[tuple]) -> dict:
-            n = len(sel)
-            return {"recall_at_1": sum(r[2] == 1 for r in sel) / n,
-                    "recall_at_5": sum(r[2] is not None and r[2] <= 5 for r in sel) / n,
-                    "mrr_at_10": sum(1.0 / r[2] if r[2] else 0.0 for r in sel) / n,
-                    "product_accuracy": sum(r[3] for r in sel) / n, "n_queries": n}
-
-        out = summary(rows)
-        out["per_product"] = {p: summary([r for r in rows if r[0] == p]) for p in sorted({r[0] for r in rows})}
-        out["recall_at_1_per_type"] = {t: float(np.mean([r[2] == 1 for r in rows if r[1] == t]))
-                                       for t in sorted({r[1] for r in rows})}
-        out["ms_per_query"] = round(ms, 1)
-        out.update(self.evaluate_text())
-        out["model"] = self.model
-        return out
-
-    def evaluate_text(self, k: int = 5) -> dict:
-        """Text -> image Recall@k for template queries, per defect type.
-
-        For every (product, defect type) pair present in the index the query
-        ``"a <defect type> on the <product>"`` goes through :meth:`search_text` without
-        filters; a hit is an item of that product and type within the top ``k``. With
-        the offline embedders this exercises the caption vectors (whose captions hold
-        the labels, so it measures the text path, not visual understanding); with a
-        CLIP embedder it is real text -> image retrieval.
-
-        Returns:
-            ``{"text_recall_at_5": overall, "text_recall_at_5_per_type": {type: value},
-            "text_matched": "caption" | "image", "n_text_queries": n}`` (key suffix = ``k``).
-        """
+    def pairs(self) -> list[tuple[str, str]]:
+        """Sorted ``(product, defect_type)`` pairs present in the index (labelled items only)."""
         with self._lock:
-            pairs = sorted({(it["product"], it["defect_type"]) for it in self.meta["items"].values()
-                            if it["defect_type"]})
-        hits: dict[str, list[bool]] = {}
-        matched = "caption"
-        for product, defect in pairs:
-            res = self.search_text(f"a {defect} on the {product}", k=k)
-            matched = res[0]["matched"] if res else matched
-            hits.setdefault(defect, []).append(any(h["product"] == product and h["defect_type"] == defect for h in res))
-        allhits = [h for v in hits.values() for h in v]
-        return {f"text_recall_at_{k}": float(np.mean(allhits)) if allhits else 0.0,
-                f"text_recall_at_{k}_per_type": {t: float(np.mean(v)) for t, v in sorted(hits.items())},
-                "text_matched": matched, "n_text_queries": len(allhits)}
+            return sorted({(it["product"], it["defect_type"]) for it in self.meta["items"].values()
+                           if it["defect_type"]})

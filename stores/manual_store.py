@@ -313,10 +313,8 @@ class ManualStore:
         return f"en:{self._embedder_name('en')}, ko:{self._embedder_name('ko')}"
 
     def _embedder_name(self, group: str) -> str:
-        from models.embedders import MULTILINGUAL_TEXT_EMBEDDER
-
         if group == "ko":
-            return self._multi.name if self._multi else MULTILINGUAL_TEXT_EMBEDDER
+            return self._multi.name if self._multi else self.settings.multilingual_text_embedder
         return self.embedder.name
 
     def _embedder_for(self, group: str) -> TextEmbedder:
@@ -580,38 +578,3 @@ class ManualStore:
                                 "defect": meta.get("defect") or None, "lang": meta.get("lang", group),
                                 "score": float(1.0 - dist)})
         return out[:k]
-
-    def build_from_manifest(self, data_dir: Path | None = None, progress: Progress = None) -> dict:
-        """Ingest every manual listed in ``manifest.json`` (``manuals: [{product, lang, path}]``).
-
-        Idempotent: a manual whose chunks are already stored (same file name,
-        same chunk count) is skipped.
-
-        Returns:
-            ``{"documents", "pages", "chunks", "skipped"}``
-
-        Raises:
-            FileNotFoundError: no manifest.
-        """
-        data_dir = Path(data_dir or self.settings.data_dir)
-        mpath = data_dir / "manifest.json"
-        if not mpath.is_file():
-            raise FileNotFoundError(f"no manifest at {mpath}: build the sample data first (python cli.py build)")
-        manuals = json.loads(mpath.read_text(encoding="utf-8")).get("manuals", [])
-        stored = {d["source"]: d for d in self.list_documents()}
-        total = {"documents": 0, "pages": 0, "chunks": 0, "skipped": 0}
-        for i, m in enumerate(manuals):
-            pdf = data_dir / m["path"]
-            if pdf.name in stored and stored[pdf.name]["product"] == m.get("product"):
-                total["skipped"] += 1
-                total["documents"] += 1
-                total["pages"] += int(stored[pdf.name]["pages"] or 0)
-                total["chunks"] += stored[pdf.name]["chunks"]
-                continue
-            r = self.ingest_pdf(pdf, product=m.get("product"))
-            total["documents"] += 1
-            total["pages"] += r["pages"]
-            total["chunks"] += r["chunks"]
-            if progress:
-                progress((i + 1) / len(manuals), f"ingested {pdf.name}")
-        return total

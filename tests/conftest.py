@@ -13,13 +13,13 @@ import shutil
 import sys
 from pathlib import Path
 
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ["TRANSFORMERS_OFFLINE"] = "1"
-os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
-os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
-
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from core.settings import apply_runtime_env  # noqa: E402
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+apply_runtime_env()  # before torch, transformers and gradio are imported by any test module
 
 import pytest  # noqa: E402
 
@@ -43,8 +43,9 @@ def built_state(tmp_path_factory) -> Path:
         shutil.copytree(seed, root, dirs_exist_ok=True, ignore=shutil.ignore_patterns("models", "runs", "uploads"))
     _use_state(root)
     from services.build import build_state
+    from services.container import get_services
 
-    build_state()
+    build_state(get_services())
     return root
 
 

@@ -47,8 +47,9 @@ def serve_app(built_state: Path):
 
     get_settings.cache_clear()
     import app
+    from ui import chat
 
-    app.reset_agent()
+    chat.reset_agent()
     app.warm_up()  # every bank loaded before requests run in parallel (see app.warm_up)
     demo = app.build_app()
     port = free_port()
@@ -57,7 +58,7 @@ def serve_app(built_state: Path):
 
     def restore():
         demo.close()
-        app.reset_agent()
+        chat.reset_agent()
         if old is None:
             os.environ.pop("DRA_AGENT_MODEL", None)
         else:
@@ -176,10 +177,11 @@ def test_streaming_chat_handler_yields_tool_steps_then_manual(server, built_stat
     import gradio as gr
 
     import app
+    from ui import chat
 
     item = next(it for it in defect_items(built_state) if it["product"] == "grass")
     path = str(built_state / "data" / item["image"])
-    updates = list(app.respond({"text": "", "files": [path]}, [], app.AUTO_PRODUCT, None))
+    updates = list(chat.respond({"text": "", "files": [path]}, [], chat.AUTO_PRODUCT, None))
     assert len(updates) >= 3  # pending, at least one step, final
     history, _, comparison, gallery, _, last_image, md_file, pdf_file = updates[-1]
     assert last_image == path
@@ -199,14 +201,14 @@ def test_streaming_chat_handler_yields_tool_steps_then_manual(server, built_stat
     # the run is in the history and its manual is offered as Markdown and PDF downloads
     assert Path(md_file["value"]).read_text(encoding="utf-8").startswith("# Response manual")
     assert Path(pdf_file["value"]).read_bytes()[:5] == b"%PDF-"
-    from stores.history import get_history
+    from services.container import get_services
 
-    stored = get_history().list(product="grass")[0]
+    stored = get_services().history.list(product="grass")[0]
     assert stored["source"] == "app" and stored["n_tool_calls"] >= 1
 
     # a missing file and a message without any photo give a clear chat message
-    bad = list(app.respond({"text": "", "files": [str(Path(path).with_suffix(".missing"))]}, [],
-                           app.AUTO_PRODUCT, None))
+    bad = list(chat.respond({"text": "", "files": [str(Path(path).with_suffix(".missing"))]}, [],
+                           chat.AUTO_PRODUCT, None))
     assert "Cannot analyse this upload" in bad[-1][0][-1]["content"]
-    none = list(app.respond({"text": "hello", "files": []}, [], app.AUTO_PRODUCT, None))
+    none = list(chat.respond({"text": "hello", "files": []}, [], chat.AUTO_PRODUCT, None))
     assert "attach a photo" in none[-1][0][-1]["content"]

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import time
-
 from smolagents import Tool
 
 from core.catalog import check_product
+from services.inspect import inspect_image
 from tools.context import RunContext
 
 
@@ -55,34 +54,20 @@ class AnomalyScoringTool(Tool):
         self.ctx, self.services = ctx, services
 
     def forward(self, product: str | None = None) -> str:
-        from models.patchcore.model import save_artifacts
-
-        t0 = time.perf_counter()
         ctx = self.ctx
         ctx.tool_calls.append(self.name)
         prod = resolve_product(ctx, self.services, product)
-        result = self.services.patchcore.inspect(ctx.image, prod)
-        paths = save_artifacts(result, ctx.image, ctx.out_dir)
-        ctx.anomaly_map = result.anomaly_map
-        verdict = "ANOMALOUS" if result.is_anomalous else "NORMAL"
-        ctx.inspection = {
-            "product": prod,
-            "score": round(float(result.score), 4),
-            "threshold": round(float(result.threshold), 4),
-            "is_anomalous": bool(result.is_anomalous),
-            "regions": result.regions,
-            "model": result.model,
-            "elapsed_ms": round((time.perf_counter() - t0) * 1000, 1),
-            "height": int(ctx.image.shape[0]),
-            "width": int(ctx.image.shape[1]),
-            **paths,
-        }
+        report = inspect_image(self.services, ctx.image, prod, out_dir=ctx.out_dir)
+        report.product_source = ctx.product_source or "user"
+        report.product_confidence = ctx.product_confidence
+        ctx.anomaly_map = report.result.anomaly_map if report.result is not None else None
+        ctx.inspection = report.to_json()
         regions = "; ".join(
-            f"{i + 1}) bbox {r['bbox']} area {100 * r['area_frac']:.1f}% peak {r['peak']:.2f}"
-            for i, r in enumerate(result.regions[:3])
+            f"{i + 1}) bbox {list(r.bbox)} area {100 * r.area_frac:.1f}% peak {r.peak:.2f}"
+            for i, r in enumerate(report.regions[:3])
         ) or "none"
         src = f" ({ctx.product_source})" if ctx.product_source == "inferred" else ""
         return (
-            f"product={prod}{src} score={result.score:.3f} threshold={result.threshold:.3f} verdict={verdict}; "
-            f"image {ctx.image.shape[1]}x{ctx.image.shape[0]} px; regions: {regions}"
+            f"product={prod}{src} score={report.score:.3f} threshold={report.threshold:.3f} "
+            f"verdict={report.verdict}; image {report.width}x{report.height} px; regions: {regions}"
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from smolagents import Tool
 
 from core.catalog import check_product, normalize_defect
+from services.manuals import query_manual
 from tools.context import RunContext
 
 SECTIONS = ("cause", "action", "prevention")
@@ -49,13 +50,17 @@ class ManualRetrievalTool(Tool):
             product = check_product(product)
         # an unknown or omitted defect name falls back to the type the search found
         defect = normalize_defect(defect_type) or ctx.defect_type
-        store = self.services.manuals
         k = self.services.settings.manual_k
+
+        def passages(**kw) -> list[dict]:
+            rep = query_manual(self.services, query, product=product, defect_type=defect, **kw)
+            return [p.to_json() for p in rep.passages]
+
         hits: list[dict] = []
         if defect:
             for section in SECTIONS:
-                hits += self._prefer_lang(store.query(query, product=product, defect=defect, section=section, k=4))[:1]
-        hits += self._prefer_lang(store.query(query, product=product, defect=defect, k=k * 2))
+                hits += self._prefer_lang(passages(section=section, k=4))[:1]
+        hits += self._prefer_lang(passages(k=k * 2))
         seen, unique = set(), []
         for h in hits:
             key = (h["source"], h["page"], h.get("section"), h["text"][:80])

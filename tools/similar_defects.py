@@ -1,34 +1,20 @@
-"""Tool: similar-defect search over the labelled gallery (image embeddings in FAISS)."""
+"""Tool: similar-defect search over the labelled gallery (:func:`services.search.search_similar`)."""
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 from smolagents import Tool
 
+from services.search import search_similar, vote_defect_type
 from tools.anomaly_scoring import resolve_product
 from tools.context import RunContext
-
-
-def vote_defect_type(hits: list[dict]) -> tuple[str | None, int]:
-    """Score-weighted vote over hits' defect types: ``(defect_type, count among hits)``."""
-    weights: dict[str, float] = defaultdict(float)
-    counts: dict[str, int] = defaultdict(int)
-    for h in hits:
-        if h.get("defect_type"):
-            weights[h["defect_type"]] += max(float(h["score"]), 0.0) + 1e-6
-            counts[h["defect_type"]] += 1
-    if not weights:
-        return None, 0
-    best = max(weights, key=weights.get)
-    return best, counts[best]
 
 
 class SimilarDefectSearchTool(Tool):
     """Nearest labelled defect images of the run's photo (cosine similarity).
 
     Observation: inferred product, top matches (defect type, product, score) and the
-    majority defect type, which is also stored as ``ctx.defect_type``.
+    majority defect type, which is also stored as ``ctx.defect_type``; the search report's
+    JSON is ``ctx.search``.
     """
 
     name = "similar_defect_search"
@@ -55,14 +41,14 @@ class SimilarDefectSearchTool(Tool):
         prod = resolve_product(ctx, self.services, product)
         # reuse the anomaly map of this run's scoring (same product) instead of recomputing it
         amap = ctx.anomaly_map if ctx.inspection and ctx.inspection.get("product") == prod else None
-        hits = self.services.image_index.search(ctx.image, k=k, product=prod, anomaly_map=amap)
-        defect, count = vote_defect_type(hits)
+        report = search_similar(self.services, ctx.image, mode="image", product=prod, k=k, anomaly_map=amap)
+        defect, count = vote_defect_type(report.hits)
         ctx.defect_type = defect
-        ctx.search = {"product": prod, "hits": hits, "defect_type": defect, "votes": count, "k": k,
-                      "model": getattr(self.services.image_index, "model", "")}
+        hits = [h.to_json() for h in report.hits]
+        ctx.search = {**report.to_json(), "hits": hits, "defect_type": defect, "votes": count}
         if not hits:
             return f"product={prod}: the gallery has no labelled images for this product"
-        top = "; ".join(f"{i + 1}) {h['defect_type']} ({h['product']}) score {h['score']:.2f}"
-                        for i, h in enumerate(hits))
+        top = "; ".join(f"{i + 1}) {h.defect_type} ({h.product}) score {h.score:.2f}"
+                        for i, h in enumerate(report.hits))
         src = f" ({ctx.product_source})" if ctx.product_source == "inferred" else ""
         return f"product={prod}{src}; top matches: {top}; majority defect type: {defect} ({count}/{len(hits)})"

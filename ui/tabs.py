@@ -1,7 +1,7 @@
 """Gradio tabs (Inspect, Search, Manuals, Gallery, Products, History) and the JSON API endpoints.
 
-Each builder must be called inside an open ``gr.Blocks`` context. Handlers call
-:mod:`ui.actions` and turn :class:`ui.actions.ActionError` into ``gr.Error`` (shown
+Each builder must be called inside an open ``gr.Blocks`` context. Handlers call the
+use cases of ``services/`` and turn :class:`core.errors.InputError` into ``gr.Error`` (shown
 as a toast in the page; ``gradio_client`` raises ``AppError`` with the message).
 No handler keeps state outside its arguments: per-session values live in ``gr.State``.
 
@@ -20,8 +20,16 @@ from pathlib import Path
 import gradio as gr
 
 from core.catalog import defect_types, products
-from ui import actions
-from ui.actions import AUTO, ActionError
+from core.errors import InputError
+from core.uploads import check_upload
+from services import history as history_uc
+from services import manuals as manuals_uc
+from services.container import get_services
+from services.gallery import delete_defect, gallery_items, register_defect, relabel_defect
+from services.inspect import inspect_image
+from services.products import fit_product, product_rows
+from services.search import MODES as SEARCH_MODES
+from services.search import search_similar
 
 log = logging.getLogger("dra.app")
 
@@ -29,11 +37,12 @@ VISION = {"concurrency_id": "vision", "concurrency_limit": 2}
 MANUAL = {"concurrency_id": "manual", "concurrency_limit": 2}
 WRITE = {"concurrency_id": "write", "concurrency_limit": 1}
 ALL = "all"
+AUTO = "auto (infer)"
 SECTION_CHOICES = [ALL, "cause", "action", "prevention", "general"]
 
 
 def guarded(fn):
-    """Wrap a handler: ActionError → ``gr.Error`` (its message); other errors → logged ``gr.Error``."""
+    """Wrap a handler: InputError → ``gr.Error`` (its message); other errors → logged ``gr.Error``."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -41,13 +50,37 @@ def guarded(fn):
             return fn(*args, **kwargs)
         except gr.Error:
             raise
-        except ActionError as exc:
+        except InputError as exc:
             raise gr.Error(str(exc), print_exception=False) from None
         except Exception as exc:  # noqa: BLE001 - the server keeps serving
             log.exception("%s failed", fn.__name__)
             raise gr.Error(f"{fn.__name__.replace('_', ' ')} failed: {type(exc).__name__}: {exc}") from None
 
     return wrapper
+
+
+def _image(value, what: str = "image"):
+    """An uploaded file value -> its checked path (size limit), or None when empty."""
+    return None if value in (None, "") else check_upload(value, what)
+
+
+def do_inspect(image, product) -> dict:
+    """``/inspect`` and the Inspect tab: :func:`services.inspect.inspect_image` as JSON."""
+    if image in (None, ""):
+        raise InputError("no image was attached: upload a photo of the part")
+    return inspect_image(get_services(), _image(image), product).to_json()
+
+
+def do_search(image=None, text=None, mode="auto", product=None, defect_type=None, k=5) -> dict:
+    """``/search`` and the Search tab: :func:`services.search.search_similar` as JSON."""
+    return search_similar(get_services(), _image(image), text, mode=mode or "auto", product=product,
+                          defect_type=defect_type, k=int(k or 5)).to_json()
+
+
+def do_manual(query, product=None, defect_type=None, section=None, k=4, previews=True) -> dict:
+    """``/manual`` and the Manuals tab: :func:`services.manuals.query_manual` as JSON."""
+    return manuals_uc.query_manual(get_services(), query, product, defect_type, section, int(k or 4),
+                                   previews=previews).to_json()
 
 
 def _progress_cb(progress):
@@ -70,7 +103,7 @@ def _file(path: str | None) -> str | None:
 # ============================================================================ Inspect
 @guarded
 def ui_inspect(image, product):
-    r = actions.inspect(image, product)
+    r = do_inspect(image, product)
     regions = [[i + 1, *reg["bbox"], round(100 * reg["area_frac"], 2), round(reg["peak"], 3)]
                for i, reg in enumerate(r["regions"])]
     verdict = (f"### {'🔴 ANOMALOUS' if r['is_anomalous'] else '🟢 NORMAL'}\n"
@@ -108,7 +141,7 @@ def build_inspect_tab() -> dict:
 # ============================================================================ Search
 @guarded
 def ui_search(image, text, mode, product, defect, k):
-    r = actions.search(image, text, mode, None if product == ALL else product, None if defect == ALL else defect, k)
+    r = do_search(image, text, mode, None if product == ALL else product, None if defect == ALL else defect, k)
     items = [(h["image"], f"{h['defect_type'] or 'normal'} · {h['product']} · {h['score']:.2f} ({h.get('matched')})")
              for h in r["results"] if h.get("image") and Path(h["image"]).is_file()]
     msg = r.get("message") or f"{len(r['results'])} hit(s) · mode {r['mode']} · {r['elapsed_ms']:.0f} ms"
@@ -123,7 +156,7 @@ def build_search_tab() -> dict:
                                 elem_id="search-image")
                 text = gr.Textbox(label="Text query (optional)", placeholder="e.g. crack on brick",
                                   elem_id="search-text")
-                mode = gr.Radio(list(actions.SEARCH_MODES), value="auto", label="Mode")
+                mode = gr.Radio(list(SEARCH_MODES), value="auto", label="Mode")
                 product = gr.Dropdown(product_choices(with_all=True), value=ALL, label="Product")
                 defect = gr.Dropdown(defect_choices(with_all=True), value=ALL, label="Defect type")
                 k = gr.Slider(1, 20, value=8, step=1, label="Hits")
@@ -141,7 +174,7 @@ def build_search_tab() -> dict:
 # ============================================================================ Manuals
 def _manual_rows() -> list[list]:
     return [[d["source"], d.get("product") or "", d.get("lang") or "", d.get("pages") or 0, d["chunks"],
-             d.get("title") or ""] for d in actions.list_manuals()]
+             d.get("title") or ""] for d in manuals_uc.list_manuals(get_services())]
 
 
 def _manual_updates():
@@ -151,21 +184,23 @@ def _manual_updates():
 
 @guarded
 def ui_ingest(pdf, product, progress=gr.Progress()):
-    r = actions.ingest_manual(pdf, None if product in (None, "", AUTO) else product, progress=_progress_cb(progress))
+    r = manuals_uc.ingest_manual(get_services(), check_upload(pdf, "PDF"),
+                                 None if product in (None, "", AUTO) else product,
+                                 name=Path(str(getattr(pdf, "path", pdf) or "")).name, progress=_progress_cb(progress))
     msg = f"✅ Ingested **{r['source']}**: {r['pages']} pages, {r['chunks']} chunks, product `{r['product']}`"
     return (msg, *_manual_updates())
 
 
 @guarded
 def ui_delete_manual(source):
-    r = actions.delete_manual(source)
+    r = manuals_uc.delete_manual(get_services(), source)
     return (f"🗑️ Deleted **{r['source']}** ({r['removed_chunks']} chunks)", *_manual_updates())
 
 
 @guarded
 def ui_manual_query(query, product, defect, section, k):
-    r = actions.manual_query(query, None if product == ALL else product, None if defect == ALL else defect,
-                             None if section == ALL else section, k)
+    r = do_manual(query, None if product == ALL else product, None if defect == ALL else defect,
+                  None if section == ALL else section, k)
     previews = [(h["preview"], f"{h['source']} p.{h['page']} · {h['section']} · {h['score']:.2f}")
                 for h in r["results"] if h.get("preview")]
     md = "\n\n".join(f"**[{h['source']} p.{h['page']}]** · {h['section']} · score {h['score']:.2f}\n\n"
@@ -212,7 +247,8 @@ def build_manuals_tab() -> dict:
 
 # ============================================================================ Gallery
 def _gallery_view(product, defect):
-    rows = [r for r in actions.gallery_items(None if product == ALL else product, None if defect == ALL else defect)
+    rows = [r for r in gallery_items(get_services(), None if product == ALL else product,
+                                     None if defect == ALL else defect)
             if r.get("image") and Path(r["image"]).is_file()]  # thumbnails and rows stay index-aligned
     items = [(r["image"], f"{r['id']} · {r['defect_type'] or 'normal'} · {r['product']}") for r in rows]
     return items, rows
@@ -226,7 +262,7 @@ def ui_gallery(product, defect):
 
 @guarded
 def ui_register(image, product, defect, note, f_product, f_defect):
-    r = actions.register_defect(image, product, defect, note)
+    r = register_defect(get_services(), _image(image), product, defect, note)
     items, rows = _gallery_view(f_product, f_defect)
     dup = " (already in the gallery: unchanged)" if r.get("duplicate") else ""
     return f"✅ Registered `{r['id']}`{dup}: {r['defect_type']} · {r['product']}", items, rows, r["id"]
@@ -234,14 +270,14 @@ def ui_register(image, product, defect, note, f_product, f_defect):
 
 @guarded
 def ui_relabel(item_id, product, defect, note, f_product, f_defect):
-    r = actions.relabel_defect(item_id, product or None, defect or None, note if note else None)
+    r = relabel_defect(get_services(), item_id, product or None, defect or None, note if note else None)
     items, rows = _gallery_view(f_product, f_defect)
     return f"✏️ `{r['id']}` is now {r['defect_type']} · {r['product']}", items, rows
 
 
 @guarded
 def ui_delete_item(item_id, f_product, f_defect):
-    actions.delete_defect(item_id)
+    delete_defect(get_services(), item_id)
     items, rows = _gallery_view(f_product, f_defect)
     return f"🗑️ Deleted `{item_id}`", items, rows, ""
 
@@ -296,29 +332,12 @@ def build_gallery_tab() -> dict:
 
 # ============================================================================ Products
 def _product_rows() -> list[list]:
-    """One row per fitted product, read from each bank's ``meta.json`` (never loads a model)."""
-    import json
-
-    from services.container import get_services
-
-    store = get_services().patchcore
-    out = []
-    for p in store.products():
-        try:
-            m = json.loads((store.banks_dir / p / "meta.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):  # a broken bank must not hide the others
-            out.append([p, "", "", "", "", "", "unreadable bank"])
-            continue
-        auroc = m.get("image_auroc_val")
-        views = f"{m.get('tta_views', 1)} ({m.get('tta', 'none')})"
-        out.append([p, m.get("n_train"), m.get("bank_size"), views, round(float(m.get("threshold", 0)), 4),
-                    None if auroc is None else round(float(auroc), 3), m.get("fitted_at", "")])
-    return out
+    return product_rows(get_services())
 
 
 @guarded
 def ui_fit(name, files, symmetry, progress=gr.Progress()):
-    r = actions.fit_product(name, files, progress=_progress_cb(progress), symmetry=symmetry)
+    r = fit_product(get_services(), name, files, progress=_progress_cb(progress), symmetry=symmetry)
     skipped = f" · skipped {len(r['skipped'])} file(s): {'; '.join(r['skipped'][:3])}" if r["skipped"] else ""
     msg = (f"✅ **{r['product']}** fitted on {r['n_train']} images ({r['n_val']} for calibration): bank "
            f"{r['bank_size']} patches, {r['views']} view(s) per inspection, threshold {r['threshold']:.3f}, "
@@ -358,8 +377,8 @@ def build_products_tab() -> dict:
 def _history_view(product, defect, verdict, text):
     import pandas as pd
 
-    r = actions.history_list(None if product == ALL else product, None if defect == ALL else defect,
-                             None if verdict == ALL else verdict, text)
+    r = history_uc.history_list(get_services(), None if product == ALL else product,
+                                None if defect == ALL else defect, None if verdict == ALL else verdict, text)
     rows = [[x["id"], x["created"], x["source"], x["product"], x["defect_type"], x["verdict"], x["score"],
              x["agent_model"], x["elapsed_s"], x["n_citations"]] for x in r["runs"]]
     pairs = r["stats"]["by_product_defect"]
@@ -379,12 +398,11 @@ def ui_history(product, defect, verdict, text):
 
 @guarded
 def ui_history_show(run_id):
-    row = actions.history_run(run_id)
-    from stores.history import manual_markdown
-
-    md_path = actions.export_manual(row["id"], "md")
-    pdf_path = actions.export_manual(row["id"], "pdf")
-    return manual_markdown(row), row["tool_calls"], md_path, pdf_path
+    svc = get_services()
+    row = history_uc.history_run(svc, run_id)
+    md_path = str(history_uc.export_manual(svc, row["id"], "md"))
+    pdf_path = str(history_uc.export_manual(svc, row["id"], "pdf"))
+    return history_uc.manual_markdown(row), row["tool_calls"], md_path, pdf_path
 
 
 def build_history_tab() -> dict:
@@ -420,61 +438,63 @@ def register_api() -> None:
 
     @guarded
     def inspect(image: str, product: str = AUTO):
-        r = actions.inspect(image, product)
+        r = do_inspect(image, product)
         return r, _file(r["overlay"])
 
     @guarded
     def search(image: str | None = None, text: str = "", mode: str = "auto", product: str = "", defect_type: str = "",
                k: float = 5):
-        return actions.search(image, text, mode, product, defect_type, int(k or 5))
+        return do_search(image, text, mode, product, defect_type, int(k or 5))
 
     @guarded
     def manual(query: str, product: str = "", defect_type: str = "", section: str = "", k: float = 4):
-        return actions.manual_query(query, product, defect_type, section, int(k or 4))
+        return do_manual(query, product, defect_type, section, int(k or 4))
 
     @guarded
     def register_defect(image: str, product: str, defect_type: str, note: str = ""):
-        return actions.register_defect(image, product, defect_type, note)
+        return register_defect(get_services(), _image(image), product, defect_type, note)
 
     @guarded
     def relabel_defect(item_id: str, product: str = "", defect_type: str = "", note: str | None = None):
-        return actions.relabel_defect(item_id, product or None, defect_type or None, note)
+        return relabel_defect(get_services(), item_id, product or None, defect_type or None, note)
 
     @guarded
     def delete_defect(item_id: str):
-        return actions.delete_defect(item_id)
+        return delete_defect(get_services(), item_id)
 
     @guarded
     def gallery(product: str = "", defect_type: str = ""):
-        return {"items": actions.gallery_items(product, defect_type)}
+        return {"items": gallery_items(get_services(), product, defect_type)}
 
     @guarded
     def ingest_manual(pdf: str, product: str = "", progress=gr.Progress()):
-        return actions.ingest_manual(pdf, product, progress=_progress_cb(progress))
+        res = manuals_uc.ingest_manual(get_services(), check_upload(pdf, "PDF"), product,
+                                       name=Path(str(pdf or "")).name, progress=_progress_cb(progress))
+        return {**res, "documents": manuals_uc.list_manuals(get_services())}
 
     @guarded
     def delete_manual(source: str):
-        return actions.delete_manual(source)
+        return manuals_uc.delete_manual(get_services(), source)
 
     @guarded
     def manuals():
-        return {"documents": actions.list_manuals()}
+        return {"documents": manuals_uc.list_manuals(get_services())}
 
     @guarded
     def fit_product(product: str, images: list[str], symmetry: str = "none", progress=gr.Progress()):
-        return actions.fit_product(product, images, progress=_progress_cb(progress), symmetry=symmetry)
+        return fit_product(get_services(), product, images, progress=_progress_cb(progress), symmetry=symmetry)
 
     @guarded
     def history(product: str = "", defect_type: str = "", verdict: str = "", text: str = "", limit: float = 100):
-        return actions.history_list(product, defect_type, verdict, text, int(limit or 100))
+        return history_uc.history_list(get_services(), product, defect_type, verdict, text, int(limit or 100))
 
     @guarded
     def history_run(run_id: str):
-        return actions.history_run(run_id)
+        return history_uc.history_run(get_services(), run_id)
 
     @guarded
     def export_manual(run_id: str, fmt: str = "pdf"):
-        return actions.export_manual(run_id, (fmt or "pdf").strip().lower())
+        return str(history_uc.export_manual(get_services(), run_id, (fmt or "pdf").strip().lower()))
 
     with gr.Group(visible=False):
         f_image = gr.File(label="image", type="filepath")

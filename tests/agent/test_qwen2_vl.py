@@ -197,7 +197,7 @@ def test_qwen2_vl_backend_from_local_path(tmp_path, monkeypatch):
     folder = save_tiny_qwen2_vl(tmp_path / "tiny-qwen2-vl")
     for k in ("DRA_AGENT_BACKEND", "DRA_AGENT_MODEL"):
         monkeypatch.delenv(k, raising=False)
-    settings = dataclasses.replace(Settings(profile="hub", agent_model=str(folder)), agent_max_tokens=3)
+    settings = dataclasses.replace(Settings.from_env(profile="hub", agent_model=str(folder)), agent_max_tokens=3)
     assert settings.agent_backend == "qwen2-vl"
     model, name = get_agent_model(settings)
     assert isinstance(model, Qwen2VLModel)

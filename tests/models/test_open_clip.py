@@ -50,7 +50,7 @@ def test_open_clip_text_search_through_faiss_index(tiny_clip_dir, tmp_path):
     from models.embedders import OpenClipEmbedder
     from stores.image_index import ImageIndex
 
-    settings = dataclasses.replace(Settings(), state_dir=tmp_path / "state")
+    settings = dataclasses.replace(Settings.from_env(), state_dir=tmp_path / "state")
     emb = OpenClipEmbedder(str(tiny_clip_dir), name="open_clip:tiny")
     index = ImageIndex(settings, embedder=emb)
     items = [("brick", 0, 0, "crack"), ("brick", 100, 150, "hole"), ("grass", 50, 50, "stain"),

@@ -1,4 +1,5 @@
-"""PatchCore store: real EfficientNet-Lite0 features on real scikit-image brick crops.
+"""PatchCore (models.patchcore, stores.banks, services.products): real EfficientNet-Lite0 features
+on real scikit-image brick crops.
 
 Only rows 0-319 of ``skimage.data.brick()`` are read (rows 320-511 are reserved).
 Defects are synthesised with exact masks: a dark hole and a bright scratch.
@@ -14,22 +15,16 @@ import torch
 from PIL import Image
 from skimage import data, draw
 
-from models.patchcore.model import (
-    DEFAULT_CONFIG,
-    BankNotFoundError,
-    InspectionResult,
-    PatchCoreConfig,
-    PatchCoreStore,
-    augment_views,
-    backbone_spec,
-    build_model,
-    calibrate_threshold,
-    coreset_sampler_class,
-    find_regions,
-    greedy_coreset_indices,
-    save_artifacts,
-)
 from core.settings import Settings
+from core.types import InspectionResult
+from models.patchcore.anomaly_map import find_regions
+from models.patchcore.calibration import calibrate_threshold
+from models.patchcore.config import DEFAULT_CONFIG, PatchCoreConfig
+from models.patchcore.coreset import coreset_sampler_class, greedy_coreset_indices
+from models.patchcore.model import _forward_views, augment_views, backbone_spec, build_model
+from stores.banks import BankNotFoundError
+from stores.runs import write_inspection_artifacts as save_artifacts
+from tests.bank_helpers import PatchCoreBanks as PatchCoreStore
 
 ROWS = 320  # never read rows 320..511
 
@@ -84,7 +79,7 @@ def _overlap(a: list[int], b: list[int]) -> bool:
 def fitted(tmp_path_factory):
     """A store fitted on 20 real normal crops (coreset 1 %) with 6 val normals + 6 val defects."""
     state = tmp_path_factory.mktemp("pc_state")
-    settings = Settings(state_dir=state)
+    settings = Settings.from_env(state_dir=state)
     train = _crops(20, seed=1)
     val_normal = _crops(6, seed=2)
     rng = np.random.default_rng(7)
@@ -146,8 +141,8 @@ def test_defect_above_threshold_normal_below(fitted):
         assert r.is_anomalous and r.score >= thr
         assert r.regions, "a defect must give at least one region"
         top = r.regions[0]
-        assert _overlap(top["bbox"], _bbox(mask)), (top, _bbox(mask))
-        assert 0 < top["area_frac"] < 0.5
+        assert _overlap(list(top.bbox), _bbox(mask)), (top, _bbox(mask))
+        assert 0 < top.area_frac < 0.5
         # the anomaly map peaks inside (or right next to) the defect
         y, x = np.unravel_index(np.argmax(r.anomaly_map), r.anomaly_map.shape)
         near = np.zeros_like(mask)
@@ -168,7 +163,7 @@ def test_anomaly_map_shape_any_input_size(fitted):
         assert np.array_equal(r.mask, r.anomaly_map >= r.pixel_threshold)
         assert r.elapsed_ms > 0
         for reg in r.regions:
-            x0, y0, x1, y1 = reg["bbox"]
+            x0, y0, x1, y1 = reg.bbox
             assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
     gray = rows[:180, :240]  # grayscale arrays are accepted too
     assert store.inspect(gray, "brick").anomaly_map.shape == (180, 240)
@@ -193,7 +188,7 @@ def test_persistence_roundtrip_identical(fitted):
 
 
 def test_refit_replaces_bank_atomically(fitted, tmp_path):
-    settings = Settings(state_dir=tmp_path)
+    settings = Settings.from_env(state_dir=tmp_path)
     store = PatchCoreStore(settings, coreset_ratio=0.01, image_size=128, augment="none")  # small: about files
     train, val = _crops(6, seed=31), _crops(3, seed=32)
     store.fit("brick", train, val)  # normal-only calibration
@@ -245,7 +240,7 @@ def test_unknown_product(fitted):
 
 
 def test_fit_rejects_bad_input(tmp_path):
-    store = PatchCoreStore(Settings(state_dir=tmp_path))
+    store = PatchCoreStore(Settings.from_env(state_dir=tmp_path))
     with pytest.raises(ValueError):
         store.fit("brick", [], _crops(2, seed=1))
     with pytest.raises(ValueError):
@@ -257,7 +252,7 @@ def test_fit_rejects_bad_input(tmp_path):
 
 def test_fit_from_manifest_and_evaluate(tmp_path):
     """A tiny manifest in the data builder's format: fit, then image / pixel AUROC on val."""
-    settings = Settings(state_dir=tmp_path / "state")
+    settings = Settings.from_env(state_dir=tmp_path / "state")
     data_dir = settings.data_dir
     items = []
 
@@ -320,8 +315,8 @@ def test_find_regions_boxes():
     amap = mask.astype(np.float32)
     amap[75, 160] = 5.0
     regions = find_regions(mask, amap)
-    assert [r["bbox"] for r in regions] == [[150, 70, 190, 90], [30, 10, 60, 20]]
-    assert regions[0]["peak"] == 5.0 and regions[0]["area_frac"] == pytest.approx(800 / 20000)
+    assert [list(r.bbox) for r in regions] == [[150, 70, 190, 90], [30, 10, 60, 20]]
+    assert regions[0].peak == 5.0 and regions[0].area_frac == pytest.approx(800 / 20000)
 
 
 def _brute_force_greedy(x: torch.Tensor, start: int, k: int) -> list[int]:
@@ -428,7 +423,7 @@ def test_test_time_views_one_view_is_the_plain_path():
     m = build_model(spec, sigma=4.0)
     m.memory_bank = torch.randn(300, 120, generator=torch.Generator().manual_seed(3))
     imgs = _crops(2, seed=91, size=64)
-    score, amap, desc = PatchCoreStore._forward_views(m, imgs, spec, 64, ((False, 0),))
+    score, amap, desc = _forward_views(m, imgs, spec, 64, ((False, 0),))
     from models.patchcore.model import preprocess
 
     with torch.inference_mode():
@@ -446,7 +441,7 @@ def test_test_time_views_one_view_is_the_plain_path():
 def test_test_time_views_are_equivariant(tmp_path, mode):
     """With test-time views of a symmetry group, a mirrored / turned image gets the same score and
     the mirrored / turned anomaly map (the views are mapped back before they are averaged)."""
-    store = PatchCoreStore(Settings(state_dir=tmp_path), coreset_ratio=0.05, image_size=64, augment="none",
+    store = PatchCoreStore(Settings.from_env(state_dir=tmp_path), coreset_ratio=0.05, image_size=64, augment="none",
                            tta=mode)
     store.fit("brick", _crops(3, seed=93, size=64), _crops(2, seed=94, size=64))
     meta = store.meta("brick")
@@ -460,16 +455,16 @@ def test_test_time_views_are_equivariant(tmp_path, mode):
     mirrored = store.inspect(np.ascontiguousarray(img[:, ::-1]), "brick")
     assert np.allclose(mirrored.anomaly_map, base.anomaly_map[:, ::-1], atol=1e-3 * base.anomaly_map.max())
     with pytest.raises(ValueError):
-        PatchCoreStore(Settings(state_dir=tmp_path), tta="sideways")
+        PatchCoreStore(Settings.from_env(state_dir=tmp_path), tta="sideways")
 
 
 def test_symmetry_choice_sets_bank_and_test_time_views(tmp_path):
     """A product fitted with a symmetry (UI / API choice) gets those bank and test-time views,
     recorded in meta.json; a mirrored photo then scores like the photo. Unknown names fail
     before any work."""
-    from models.patchcore.model import SYMMETRIES
+    from models.patchcore.config import SYMMETRIES
 
-    store = PatchCoreStore(Settings(state_dir=tmp_path, patchcore_image_size=64, patchcore_coreset_ratio=0.05))
+    store = PatchCoreStore(Settings.from_env(state_dir=tmp_path, patchcore_image_size=64, patchcore_coreset_ratio=0.05))
     assert set(SYMMETRIES) == {"none", "mirror", "flips", "turns"}
     for name, (augment, tta) in SYMMETRIES.items():
         cfg = store.config_for("tile", name)
@@ -508,15 +503,15 @@ def test_augment_views():
 
 def test_config_resolution(tmp_path, monkeypatch):
     """Constructor > non-zero setting > tuned per-product config > default; stored in meta.json."""
-    import models.patchcore.model as pc
+    import models.patchcore.config as pc
 
     monkeypatch.setitem(pc.PRODUCT_CONFIGS, "widget", PatchCoreConfig(blocks=(3, 5), image_size=96, augment="hflip"))
-    store = PatchCoreStore(Settings(state_dir=tmp_path, patchcore_image_size=0, patchcore_coreset_ratio=0))
+    store = PatchCoreStore(Settings.from_env(state_dir=tmp_path, patchcore_image_size=0, patchcore_coreset_ratio=0))
     assert store.config_for("widget") == PatchCoreConfig(blocks=(3, 5), image_size=96, augment="hflip")
     assert store.config_for("other") == DEFAULT_CONFIG
-    store = PatchCoreStore(Settings(state_dir=tmp_path, patchcore_image_size=64, patchcore_coreset_ratio=0.05))
+    store = PatchCoreStore(Settings.from_env(state_dir=tmp_path, patchcore_image_size=64, patchcore_coreset_ratio=0.05))
     assert store.config_for("widget").image_size == 64 and store.config_for("widget").coreset_ratio == 0.05
-    store = PatchCoreStore(Settings(state_dir=tmp_path, patchcore_image_size=64, patchcore_coreset_ratio=0.05),
+    store = PatchCoreStore(Settings.from_env(state_dir=tmp_path, patchcore_image_size=64, patchcore_coreset_ratio=0.05),
                            image_size=80, reweight=False)
     cfg = store.config_for("widget")
     assert (cfg.image_size, cfg.blocks, cfg.augment, cfg.reweight) == (80, (3, 5), "hflip", False)
@@ -528,18 +523,18 @@ def test_config_resolution(tmp_path, monkeypatch):
     assert info["bank_size"] == int(3 * 2 * side * side * 0.05)  # 3 images x 2 views
     assert meta["model"].endswith("/aug-hflip")
     with pytest.raises(ValueError):
-        PatchCoreStore(Settings(state_dir=tmp_path), augment="sideways")
+        PatchCoreStore(Settings.from_env(state_dir=tmp_path), augment="sideways")
 
 
 def test_float16_bank_setting(tmp_path):
-    settings = Settings(state_dir=tmp_path, patchcore_bank_dtype="float16")
+    settings = Settings.from_env(state_dir=tmp_path, patchcore_bank_dtype="float16")
     store = PatchCoreStore(settings, coreset_ratio=0.05, image_size=64, augment="none")
     train, val = _crops(3, seed=81), _crops(2, seed=82)
     store.fit("brick", train, val)
     assert np.load(settings.banks_dir / "brick" / "memory_bank.npy").dtype == np.float16
     assert store.meta("brick")["bank_dtype"] == "float16"
     r16 = store.inspect(val[0], "brick")
-    r32 = PatchCoreStore(Settings(state_dir=tmp_path)).inspect(val[0], "brick")  # exact index, same fp16 values
+    r32 = PatchCoreStore(Settings.from_env(state_dir=tmp_path)).inspect(val[0], "brick")  # exact index, same fp16 values
     assert r16.score == pytest.approx(r32.score, rel=2e-3)
 
 
@@ -559,7 +554,7 @@ def test_separable_blur_equals_anomalib_blur():
     """Our two 1-D passes give anomalib's 2-D GaussianBlur2d (kornia kernel, reflect padding)."""
     from anomalib.models.components import GaussianBlur2d
 
-    from models.patchcore.model import SeparableGaussianBlur
+    from models.patchcore.anomaly_map import SeparableGaussianBlur
 
     x = torch.rand(2, 1, 96, 80, generator=torch.Generator().manual_seed(0)) * 30
     for sigma in (1.0, 4.0, 8.0):
@@ -604,11 +599,26 @@ def test_onnxruntime_features_equal_eager_lite0():
 
 
 _REFIT_SCRIPT = """
-import sys
+import os, sys, time
 import numpy as np
 from skimage import data
-from models.patchcore.model import PatchCoreStore
 from core.settings import Settings
+from tests.bank_helpers import PatchCoreBanks
+PAUSE = os.environ.get("TEST_PAUSE_AT")
+
+def pause(stage):
+    if PAUSE == stage:
+        print(f"paused {stage}", flush=True)
+        time.sleep(120)
+
+real_replace = os.replace
+
+def replace(src, dst):  # the bank swap: old folder moved away, then the new one in
+    real_replace(src, dst)
+    if ".old-" in os.path.basename(str(dst)):
+        pause("swap")
+
+os.replace = replace
 rows = data.brick()[:320]
 rng = np.random.default_rng(int(sys.argv[2]))
 crops = []
@@ -616,9 +626,10 @@ for _ in range(8):
     y = int(rng.integers(0, 320 - 256 + 1)); x = int(rng.integers(0, rows.shape[1] - 256 + 1))
     crops.append(np.repeat(rows[y:y + 256, x:x + 256, None], 3, axis=2).astype(np.uint8))
 from pathlib import Path
-store = PatchCoreStore(Settings(state_dir=Path(sys.argv[1])), coreset_ratio=0.01, image_size=128, augment="none")
+store = PatchCoreBanks(Settings.from_env(state_dir=Path(sys.argv[1])), coreset_ratio=0.01, image_size=128,
+                       augment="none")
 print("fitting", flush=True)
-store.fit("brick", crops[:5], crops[5:])
+store.fit("brick", crops[:5], crops[5:], progress=lambda f, m: m.startswith("coreset") and pause("coreset"))
 print("done", flush=True)
 """
 
@@ -635,7 +646,7 @@ def test_sigkill_during_refit_leaves_the_previous_bank_usable(tmp_path):
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[2]
-    settings = Settings(state_dir=tmp_path)
+    settings = Settings.from_env(state_dir=tmp_path)
     store = PatchCoreStore(settings, coreset_ratio=0.01, image_size=128, augment="none")
     store.fit("brick", _crops(5, seed=61), _crops(3, seed=62))
     before = store.meta("brick")
@@ -644,9 +655,9 @@ def test_sigkill_during_refit_leaves_the_previous_bank_usable(tmp_path):
 
     def run(seed: int, pause: str | None) -> subprocess.Popen:
         env = {**os.environ, "PYTHONPATH": str(repo)}
-        env.pop("DRA_PATCHCORE_PAUSE_AT", None)
+        env.pop("TEST_PAUSE_AT", None)
         if pause:
-            env.update(DRA_PATCHCORE_PAUSE_AT=pause, DRA_PATCHCORE_PAUSE_S="120")
+            env["TEST_PAUSE_AT"] = pause
         return subprocess.Popen([sys.executable, "-c", _REFIT_SCRIPT, str(tmp_path), str(seed)], cwd=repo,
                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
 

@@ -77,7 +77,7 @@ def test_s3_blob_store_on_a_real_s3_server(s3_endpoint, aws_env, tmp_path):
 
 
 def test_open_blob_store_from_settings(s3_endpoint, aws_env, tmp_path):
-    base = dataclasses.replace(Settings(), state_dir=tmp_path / "state")
+    base = dataclasses.replace(Settings.from_env(), state_dir=tmp_path / "state")
     assert isinstance(open_blob_store(dataclasses.replace(base, blob_store="local")), LocalBlobStore)
     s3 = open_blob_store(dataclasses.replace(base, blob_store="s3://bkt/p", s3_endpoint_url=s3_endpoint))
     assert isinstance(s3, S3BlobStore) and s3.exists(s3.put_image(_image(2)))

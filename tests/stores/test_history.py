@@ -7,7 +7,8 @@ import threading
 
 import pytest
 
-from stores.history import HistoryStore, manual_markdown, manual_pdf
+from services.history import manual_markdown, manual_pdf
+from stores.history import HistoryStore
 
 pymupdf = pytest.importorskip("pymupdf")
 

@@ -10,9 +10,17 @@ import numpy as np
 import pytest
 from skimage import data as skdata
 
-from stores.image_index import ImageIndex
 from core.imageio import load_rgb, save_png
 from core.settings import Settings
+from services.build import build_gallery
+from services.container import Services
+from services.evaluate import evaluate_retrieval, evaluate_text
+from stores.image_index import ImageIndex
+
+
+def open_index(settings: Settings) -> ImageIndex:
+    """The image index as the app opens it: defect descriptors from the state's PatchCore banks."""
+    return Services(settings).image_index
 
 ROWS = 320  # rows >= 320 of the sample photos are reserved and never read
 
@@ -42,7 +50,7 @@ def _hole(im: np.ndarray, cy: int, cx: int) -> np.ndarray:
 
 @pytest.fixture()
 def settings(tmp_path) -> Settings:
-    return dataclasses.replace(Settings(), state_dir=tmp_path / "state")
+    return dataclasses.replace(Settings.from_env(), state_dir=tmp_path / "state")
 
 
 def test_add_search_filters_duplicates_persistence_delete(settings):
@@ -119,15 +127,16 @@ def _write_manifest(root: Path) -> Path:
 
 def test_build_from_manifest_idempotent_and_evaluate(settings, tmp_path):
     data_dir = _write_manifest(tmp_path / "data")
-    index = ImageIndex(settings)
-    first = index.build_from_manifest(data_dir)
+    svc = Services(settings)
+    first = build_gallery(svc, data_dir)
     assert first["items"] == 8 and first["added"] == 8 and first["skipped"] is False
-    assert sorted(index.embedder.normal_products()) == ["brick", "gravel"]
-    second = ImageIndex(settings).build_from_manifest(data_dir)
+    assert sorted(svc.image_index.embedder.normal_products()) == ["brick", "gravel"]
+    second = build_gallery(Services(settings), data_dir)
     assert second["skipped"] is True and second["items"] == 8
-    reopened = ImageIndex(settings)
+    reopened_svc = Services(settings)
+    reopened = reopened_svc.image_index
     assert reopened.embedder.normal_products() == ["brick", "gravel"]  # normal statistics persisted
-    report = reopened.evaluate(data_dir)
+    report = evaluate_retrieval(reopened_svc, data_dir)
     assert report["n_queries"] == 4
     assert report["product_accuracy"] == 1.0
     for key in ("recall_at_1", "recall_at_5", "mrr_at_10"):
@@ -151,10 +160,11 @@ def test_built_index_retrieves_defect_type(built_state):
     from core.settings import get_settings
 
     settings = get_settings()
-    index = ImageIndex(settings)
+    svc = Services(settings)
+    index = svc.image_index
     assert set(index.projections) == {"brick", "gravel", "grass"}  # metric fitted per product at build
     assert index.dim == index.embedder.dim + 8 == settings.image_global_dim + 8 == 520  # offline default
-    report = index.evaluate()
+    report = evaluate_retrieval(svc)
     assert report["n_queries"] == 120 and report["product_accuracy"] == 1.0
     assert report["recall_at_1"] >= R1_FLOOR, report
     assert report["recall_at_5"] >= report["recall_at_1"] and report["mrr_at_10"] >= report["recall_at_1"]
@@ -165,24 +175,23 @@ def test_built_index_retrieves_defect_type(built_state):
 
 
 def test_built_index_map_argument_restart_and_add(built_state, writable_state):
-    from models.patchcore.model import PatchCoreStore
     from core.settings import get_settings
 
     settings = get_settings()
     q = _val_defects(settings.data_dir)[3]
     rgb = load_rgb(settings.data_dir / q["image"])
-    index = ImageIndex(settings)
+    index = open_index(settings)
     auto = index.search(rgb, k=5, product=q["product"])
     assert len(auto) == 5 and all(h["product"] == q["product"] for h in auto)
     # the caller's PatchCore anomaly map gives the same answer as the one computed inside
-    amap = PatchCoreStore(settings).inspect(rgb, q["product"]).anomaly_map
+    amap = Services(settings).banks.get(q["product"]).predict([rgb])[0].anomaly_map
     given = index.search(rgb, k=5, product=q["product"], anomaly_map=amap)
     assert [h["id"] for h in given] == [h["id"] for h in auto]
     np.testing.assert_allclose([h["score"] for h in given], [h["score"] for h in auto], atol=1e-5)
     # without a product, the product is inferred and results stay within it
     assert all(h["product"] == q["product"] for h in index.search(rgb, k=5))
     # restart: identical results from the persisted index, metric and configuration
-    again = ImageIndex(settings)
+    again = open_index(settings)
     assert again.model == index.model and len(again) == len(index)
     rerun = again.search(rgb, k=5, product=q["product"])
     assert [h["id"] for h in rerun] == [h["id"] for h in auto]
@@ -191,7 +200,7 @@ def test_built_index_map_argument_restart_and_add(built_state, writable_state):
     new_id = again.add(rgb, q["product"], q["defect_type"], note="registered from a user report")
     top = again.search(rgb, k=1, product=q["product"])[0]
     assert top["id"] == new_id and top["score"] == pytest.approx(1.0, abs=1e-4)
-    assert ImageIndex(settings).search(rgb, k=1)[0]["id"] == new_id
+    assert open_index(settings).search(rgb, k=1)[0]["id"] == new_id
     assert again.delete(new_id) and all(h["id"] != new_id for h in again.search(rgb, k=5))
 
 
@@ -205,7 +214,8 @@ def test_rebuild_renews_cached_descriptors(built_state, writable_state):
     from core.settings import get_settings
 
     settings = get_settings()
-    index = ImageIndex(settings)
+    svc = Services(settings)
+    index = svc.image_index
     gallery_id = next(i for i, it in index.meta["items"].items() if it["product"] == "brick")
     q = _val_defects(settings.data_dir)[0]
     registered = index.add(load_rgb(settings.data_dir / q["image"]), q["product"], q["defect_type"])
@@ -215,9 +225,9 @@ def test_rebuild_renews_cached_descriptors(built_state, writable_state):
         index._features[i]["defect"] = np.zeros_like(expected[i])
     index._save()
     index.meta["manifest_fingerprint"] = "from an older bank"
-    out = index.build_from_manifest(synth_per_type=1)
+    out = build_gallery(svc, synth_per_type=1)
     assert out["skipped"] is False and out["added"] == 0
-    reopened = ImageIndex(settings)
+    reopened = open_index(settings)
     for i, want in expected.items():
         np.testing.assert_allclose(reopened._features[i]["defect"], want, rtol=1e-5, atol=1e-6)
     # a refit of one product from the UI renews that product's descriptors only
@@ -286,7 +296,8 @@ def test_register_duplicate_relabel_delete_and_restart(settings, tmp_path):
 
 
 def test_query_modes_filters_and_fusion(settings):
-    index = ImageIndex(settings)
+    svc = Services(settings)
+    index = svc.image_index
     ids = [index.register(rgb, p, d, note=n)["id"] for rgb, p, d, n in _gallery4()]
     q = _gallery4()[1][0]  # brick hole
     img = index.query(q, k=4)  # auto with an image only -> image mode
@@ -312,13 +323,13 @@ def test_query_modes_filters_and_fusion(settings):
                 dict(mode="nearest", image=q), dict(image=q, text="x", text_weight=1.5)):
         with pytest.raises(ValueError):
             index.query(**bad)
-    report = index.evaluate_text()
+    report = evaluate_text(svc)
     assert report["text_matched"] == "caption" and report["n_text_queries"] == 4
     assert set(report["text_recall_at_5_per_type"]) == {"scratch", "hole"} and report["text_recall_at_5"] == 1.0
 
 
 def test_milvus_backend_gives_the_same_results_as_faiss(settings, tmp_path):
-    milvus = dataclasses.replace(Settings(), state_dir=tmp_path / "milvus-state", vector_backend="milvus")
+    milvus = dataclasses.replace(Settings.from_env(), state_dir=tmp_path / "milvus-state", vector_backend="milvus")
     faiss_index, milvus_index = ImageIndex(settings), ImageIndex(milvus)
     for idx in (faiss_index, milvus_index):
         for rgb, p, d, n in _gallery4():
@@ -340,15 +351,30 @@ def test_milvus_backend_gives_the_same_results_as_faiss(settings, tmp_path):
 
 
 _KILL_SCRIPT = """
-import dataclasses, sys
+import dataclasses, os, sys, time
 from pathlib import Path
 import numpy as np
 from skimage import data as skdata
 from stores.image_index import ImageIndex
 from core.settings import Settings
 
-settings = dataclasses.replace(Settings(), state_dir=Path(sys.argv[1]))
+settings = dataclasses.replace(Settings.from_env(), state_dir=Path(sys.argv[1]))
 index = ImageIndex(settings)
+STAGE = os.environ["TEST_PAUSE_AT"]
+
+def after(stage, fn):  # print "wrote <stage>" and wait right after that write (the test kills us there)
+    def wrapped(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        if stage == STAGE:
+            print(f"wrote {stage}", flush=True)
+            time.sleep(120)
+        return out
+    return wrapped
+
+index.blobs.put_image = after("blobs", index.blobs.put_image)
+index._write_features = after("features", index._write_features)
+index.vectors.persist = after("vectors", index.vectors.persist)
+index._write_meta = after("items", index._write_meta)
 src = skdata.grass()[:320]
 rgb = np.repeat(src[100:228, 200:328, None], 3, axis=2).copy()
 print("ready", flush=True)
@@ -372,7 +398,7 @@ def test_sigkill_during_registration_leaves_a_usable_index(settings, tmp_path):
     before = [index.register(rgb, p, d, note=n)["id"] for rgb, p, d, n in _gallery4()[:2]]
     seen_states = set()
     for stage in ("blobs", "features", "vectors", "items"):
-        env = {**os.environ, "DRA_INDEX_PAUSE_AT": stage, "DRA_INDEX_PAUSE_S": "120", "PYTHONPATH": str(repo)}
+        env = {**os.environ, "TEST_PAUSE_AT": stage, "PYTHONPATH": str(repo)}
         proc = subprocess.Popen([sys.executable, str(script), str(settings.state_dir)], cwd=repo, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         try:

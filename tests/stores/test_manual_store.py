@@ -55,7 +55,7 @@ def _write_manual(path: Path, pages: list[tuple], lang: str, product: str = "bri
 
 @pytest.fixture()
 def store(tmp_path) -> ManualStore:
-    settings = dataclasses.replace(Settings(), state_dir=tmp_path / "state")
+    settings = dataclasses.replace(Settings.from_env(), state_dir=tmp_path / "state")
     return ManualStore(settings)
 
 
@@ -178,7 +178,7 @@ sys.path.insert(0, {repo!r})
 from stores.manual_store import ManualStore
 from core.settings import Settings
 
-store = ManualStore(dataclasses.replace(Settings(), state_dir=__import__("pathlib").Path({state!r})))
+store = ManualStore(dataclasses.replace(Settings.from_env(), state_dir=__import__("pathlib").Path({state!r})))
 
 def progress(fraction, message):
     print("PROGRESS", fraction, flush=True)

@@ -1,4 +1,4 @@
-"""ui.uploads: safe names, upload checks, images from files and real zip archives."""
+"""core.uploads: safe names, upload checks, images from files and real zip archives."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ui.uploads import UploadError, check_upload, images_from_uploads, safe_name
+from core.uploads import UploadError, check_upload, images_from_uploads, safe_name
 
 
 @pytest.mark.parametrize(("name", "expected"), [
@@ -81,7 +81,7 @@ def test_zip_limits_and_bad_zip(tmp_path, monkeypatch):
     bomb = tmp_path / "bomb.zip"
     with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         zf.writestr("zeros.png", b"\0" * (3 * 1024 * 1024))
-    import ui.uploads as uploads
+    import core.uploads as uploads
 
     monkeypatch.setattr(uploads, "MAX_ZIP_BYTES", 1024 * 1024)
     with pytest.raises(UploadError, match="zip bomb"):

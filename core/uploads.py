@@ -17,6 +17,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 
+from core.errors import InputError
 from core.imageio import InvalidImageError, load_rgb
 from core.settings import get_settings
 
@@ -26,7 +27,7 @@ MAX_ZIP_BYTES = 512 * 1024 * 1024  # uncompressed, all members together
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
-class UploadError(ValueError):
+class UploadError(InputError):
     """An upload that cannot be used (missing, too large, wrong kind); the message says why."""
 
 

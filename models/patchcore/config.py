@@ -1,0 +1,160 @@
+"""PatchCore configuration: the tunable choices of a memory bank, per-product tuned entries, views.
+
+Every constant here was chosen on the project's own validation split (see ``docs/tuning.md``);
+a product without a tuned entry (added from the UI) gets :data:`DEFAULT_CONFIG` with the
+views of the symmetry its operator chose (:data:`SYMMETRIES`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+
+# Lite0 blocks 4 and 7 (40 + 80 channels, strides 8 and 16). Chosen on the sample data's
+# val split (80 train normals, 30 normal + 40 defect val, coreset 1 %): image AUROC
+# gravel 0.709 -> 0.752, grass 0.662 -> 0.752 against blocks (4, 10); blocks (2, 4, 10)
+# (stride 4 added) gave gravel 0.729 at 6x the fit and inference time.
+DEFAULT_LITE0_BLOCKS = (4, 7)
+# Tuning on the val split of the earlier data version (before the defects' visibility floor;
+# bench/bench_patchcore_tuning.py; image AUROC brick / gravel / grass; current figures: PRODUCT_CONFIGS):
+# * pooling 3 beats 1 and 5 (256 px, blocks 4,7, random 1 % bank: pool 1 .75/.52/.62,
+#   pool 3 .96/.70/.61, pool 5 .91/.69/.59; pool 5 raises pixel AUROC a little);
+# * k-center-greedy coreset beats a random bank of the same size (.968/.760/.751 vs
+#   .961/.698/.613); a 3 % coreset gives no image-AUROC gain (.974/.741/.750) at 3x the time;
+# * upscaling the 256 crop to 512 (blocks 4,7) helps brick (.979) but hurts gravel
+#   (.569, random bank): the receptive field covers fewer stones; blocks (2,4,7) at 256
+#   gave .961/.753/.645 (random bank) at a larger bank and slower inference.
+DEFAULT_POOL_SIZE = 3  # anomalib's AvgPool2d(3, 1, 1)
+NUM_NEIGHBORS = 9  # anomalib / paper default for the re-weighted image score
+DEFAULT_SIGMA = 4.0  # anomalib's AnomalyMapGenerator Gaussian sigma (pixels at the model input size)
+# images per backbone call: on this 2-core CPU a Lite0 forward at 256 px of 8 stacked
+# images took 210-236 ms, 4 x 2 images 83 ms, 8 x 1 image 90 ms (the activations of
+# larger batches fall out of the cache); measured with /work state banks, 2 torch threads
+BATCH_SIZE = 2
+SEED = 0
+# coreset selection in a random projection of this many dims (None: exact features)
+CORESET_PROJ_DIM: int | None = None
+# pixel threshold: this quantile of all normal validation pixel scores
+PIXEL_QUANTILE = 0.999
+# image threshold without defects: mean + 3 sigma of normal val scores, at least max(normal) * margin
+NORMAL_MARGIN = 1.05
+# regions smaller than this fraction of the image are dropped (speckle)
+MIN_REGION_FRAC = 0.0005
+MAX_REGIONS = 10
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class PatchCoreConfig:
+    """The tunable PatchCore choices of one product's memory bank (stored in its meta.json).
+
+    Attributes:
+        blocks: EfficientNet-Lite0 block indices whose outputs form the patch
+            features (``models.backbones.LITE0_BLOCKS``: block 4 = stride 8, 7 = stride 16).
+        image_size: square model input size in pixels (inputs are resized to it).
+        pool_size: neighbourhood average pooling (odd; 3 = the paper's 3x3).
+        coreset_ratio: fraction of training patches kept by the greedy coreset (0..1].
+        augment: symmetry views of train normals added to the bank (``AUGMENTATIONS``).
+        sigma: anomaly-map Gaussian blur sigma, pixels at ``image_size`` (0: none).
+        reweight: image score by the paper's Eq. 7 re-weighting (True) or the
+            plain maximum patch distance (False); ignored with test-time views.
+        tta: test-time symmetry views (``AUGMENTATIONS`` key): each image is scored
+            in every view, the patch-distance maps are turned back and averaged,
+            and the image score is the maximum of the averaged map. ``none``: one view.
+    """
+
+    blocks: tuple[int, ...] = (4, 7)
+    image_size: int = 256
+    pool_size: int = 3
+    coreset_ratio: float = 0.01
+    augment: str = "none"
+    sigma: float = 4.0
+    reweight: bool = True
+    tta: str = "none"
+
+    def as_dict(self) -> dict:
+        """JSON-ready dict (``blocks`` as a list)."""
+        return {"blocks": list(self.blocks), "image_size": self.image_size, "pool_size": self.pool_size,
+                "coreset_ratio": self.coreset_ratio, "augment": self.augment, "sigma": self.sigma,
+                "reweight": self.reweight, "tta": self.tta}
+
+
+#: configuration of products without a tuned entry (e.g. uploaded from the UI)
+DEFAULT_CONFIG = PatchCoreConfig()
+#: per-product configurations chosen on the validation split (bench/bench_patchcore_tuning.py,
+#: coreset sampler, 30 normal + 40 defect val images; README "PatchCore tuning"). Image / pixel AUROC:
+#: * bank augmentation with the product's symmetry views (train normals only) at the same 1 % ratio:
+#:   gravel flips .820/.868 -> .888/.926, grass flips .853/.845 -> .883/.910; brick hflip .975/.980 ->
+#:   .972/.982 (no gain, 2x fit time: not used). A 4 % bank without views is worse for image AUROC
+#:   (gravel .798/.904, grass .818/.909): the views, not the bank size, make the gain.
+#: * anomaly-map blur sigma 2/4/8 (pixel AUROC only): brick .979/.980/.982, grass .825/.845/.877;
+#:   with flips sigma 8/12/16: gravel .941/.945/.943, grass .938/.950/.953. On the final banks with
+#:   their test-time views, sigma 6/8/10/12/16: brick .9792/.9795/.9797/.9797/.9792, gravel
+#:   .9698/.9704/.9697/.9681/.9626, grass .9562/.9600/.9619/.9625/.9612 -> grass 12, others 8
+#:   (the similar-defect descriptor is pooled under this map: grass Recall@1 .675 -> .625).
+#: * pooling 5 instead of 3: image AUROC drops (brick .975 -> .953, grass .853 -> .807).
+#: * Eq. 7 re-weighting vs max: within +-0.006 everywhere (kept: the paper's score).
+#: * coreset selection in a 32-d random projection: gravel flips .888 -> .803 (exact greedy kept).
+#: * test-time symmetry views (``tta``; the averaged patch map, its max as image score; sigma 8,
+#:   bench/bench_patchcore_tuning.py tta): brick none-bank hflip views .975/.982 -> .981/.980;
+#:   grass flips-bank flips views .884/.938 -> .923/.960 (dihedral views .831: grass is not
+#:   rotation-symmetric); gravel flips-bank dihedral views .887/.941 -> .930/.965 (flips views
+#:   .888, 4 rotations .903; the gravel data holds 90-degree turns). Cost: one forward per view.
+PRODUCT_CONFIGS: dict[str, PatchCoreConfig] = {
+    "brick": PatchCoreConfig(sigma=8.0, tta="hflip"),
+    "gravel": PatchCoreConfig(augment="flips", sigma=8.0, tta="dihedral"),
+    "grass": PatchCoreConfig(augment="flips", sigma=12.0, tta="flips"),
+}
+
+#: symmetry of a product's photos -> (bank views ``augment``, test-time views ``tta``), for products
+#: fitted from the UI / API. The views must be real symmetries of the product (dihedral views cost
+#: grass 0.09 image AUROC); the pairs are the tuned ones: ``mirror`` = brick (mirror views at test
+#: time only; the mirrored bank gave no gain), ``flips`` = grass, ``turns`` = gravel (a dihedral
+#: bank was not better than the flips bank and took 2x the fit time).
+SYMMETRIES: dict[str, tuple[str, str]] = {
+    "none": ("none", "none"),      # orientation matters (text, arrows, a part with a fixed pose)
+    "mirror": ("none", "hflip"),   # looks the same mirrored left-right
+    "flips": ("flips", "flips"),   # mirrored left-right and up-down (and turned 180 degrees)
+    "turns": ("flips", "dihedral"),  # any 90-degree turn and mirror (isotropic textures)
+}
+
+
+# Symmetry views of a normal training image added to the memory bank (train normals only).
+# Each view is (transpose?, k rot90) applied as np.rot90(img.T?, k); "flips" = identity,
+# horizontal, vertical and both flips; "dihedral" = all 8 rotations / reflections.
+AUGMENTATIONS: dict[str, tuple[tuple[bool, int], ...]] = {
+    "none": ((False, 0),),
+    "hflip": ((False, 0), (True, 3)),  # rot90(transpose, 3) = left-right mirror
+    "flips": ((False, 0), (True, 3), (True, 1), (False, 2)),  # + up-down mirror, both (= rot 180)
+    "dihedral": tuple((t, k) for t in (False, True) for k in range(4)),
+}
+
+
+def config_for(product: str, symmetry: str | None = None, **overrides) -> PatchCoreConfig:
+    """The :class:`PatchCoreConfig` a fit of ``product`` uses.
+
+    Field by field: an override if given (not None), else the product's tuned entry in
+    :data:`PRODUCT_CONFIGS`, else :data:`DEFAULT_CONFIG`; ``symmetry`` (a :data:`SYMMETRIES`
+    key) sets the bank and test-time views (``augment``, ``tta``).
+
+    Raises:
+        ValueError: unknown symmetry, unknown ``augment`` / ``tta`` views.
+    """
+    base = PRODUCT_CONFIGS.get(product, DEFAULT_CONFIG)
+    if symmetry is not None:
+        if symmetry not in SYMMETRIES:
+            raise ValueError(f"unknown symmetry {symmetry!r}; choose from {', '.join(SYMMETRIES)}")
+        augment, tta = SYMMETRIES[symmetry]
+        base = replace(base, augment=augment, tta=tta)
+    over = {k: (tuple(v) if k == "blocks" else v) for k, v in overrides.items() if v is not None and v != ()}
+    check_views(over)
+    return replace(base, **over)
+
+
+def check_views(over: dict) -> None:
+    """Raise ValueError if ``over["augment"]`` / ``over["tta"]`` is not an :data:`AUGMENTATIONS` key."""
+    for key in ("augment", "tta"):
+        if key in over and over[key] not in AUGMENTATIONS:
+            raise ValueError(f"unknown {key} views {over[key]!r}; choose from {sorted(AUGMENTATIONS)}")

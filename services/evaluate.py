@@ -1,0 +1,172 @@
+"""Evaluation use cases on the project's own data: anomaly scoring and similar-defect retrieval.
+
+``cli.py eval anomaly`` / ``eval retrieval`` print these; the agent's evaluation
+(``eval ask``) lives in :mod:`agent.evaluate` (it runs the agent).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from core.imageio import load_rgb
+from data.build import load_manifest
+from models.patchcore.calibration import binary_metrics
+from services.container import Services
+from services.lock import MODEL_LOCK
+
+
+def evaluate_anomaly(services: Services, product: str, data_dir: Path | None = None,
+                     limit: int | None = None) -> dict:
+    """Image AUROC, pixel AUROC, per-defect-type image AUROC, F1 and FPR on the val split.
+
+    AUROCs by sklearn's ``roc_auc_score``. Pixel AUROC pools every pixel of every val image
+    at its own resolution (anomaly maps are resized to the input; normal images count as
+    all-negative), masks from the manifest (non-zero = defect). Per-defect-type image AUROC:
+    the images of one defect type against all normal val images. F1 / precision / recall /
+    FPR: image verdicts at the bank's calibrated threshold.
+
+    Args:
+        product: product with a fitted bank.
+        data_dir: folder of ``manifest.json`` (default ``settings.data_dir``).
+        limit: evaluate only the first ``limit`` normal and the first ``limit`` images of
+            each defect type (a fast CI mode; None = all).
+
+    Returns:
+        ``{"image_auroc", "pixel_auroc", "per_type_image_auroc": {type: auroc}, "n_normal",
+        "n_defect", "threshold", "f1", "precision", "recall", "fpr", "pixel_threshold",
+        "ms_per_image", "model"}`` (AUROCs are None when a class is missing).
+
+    Raises:
+        FileNotFoundError: no manifest; ValueError: no val images for the product;
+        stores.banks.BankNotFoundError: no bank.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    data_dir = Path(data_dir or services.settings.data_dir)
+    items = [it for it in load_manifest(data_dir)["items"]
+             if it.get("product") == product and it.get("split") == "val"]
+    if not items:
+        raise ValueError(f"manifest in {data_dir} has no val images for product {product!r}")
+    if limit is not None:
+        counts: dict[str, int] = {}
+        kept = []
+        for it in items:
+            key = (it.get("defect_type") or "defect") if it.get("label") == "defect" else "good"
+            if counts.get(key, 0) < limit:
+                kept.append(it)
+                counts[key] = counts.get(key, 0) + 1
+        items = kept
+    images = [load_rgb(data_dir / it["image"]) for it in items]
+    labels = np.array([it.get("label") == "defect" for it in items])
+    bank = services.banks.get(product)  # load the bank before timing
+    t0 = time.perf_counter()
+    with MODEL_LOCK.shared():
+        results = bank.predict(images)
+    ms = (time.perf_counter() - t0) * 1000.0 / len(images)
+    scores = np.array([r.score for r in results])
+    px_scores, px_labels = [], []
+    for it, r in zip(items, results, strict=True):
+        if it.get("mask"):
+            m = np.asarray(load_rgb(data_dir / it["mask"]))[..., 0] > 0
+        else:
+            m = np.zeros(r.anomaly_map.shape, dtype=bool)
+        px_scores.append(r.anomaly_map.reshape(-1))
+        px_labels.append(m.reshape(-1))
+    px_l = np.concatenate(px_labels)
+    both = labels.any() and (~labels).any()
+    types = [it.get("defect_type") if it.get("label") == "defect" else None for it in items]
+    per_type = {}
+    for t in sorted({t for t in types if t}):
+        sel = np.array([tt is None or tt == t for tt in types])
+        per_type[t] = float(roc_auc_score(labels[sel], scores[sel])) if (~labels[sel]).any() else None
+    out = {
+        "image_auroc": float(roc_auc_score(labels, scores)) if both else None,
+        "per_type_image_auroc": per_type,
+        "pixel_auroc": float(roc_auc_score(px_l, np.concatenate(px_scores))) if px_l.any() and (~px_l).any() else None,
+        "n_normal": int((~labels).sum()),
+        "n_defect": int(labels.sum()),
+        "threshold": results[0].threshold,
+        "pixel_threshold": results[0].pixel_threshold,
+        "ms_per_image": round(ms, 1),
+        "model": results[0].model,
+    }
+    out.update(binary_metrics(labels, scores, results[0].threshold))
+    return out
+
+
+def evaluate_retrieval(services: Services, data_dir: Path | None = None, k: int = 10) -> dict:
+    """Similar-defect retrieval quality with the manifest's val defects as queries.
+
+    Queries are never in the gallery and go through :meth:`stores.image_index.ImageIndex.search` exactly as a
+    user's image does (product inferred, PatchCore map predicted, no ground-truth
+    mask). Metrics: defect-type Recall@1 / Recall@5 (a hit of the query's defect
+    type within the top 1 / 5), MRR@10 (reciprocal rank of the first hit of that
+    type within the top 10, else 0), product accuracy of the top hit; overall, per
+    product and per type; mean wall time per query (ms, PatchCore included).
+
+    Returns:
+        ``{"recall_at_1", "recall_at_5", "mrr_at_10", "product_accuracy", "n_queries",
+        "per_product": {p: {...}}, "recall_at_1_per_type", "ms_per_query", "model"}``
+    """
+    data_dir = Path(data_dir or services.settings.data_dir)
+    index = services.image_index
+    manifest = load_manifest(data_dir)
+    queries = [it for it in manifest["items"] if it["split"] == "val" and it["label"] == "defect"]
+    if not queries:
+        raise ValueError("the manifest has no val defects to evaluate with")
+    rows = []
+    t0 = time.perf_counter()
+    for q in queries:
+        with MODEL_LOCK.shared():
+            hits = index.search(load_rgb(data_dir / q["image"]), k=k)
+        types = [h["defect_type"] for h in hits]
+        rank = next((i + 1 for i, t in enumerate(types) if t == q["defect_type"]), None)
+        rows.append((q["product"], q["defect_type"], rank, bool(hits) and hits[0]["product"] == q["product"]))
+    ms = (time.perf_counter() - t0) * 1000.0 / len(queries)
+
+    def summary(sel: list[tuple]) -> dict:
+        n = len(sel)
+        return {"recall_at_1": sum(r[2] == 1 for r in sel) / n,
+                "recall_at_5": sum(r[2] is not None and r[2] <= 5 for r in sel) / n,
+                "mrr_at_10": sum(1.0 / r[2] if r[2] else 0.0 for r in sel) / n,
+                "product_accuracy": sum(r[3] for r in sel) / n, "n_queries": n}
+
+    out = summary(rows)
+    out["per_product"] = {p: summary([r for r in rows if r[0] == p]) for p in sorted({r[0] for r in rows})}
+    out["recall_at_1_per_type"] = {t: float(np.mean([r[2] == 1 for r in rows if r[1] == t]))
+                                   for t in sorted({r[1] for r in rows})}
+    out["ms_per_query"] = round(ms, 1)
+    out.update(evaluate_text(services))
+    out["model"] = index.model
+    return out
+
+def evaluate_text(services: Services, k: int = 5) -> dict:
+    """Text -> image Recall@k for template queries, per defect type.
+
+    For every (product, defect type) pair present in the index the query
+    ``"a <defect type> on the <product>"`` goes through :meth:`stores.image_index.ImageIndex.search_text` without
+    filters; a hit is an item of that product and type within the top ``k``. With
+    the offline embedders this exercises the caption vectors (whose captions hold
+    the labels, so it measures the text path, not visual understanding); with a
+    CLIP embedder it is real text -> image retrieval.
+
+    Returns:
+        ``{"text_recall_at_5": overall, "text_recall_at_5_per_type": {type: value},
+        "text_matched": "caption" | "image", "n_text_queries": n}`` (key suffix = ``k``).
+    """
+    index = services.image_index
+    pairs = index.pairs()
+    hits: dict[str, list[bool]] = {}
+    matched = "caption"
+    for product, defect in pairs:
+        with MODEL_LOCK.shared():
+            res = index.search_text(f"a {defect} on the {product}", k=k)
+        matched = res[0]["matched"] if res else matched
+        hits.setdefault(defect, []).append(any(h["product"] == product and h["defect_type"] == defect for h in res))
+    allhits = [h for v in hits.values() for h in v]
+    return {f"text_recall_at_{k}": float(np.mean(allhits)) if allhits else 0.0,
+            f"text_recall_at_{k}_per_type": {t: float(np.mean(v)) for t, v in sorted(hits.items())},
+            "text_matched": matched, "n_text_queries": len(allhits)}
