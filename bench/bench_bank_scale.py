@@ -6,16 +6,16 @@
 Normal images are fresh crops from the data builder's own crop function
 (``data.build.random_crop`` on ``data.build.source_rows``: rows 0-319 only,
 the same flips / photometric jitter as the sample data), seeded per size.
-Every size is fitted in its own subprocess (``PatchCoreStore.fit`` into a
+Every size is fitted in its own subprocess (``services.products.fit_bank`` into a
 temporary state folder, the product's configuration from
-``models.patchcore.model.PatchCoreStore.config_for`` unless overridden), so that the
+``services.products.fit_config`` unless overridden), so that the
 peak resident memory (``resource.getrusage(...).ru_maxrss``) belongs to that fit
 alone. Printed per size: training images, patches, bank size, fit time split
 into feature extraction and coreset, peak RSS, the RSS growth during the fit,
 and the size a full ``N x N`` float32 distance matrix over the patches would
 need: the figure that anomalib 2.7's and the official code's samplers hit
 before they run out of memory. The greedy coreset here keeps one ``(N,)``
-distance vector (``models.patchcore.model.greedy_coreset_indices``).
+distance vector (``models.patchcore.coreset.greedy_coreset_indices``).
 
 Anchor: none for time (anomalib's ``KCenterGreedy`` would be the anchor; the
 O(N) claim is about memory, shown by peak RSS << N x N matrix).
@@ -33,6 +33,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from core.settings import apply_runtime_env  # noqa: E402
+
+apply_runtime_env()  # before torch / faiss / transformers load
 
 
 def _crops(product: str, n: int, seed: int):
@@ -62,8 +66,10 @@ def run_one(args) -> dict:
     """Fit one bank of ``args.one`` normal images in this process; return the figures."""
     import torch
 
-    from models.patchcore.model import PatchCoreStore, backbone_spec
     from core.settings import Settings
+    from models.patchcore.model import backbone_spec, new_model
+    from services.container import Services
+    from services.products import fit_bank, fit_config
 
     torch.set_num_threads(args.threads)
     n = int(args.one)
@@ -77,10 +83,10 @@ def run_one(args) -> dict:
     if args.augment:
         overrides["augment"] = args.augment
     with tempfile.TemporaryDirectory(prefix="bank_scale_") as tmp:
-        store = PatchCoreStore(Settings.from_env(state_dir=Path(tmp)), **overrides)
-        cfg = store.config_for(args.product)
+        svc = Services(Settings.from_env(state_dir=Path(tmp)))
+        cfg = fit_config(svc, args.product, **overrides)
         # warm the backbone so its load is not counted as fit memory / time
-        store._new_model(backbone_spec(store.settings.patchcore_backbone, cfg.blocks), cfg)
+        new_model(backbone_spec(svc.settings.patchcore_backbone, cfg.blocks), cfg, svc.banks.runtime)
         base_rss = _current_rss_mb()
         marks: dict[str, float] = {}
         t0 = time.perf_counter()
@@ -91,9 +97,9 @@ def run_one(args) -> dict:
             if msg.startswith("calibrating") and "coreset_end" not in marks:
                 marks["coreset_end"] = time.perf_counter()
 
-        info = store.fit(args.product, train, val, progress=progress)
+        info = fit_bank(svc, args.product, train, val, progress=progress, **overrides)
         fit_s = time.perf_counter() - t0
-        meta = store.meta(args.product)
+        meta = svc.banks.read_meta(args.product)
     n_patches = int(meta["n_patches"])
     return {
         "n_train": n,

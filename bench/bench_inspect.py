@@ -5,10 +5,10 @@
 
 Three pipelines on the same images, one process, torch threads = ``--threads``:
 
-1. **ours**: ``PatchCoreStore.inspect`` (EfficientNet-Lite0 features, the
+1. **ours**: ``PatchCore.predict`` through ``services/`` (EfficientNet-Lite0 features, the
    product's tuned configuration but one view at test time, faiss nearest-neighbour
    search, anomaly map at input resolution, mask, regions, nearest normal image)
-   with a bank fitted here by ``PatchCoreStore.fit`` on the train images.
+   with a bank fitted here by ``services.products.fit_bank`` on the train images.
 1b. **ours + test-time views**: the same, fitted again with the product's tuned
    ``tta`` (e.g. 8 dihedral views for gravel): what the app runs, at the
    accuracy in the README table.
@@ -37,6 +37,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from core.settings import apply_runtime_env  # noqa: E402
+
+apply_runtime_env()  # before torch / faiss / transformers load
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -81,8 +85,31 @@ def _time(fn, items, warm: int = 2) -> list[float]:
 def run(args) -> dict:
     from anomalib.models.image.patchcore.torch_model import PatchcoreModel
 
-    from models.patchcore.model import PatchCoreStore, backbone_spec, build_model, preprocess
     from core.settings import Settings
+    from models.patchcore.model import backbone_spec, build_model, preprocess
+    from services.container import Services
+    from services.lock import MODEL_LOCK
+    from services.products import fit_bank, fit_config
+
+    class Bank:
+        """One state directory's fit + inspect with fixed configuration overrides (services/)."""
+
+        def __init__(self, state, **over):
+            self.svc, self.over = Services(Settings.from_env(state_dir=Path(state))), over
+
+        def config_for(self, product):
+            return fit_config(self.svc, product, **self.over)
+
+        def fit(self, product, train, val):
+            return fit_bank(self.svc, product, train, val, **self.over)
+
+        def meta(self, product):
+            return self.svc.banks.read_meta(product)
+
+        def inspect(self, im, product):
+            bank = self.svc.banks.get(product)
+            with MODEL_LOCK.shared():
+                return bank.predict([im])[0]
 
     torch.set_num_threads(args.threads)
     train, val, source = _images(args.product, args.train, args.n, args.small)
@@ -90,16 +117,16 @@ def run(args) -> dict:
     if args.small:
         over.update(coreset_ratio=0.05, augment="none")
     with tempfile.TemporaryDirectory(prefix="bench_inspect_") as tmp:
-        tuned_tta = PatchCoreStore(Settings.from_env(state_dir=Path(tmp)), **over).config_for(args.product).tta
+        tuned_tta = Bank(tmp, **over).config_for(args.product).tta
         tta_ms, tta_fit_s = None, None
         if tuned_tta != "none":
-            tstore = PatchCoreStore(Settings.from_env(state_dir=Path(tmp) / "tta"), **over)
+            tstore = Bank(Path(tmp) / "tta", **over)
             t0 = time.perf_counter()
             tstore.fit(args.product, train, val[:2] if len(val) > 2 else val)
             tta_fit_s = time.perf_counter() - t0
             tta_ms = _time(lambda im: tstore.inspect(im, args.product), val)
             tta_model = tstore.meta(args.product)["model"]
-        store = PatchCoreStore(Settings.from_env(state_dir=Path(tmp)), **over, tta="none")
+        store = Bank(tmp, **over, tta="none")
         cfg = store.config_for(args.product)
         t0 = time.perf_counter()
         store.fit(args.product, train, val[:2] if len(val) > 2 else val)
@@ -113,7 +140,7 @@ def run(args) -> dict:
         same = build_model(spec, cfg.pool_size, sigma=cfg.sigma, search="torch")
         if not cfg.reweight:
             same.num_neighbors = 1
-        same.memory_bank = store._bank(args.product).model.memory_bank.clone()
+        same.memory_bank = store.svc.banks.get(args.product).memory_bank.clone()
 
         def same_forward(im):
             with torch.inference_mode():

@@ -13,7 +13,7 @@ anomalib ``PatchcoreModel`` feature extractor and cached under
 ``/tmp/pc_tune`` (float16); every other lever is evaluated from the cache.
 Image AUROC / pixel AUROC use sklearn's ``roc_auc_score`` over the 30 normal
 + 40 defect val images of each product (pixel AUROC at 256 x 256, normal images
-all-negative), exactly like ``PatchCoreStore.evaluate``.
+all-negative), exactly like ``services.evaluate.evaluate_anomaly``.
 
 Usage::
 
@@ -38,22 +38,20 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch.nn import functional as F  # noqa: N812
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from core.settings import apply_runtime_env, get_settings  # noqa: E402
+
+apply_runtime_env()  # before torch loads
+
+import torch  # noqa: E402
+from torch.nn import functional as F  # noqa: E402,N812
+
 from core.imageio import load_rgb  # noqa: E402
-from models.patchcore.model import (  # noqa: E402
-    AUGMENTATIONS,
-    _read_manifest,
-    augment_views,
-    backbone_spec,
-    build_model,
-    greedy_coreset_indices,
-    preprocess,
-)
-from core.settings import get_settings  # noqa: E402
+from data.build import load_manifest  # noqa: E402
+from models.patchcore.config import AUGMENTATIONS  # noqa: E402
+from models.patchcore.coreset import greedy_coreset_indices  # noqa: E402
+from models.patchcore.model import augment_views, backbone_spec, build_model, preprocess  # noqa: E402
 
 CACHE = Path("/tmp/pc_tune")
 PRODUCTS = ("brick", "gravel", "grass")
@@ -61,7 +59,7 @@ PRODUCTS = ("brick", "gravel", "grass")
 
 def _items(product: str):
     data_dir = Path(get_settings().data_dir)
-    items = [it for it in _read_manifest(data_dir) if it["product"] == product]
+    items = [it for it in load_manifest(data_dir)["items"] if it["product"] == product]
     train = [it for it in items if it["split"] == "train" and it["label"] == "good"]
     val = [it for it in items if it["split"] == "val"]
     return data_dir, train, val
@@ -211,10 +209,10 @@ def cmd_sweep(args) -> None:
 
 def cmd_tta(args) -> None:
     """Test-time symmetry views: one coreset bank per (product, augment), every ``--tta`` mode scored
-    through the store's own ``PatchCoreStore._forward_views`` (map blur at each ``--sigmas``)."""
+    through ``models.patchcore.model._forward_views`` (map blur at each ``--sigmas``)."""
     from sklearn.metrics import roc_auc_score
 
-    from models.patchcore.model import PatchCoreStore
+    from models.patchcore.model import _forward_views
 
     torch.set_num_threads(args.threads)
     blocks = tuple(int(b) for b in args.blocks[0].split(","))
@@ -236,7 +234,7 @@ def cmd_tta(args) -> None:
             for mode in args.tta:
                 scores, maps = [], []
                 for i in range(0, len(imgs), 8):
-                    sc, am, _ = PatchCoreStore._forward_views(model, imgs[i:i + 8], spec, 256, AUGMENTATIONS[mode])
+                    sc, am, _ = _forward_views(model, imgs[i:i + 8], spec, 256, AUGMENTATIONS[mode])
                     scores.append(sc)
                     maps.append(am)
                 s = torch.cat(scores).numpy()
@@ -252,21 +250,23 @@ def cmd_tta(args) -> None:
 
 
 def cmd_latency(args) -> None:
-    """Single-image PatchCoreStore.inspect wall time (median of N, after warm-up), torch threads 2."""
-    from models.patchcore.model import PatchCoreStore
+    """Single-image inspection wall time (``services.inspect.inspect_image`` without pictures; median of N,
+    after warm-up), torch threads 2."""
+    from services.container import get_services
+    from services.inspect import inspect_image
 
     torch.set_num_threads(args.threads)
-    store = PatchCoreStore()
+    svc = get_services()
     for product in args.products:
         data_dir, _, val = _items(product)
         imgs = [load_rgb(data_dir / it["image"]) for it in val[:12]]
-        store.inspect(imgs[0], product)
+        inspect_image(svc, imgs[0], product, artifacts=False)
         times = []
         for im in imgs:
             t0 = time.perf_counter()
-            store.inspect(im, product)
+            inspect_image(svc, im, product, artifacts=False)
             times.append((time.perf_counter() - t0) * 1000)
-        print(json.dumps({"product": product, "model": store.meta(product)["model"],
+        print(json.dumps({"product": product, "model": svc.banks.read_meta(product)["model"],
                           "inspect_ms_median": round(float(np.median(times)), 1),
                           "inspect_ms_min": round(float(np.min(times)), 1)}), flush=True)
 
@@ -276,16 +276,18 @@ def cmd_fit(args) -> None:
     import shutil
     import tempfile
 
-    from models.patchcore.model import PatchCoreStore
     from core.settings import Settings
+    from services.build import fit_from_manifest
+    from services.container import Services
+    from services.evaluate import evaluate_anomaly
 
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="pc_fit_"))
     try:
-        store = PatchCoreStore(Settings.from_env(state_dir=tmp))
+        svc = Services(Settings.from_env(state_dir=tmp))
         for product in args.products:
-            info = store.fit_from_manifest(product, data_dir=get_settings().data_dir)
-            ev = store.evaluate(product, data_dir=get_settings().data_dir)
+            info = fit_from_manifest(svc, product, data_dir=get_settings().data_dir)
+            ev = evaluate_anomaly(svc, product, data_dir=get_settings().data_dir)
             print(json.dumps({"product": product, **info, "pixel_auroc": ev["pixel_auroc"]}), flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -21,6 +21,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from core.settings import apply_runtime_env  # noqa: E402
+
+apply_runtime_env()  # before torch / faiss / transformers load
+
 import numpy as np  # noqa: E402
 
 from core.settings import get_settings  # noqa: E402

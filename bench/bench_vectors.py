@@ -47,6 +47,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from core.settings import apply_runtime_env  # noqa: E402
+
+apply_runtime_env()  # before torch / faiss / transformers load
+
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402

@@ -37,8 +37,9 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from data import synth
 from core.settings import DEFECT_TYPES, PRODUCTS, get_settings
+from data import synth
+from data.manuals import write_manuals
 
 VERSION = 1
 IMAGE_SIZE = 256
@@ -223,8 +224,6 @@ def build_sample_data(out_dir: Path | None = None, seed: int = 0, force: bool = 
                 and manifest.get("image_size") == IMAGE_SIZE and _is_complete(manifest, out_dir)):
             report(1.0, "sample data already built")
             return _summary(manifest, out_dir, time.perf_counter() - t0, cached=True)
-
-    from data.manuals import write_manuals
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pymupdf
 
+from core.catalog import product_info
 from core.settings import DEFECT_TYPES, PRODUCTS
 
 SUBHEADINGS = {"en": ("Cause", "Immediate action", "Prevention"), "ko": ("원인", "즉시 조치", "예방")}
@@ -624,8 +625,6 @@ def manual_pages(product: str, lang: str = "en") -> list[list[tuple[str, str]]]:
 
 
 def _product_names(product: str) -> str:
-    from core.catalog import product_info
-
     p = product_info(product)
     return f"{p['en']} ({p['ko']}) — id {product}"
 
