@@ -240,6 +240,11 @@ class LlamaCppModel(Model):
             criteria = list(self._formatter_stop_criteria()) + [past_deadline]
             if deadline is not None and time.monotonic() > deadline:
                 raise GenerationTimeout("agent deadline passed before generation started")
+            if self.llm.n_tokens >= len(tokens) and list(self.llm._input_ids[:len(tokens)]) == list(tokens):
+                # the whole prompt is already in the KV cache (the same prompt again): llama-cpp-python
+                # 0.3.36 then replays one token and samples from stale logits (garbage, seen with SmolLM2);
+                # evaluate the prompt from scratch instead. Longer prompts reuse the cached prefix as usual.
+                self.llm.reset()
             completion = self.llm.create_completion(
                 prompt=tokens,
                 max_tokens=max_tokens,

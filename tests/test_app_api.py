@@ -428,23 +428,28 @@ def test_chat_korean_injection_history_export_and_inspect_not_blocked(client, ap
 # ----------------------------------------------------------------------------- empty state
 def test_empty_gallery_and_no_manuals_messages(tmp_path, built_state):
     """A state with no index items, banks or manuals: clear messages, no crash."""
-    from ui import actions
+    from core.errors import InputError
+    from services.container import get_services
+    from services.gallery import gallery_items
+    from services.history import history_list
+    from services.manuals import list_manuals
+    from ui.tabs import do_inspect, do_manual, do_search
 
     old = os.environ.get("DRA_STATE_DIR")
     _use_state(tmp_path / "empty")
     try:
         img = tmp_path / "x.png"
         Image.fromarray(_texture(3)).save(img)
-        r = actions.search(None, "crack", "text")
+        r = do_search(None, "crack", "text")
         assert r["results"] == [] and r["message"] == "the gallery is empty"
-        assert actions.gallery_items() == []
-        with pytest.raises(actions.ActionError, match="image index is empty"):
-            actions.inspect(str(img), "auto (infer)")
-        with pytest.raises(actions.ActionError, match="unknown product"):
-            actions.inspect(str(img), "tile-z")
-        assert actions.manual_query("crack cause")["results"] == []
-        assert actions.list_manuals() == []
-        assert actions.history_list()["runs"] == []
+        assert gallery_items(get_services()) == []
+        with pytest.raises(InputError, match="image index is empty"):
+            do_inspect(str(img), "auto (infer)")
+        with pytest.raises(InputError, match="unknown product"):
+            do_inspect(str(img), "tile-z")
+        assert do_manual("crack cause")["results"] == []
+        assert list_manuals(get_services()) == []
+        assert history_list(get_services())["runs"] == []
     finally:
         _use_state(Path(old) if old else built_state)
 
@@ -510,3 +515,64 @@ def test_everything_survives_an_app_restart(built_state, tmp_path):
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
     json.dumps(after)  # JSON-friendly output
+
+
+# ----------------------------------------------------------------------------- one use case, three edges
+def _cli_json(state: Path, *args: str, env: dict | None = None) -> dict:
+    full = {**os.environ, "DRA_STATE_DIR": str(state), **(env or {})}
+    proc = subprocess.run([sys.executable, str(REPO / "cli.py"), *args, "--json"], cwd=REPO, env=full,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+VOLATILE = {"elapsed_ms", "elapsed_s", "anomaly_map", "mask", "heatmap", "overlay", "comparison", "preview",
+            "image", "run_id", "history_id", "duration_s", "model"}
+
+
+def _stable(value):
+    """A JSON value without timings and per-run file paths (they differ between two runs)."""
+    if isinstance(value, dict):
+        return {k: _stable(v) for k, v in value.items() if k not in VOLATILE}
+    if isinstance(value, list):
+        return [_stable(v) for v in value]
+    return value
+
+
+def test_cli_app_and_tools_return_the_same_json(client, api_state):
+    """inspect / search / manual: ``cli.py``, the app's endpoints and the agent's tools give the same
+    fields and values for the same input (one use-case function each, services/)."""
+    from gradio_client import handle_file
+
+    from services.container import Services
+    from core.settings import Settings
+    from tools import RunContext, build_tools
+
+    path = _val_image(api_state, "brick", 1)
+    cli = _cli_json(api_state, "inspect", str(path), "--product", "brick")
+    app, _ = client.predict(handle_file(str(path)), "brick", api_name="/inspect")
+    ctx = RunContext.from_path(path, product="brick")
+    tools = build_tools(ctx, Services(Settings.from_env(state_dir=api_state)))
+    tools[0].forward()
+    assert set(cli) - {"image"} == set(app) == set(ctx.inspection)
+    assert _stable(cli) == _stable(app) == _stable(ctx.inspection)
+
+    cli = _cli_json(api_state, "search", "--image", str(path), "--product", "brick", "-k", "5")
+    app = client.predict(handle_file(str(path)), "", "image", "brick", "", 5, api_name="/search")
+    tools[1].forward(k=5)
+    assert set(cli) - {"image"} == set(app) and _stable(cli) == _stable(app)
+    assert [h["id"] for h in ctx.search["hits"]] == [h["id"] for h in app["results"]]
+
+    cli = _cli_json(api_state, "manual", "crack cause", "--product", "brick", "--defect", "crack", "-k", "3")
+    app = client.predict("crack cause", "brick", "crack", "", 3, api_name="/manual")
+    assert set(cli) == set(app) and _stable(cli) == _stable(app)
+
+
+def test_cli_ask_and_chat_endpoint_return_the_same_fields(client, api_state):
+    from gradio_client import handle_file
+
+    path = _val_image(api_state, "grass", 0)
+    cli = _cli_json(api_state, "ask", str(path), "--product", "grass", env={"DRA_AGENT_MODEL": smollm2_path()})
+    app, _ = client.predict(handle_file(str(path)), "", "grass", api_name="/chat")
+    assert set(cli) - {"image"} == set(app)
+    assert cli["product"] == app["product"] == "grass" and cli["score"] == app["score"]

@@ -22,7 +22,8 @@ import skimage.data
 from scipy.ndimage import uniform_filter
 from smolagents import Tool
 
-from agent.agents import AgentResult, AgentStep, DefectAgent, load_prompts
+from agent.agents import DefectAgent, load_prompts
+from agent.types import AgentResult, AgentStep
 from agent.checks import check_answer
 from agent.fallback import run_missing_tools, write_manual
 from agent.models import LlamaCppModel, smollm2_gguf_path
