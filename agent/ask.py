@@ -43,7 +43,7 @@ def start_run(image, question: str | None = None, product: str | None = None, *,
     if isinstance(image, (str, Path)):
         p = Path(image)
         if not p.is_file():
-            raise InvalidImageError(f"the uploaded file {p.name} could not be found")
+            raise InvalidImageError(f"the uploaded file {p.name} could not be found on the server")
         if max_bytes is not None and p.stat().st_size > max_bytes:
             raise InvalidImageError(f"{p.name} is larger than the upload limit of {max_bytes / 2**20:g} MB "
                                     "(DRA_MAX_UPLOAD_MB)")

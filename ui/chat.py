@@ -21,6 +21,7 @@ import gradio as gr
 from agent.agents import get_default_agent, loaded_default_agent, reset_default_agent
 from agent.ask import ask_json, record, start_run
 from core.errors import InputError
+from core.imageio import InvalidImageError
 from core.settings import get_settings
 from services.container import get_services
 from services.history import export_manual

@@ -25,9 +25,9 @@ from core.uploads import check_upload
 from services import history as history_uc
 from services import manuals as manuals_uc
 from services.container import get_services
-from services.gallery import delete_defect, gallery_items, register_defect, relabel_defect
+from services import gallery as gallery_uc
+from services import products as products_uc
 from services.inspect import inspect_image
-from services.products import fit_product, product_rows
 from services.search import MODES as SEARCH_MODES
 from services.search import search_similar
 
@@ -247,7 +247,7 @@ def build_manuals_tab() -> dict:
 
 # ============================================================================ Gallery
 def _gallery_view(product, defect):
-    rows = [r for r in gallery_items(get_services(), None if product == ALL else product,
+    rows = [r for r in gallery_uc.gallery_items(get_services(), None if product == ALL else product,
                                      None if defect == ALL else defect)
             if r.get("image") and Path(r["image"]).is_file()]  # thumbnails and rows stay index-aligned
     items = [(r["image"], f"{r['id']} · {r['defect_type'] or 'normal'} · {r['product']}") for r in rows]
@@ -262,7 +262,7 @@ def ui_gallery(product, defect):
 
 @guarded
 def ui_register(image, product, defect, note, f_product, f_defect):
-    r = register_defect(get_services(), _image(image), product, defect, note)
+    r = gallery_uc.register_defect(get_services(), _image(image), product, defect, note)
     items, rows = _gallery_view(f_product, f_defect)
     dup = " (already in the gallery: unchanged)" if r.get("duplicate") else ""
     return f"✅ Registered `{r['id']}`{dup}: {r['defect_type']} · {r['product']}", items, rows, r["id"]
@@ -270,14 +270,14 @@ def ui_register(image, product, defect, note, f_product, f_defect):
 
 @guarded
 def ui_relabel(item_id, product, defect, note, f_product, f_defect):
-    r = relabel_defect(get_services(), item_id, product or None, defect or None, note if note else None)
+    r = gallery_uc.relabel_defect(get_services(), item_id, product or None, defect or None, note if note else None)
     items, rows = _gallery_view(f_product, f_defect)
     return f"✏️ `{r['id']}` is now {r['defect_type']} · {r['product']}", items, rows
 
 
 @guarded
 def ui_delete_item(item_id, f_product, f_defect):
-    delete_defect(get_services(), item_id)
+    gallery_uc.delete_defect(get_services(), item_id)
     items, rows = _gallery_view(f_product, f_defect)
     return f"🗑️ Deleted `{item_id}`", items, rows, ""
 
@@ -332,12 +332,12 @@ def build_gallery_tab() -> dict:
 
 # ============================================================================ Products
 def _product_rows() -> list[list]:
-    return product_rows(get_services())
+    return products_uc.product_rows(get_services())
 
 
 @guarded
 def ui_fit(name, files, symmetry, progress=gr.Progress()):
-    r = fit_product(get_services(), name, files, progress=_progress_cb(progress), symmetry=symmetry)
+    r = products_uc.fit_product(get_services(), name, files, progress=_progress_cb(progress), symmetry=symmetry)
     skipped = f" · skipped {len(r['skipped'])} file(s): {'; '.join(r['skipped'][:3])}" if r["skipped"] else ""
     msg = (f"✅ **{r['product']}** fitted on {r['n_train']} images ({r['n_val']} for calibration): bank "
            f"{r['bank_size']} patches, {r['views']} view(s) per inspection, threshold {r['threshold']:.3f}, "
@@ -452,19 +452,19 @@ def register_api() -> None:
 
     @guarded
     def register_defect(image: str, product: str, defect_type: str, note: str = ""):
-        return register_defect(get_services(), _image(image), product, defect_type, note)
+        return gallery_uc.register_defect(get_services(), _image(image), product, defect_type, note)
 
     @guarded
     def relabel_defect(item_id: str, product: str = "", defect_type: str = "", note: str | None = None):
-        return relabel_defect(get_services(), item_id, product or None, defect_type or None, note)
+        return gallery_uc.relabel_defect(get_services(), item_id, product or None, defect_type or None, note)
 
     @guarded
     def delete_defect(item_id: str):
-        return delete_defect(get_services(), item_id)
+        return gallery_uc.delete_defect(get_services(), item_id)
 
     @guarded
     def gallery(product: str = "", defect_type: str = ""):
-        return {"items": gallery_items(get_services(), product, defect_type)}
+        return {"items": gallery_uc.gallery_items(get_services(), product, defect_type)}
 
     @guarded
     def ingest_manual(pdf: str, product: str = "", progress=gr.Progress()):
@@ -482,7 +482,7 @@ def register_api() -> None:
 
     @guarded
     def fit_product(product: str, images: list[str], symmetry: str = "none", progress=gr.Progress()):
-        return fit_product(get_services(), product, images, progress=_progress_cb(progress), symmetry=symmetry)
+        return products_uc.fit_product(get_services(), product, images, progress=_progress_cb(progress), symmetry=symmetry)
 
     @guarded
     def history(product: str = "", defect_type: str = "", verdict: str = "", text: str = "", limit: float = 100):
