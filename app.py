@@ -38,7 +38,8 @@ from core.catalog import products  # noqa: E402
 from services.container import get_services  # noqa: E402
 from services.lock import MODEL_LOCK  # noqa: E402
 from ui import tabs  # noqa: E402
-from ui.chat import AGENT_CONCURRENCY_ID, AUTO_PRODUCT, active_models, banner_markdown, chat_api, respond  # noqa: E402
+from ui import chat  # noqa: E402
+from ui.chat import AUTO_PRODUCT, banner_markdown  # noqa: E402
 
 log = logging.getLogger("dra.app")
 
@@ -56,35 +57,8 @@ def build_app() -> gr.Blocks:
     """
     with gr.Blocks(title="Defect response agent", delete_cache=(3600, 3600)) as demo:
         banner = gr.Markdown(banner_markdown(), elem_id="banner")
-        last_image = gr.State(None)  # per session: the last photo, for follow-up questions
         with gr.Tabs(elem_id="tabs"):
-            with gr.Tab("Chat", id="chat", elem_id="tab-chat"):
-                with gr.Row():
-                    with gr.Column(scale=3):
-                        chatbot = gr.Chatbot(
-                            label="Defect response agent", elem_id="chat", height=680,
-                            buttons=["copy_all"], feedback_options=None,
-                            placeholder="Upload a photo of a part to get a response manual.",
-                        )
-                        textbox = gr.MultimodalTextbox(
-                            file_types=["image"], file_count="single", elem_id="msg", show_label=False,
-                            placeholder="Attach a photo and (optionally) ask a question, e.g. 'what should I do?'",
-                        )
-                    with gr.Column(scale=2):
-                        product = gr.Dropdown(
-                            choices=[AUTO_PRODUCT] + products(), value=AUTO_PRODUCT, label="Product",
-                            elem_id="product", allow_custom_value=False,
-                        )
-                        comparison = gr.Image(label="Input | anomaly heat map", type="filepath",
-                                              interactive=False, elem_id="comparison", height=260)
-                        gallery = gr.Gallery(label="Similar past defects", columns=3, height=300,
-                                             elem_id="similar", allow_preview=True)
-                        with gr.Row():
-                            md_btn = gr.DownloadButton("Manual (.md)", value=None, interactive=False,
-                                                       elem_id="chat-md")
-                            pdf_btn = gr.DownloadButton("Manual (.pdf)", value=None, interactive=False,
-                                                        elem_id="chat-pdf")
-                        clear = gr.Button("New conversation", variant="secondary")
+            chat_parts = chat.build_chat_tab(banner)
             inspect_parts = tabs.build_inspect_tab()
             search_parts = tabs.build_search_tab()
             manual_parts = tabs.build_manuals_tab()
@@ -92,37 +66,13 @@ def build_app() -> gr.Blocks:
             product_parts = tabs.build_products_tab()
             history_parts = tabs.build_history_tab()
 
-        textbox.submit(
-            respond, [textbox, chatbot, product, last_image],
-            [chatbot, textbox, comparison, gallery, banner, last_image, md_btn, pdf_btn],
-            api_visibility="private", concurrency_id=AGENT_CONCURRENCY_ID, concurrency_limit=1,
-        )
-        clear.click(lambda: ([], None, None, [], None, gr.update(value=None, interactive=False),
-                             gr.update(value=None, interactive=False)), None,
-                    [chatbot, textbox, comparison, gallery, last_image, md_btn, pdf_btn],
-                    api_visibility="private", queue=False)
-
-        # ---- API-only endpoints (hidden components) ----
-        with gr.Group(visible=False):
-            api_image = gr.File(label="image", type="filepath")
-            api_question = gr.Textbox(label="question")
-            api_product = gr.Textbox(label="product", value=AUTO_PRODUCT)
-            api_result = gr.JSON(label="result")
-            api_overlay = gr.Image(label="overlay", type="filepath")
-            api_models = gr.JSON(label="models")
-            api_button = gr.Button("chat")
-            models_button = gr.Button("models")
-        api_button.click(
-            chat_api, [api_image, api_question, api_product], [api_result, api_overlay], api_name="chat",
-            concurrency_id=AGENT_CONCURRENCY_ID, concurrency_limit=1,
-        )
-        models_button.click(lambda: active_models(), None, api_models, api_name="models", queue=False)
+        chat.register_chat_api()
         tabs.register_api()
 
         # product lists refresh on page load (products fitted since start-up appear)
-        product_lists = [product, inspect_parts["product"], search_parts["product"], manual_parts["product"],
-                         gallery_parts["product"], gallery_parts["new_product"], gallery_parts["f_product"],
-                         history_parts["product"]]
+        product_lists = [chat_parts["product"], inspect_parts["product"], search_parts["product"],
+                         manual_parts["product"], gallery_parts["product"], gallery_parts["new_product"],
+                         gallery_parts["f_product"], history_parts["product"]]
         demo.load(_on_load, None,
                   [banner, *product_lists, manual_parts["table"], manual_parts["to_delete"],
                    product_parts["table"]],

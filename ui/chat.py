@@ -20,6 +20,7 @@ import gradio as gr
 
 from agent.agents import get_default_agent, loaded_default_agent, reset_default_agent
 from agent.ask import ask_json, record, start_run
+from core.catalog import products
 from core.errors import InputError
 from core.imageio import InvalidImageError
 from core.settings import get_settings
@@ -279,3 +280,73 @@ def respond(message: dict | None, history: list, product: str, last_image: str |
                             "duration": round(time.perf_counter() - t0, 2)}
         history.append({"role": "assistant", "content": f"❌ **The analysis failed.** {type(exc).__name__}: {exc}"})
         yield history, keep, comparison, gallery, keep, last_image, keep, keep
+
+
+# ---------------------------------------------------------------------------
+# layout (called inside the app's open gr.Blocks / gr.Tabs context)
+# ---------------------------------------------------------------------------
+def build_chat_tab(banner: gr.Markdown, writes: bool = True) -> dict:
+    """The Chat tab and its events; returns ``{"product": the product dropdown}``.
+
+    Args:
+        banner: the app's banner (updated with the model name when a run ends).
+        writes: the session may write (operator): events that change stores (e.g. registering
+            a photo with a corrected label) are registered only then; the public app passes False.
+    """
+    last_image = gr.State(None)  # per session: the last photo, for follow-up questions
+    with gr.Tab("Chat", id="chat", elem_id="tab-chat"):
+        with gr.Row():
+            with gr.Column(scale=3):
+                chatbot = gr.Chatbot(
+                    label="Defect response agent", elem_id="chat", height=680,
+                    buttons=["copy_all"], feedback_options=None,
+                    placeholder="Upload a photo of a part to get a response manual.",
+                )
+                textbox = gr.MultimodalTextbox(
+                    file_types=["image"], file_count="single", elem_id="msg", show_label=False,
+                    placeholder="Attach a photo and (optionally) ask a question, e.g. 'what should I do?'",
+                )
+            with gr.Column(scale=2):
+                product = gr.Dropdown(
+                    choices=[AUTO_PRODUCT] + products(), value=AUTO_PRODUCT, label="Product",
+                    elem_id="product", allow_custom_value=False,
+                )
+                comparison = gr.Image(label="Input | anomaly heat map", type="filepath",
+                                      interactive=False, elem_id="comparison", height=260)
+                gallery = gr.Gallery(label="Similar past defects", columns=3, height=300,
+                                     elem_id="similar", allow_preview=True)
+                with gr.Row():
+                    md_btn = gr.DownloadButton("Manual (.md)", value=None, interactive=False,
+                                               elem_id="chat-md")
+                    pdf_btn = gr.DownloadButton("Manual (.pdf)", value=None, interactive=False,
+                                                elem_id="chat-pdf")
+                clear = gr.Button("New conversation", variant="secondary")
+
+    textbox.submit(
+        respond, [textbox, chatbot, product, last_image],
+        [chatbot, textbox, comparison, gallery, banner, last_image, md_btn, pdf_btn],
+        api_visibility="private", concurrency_id=AGENT_CONCURRENCY_ID, concurrency_limit=1,
+    )
+    clear.click(lambda: ([], None, None, [], None, gr.update(value=None, interactive=False),
+                         gr.update(value=None, interactive=False)), None,
+                [chatbot, textbox, comparison, gallery, last_image, md_btn, pdf_btn],
+                api_visibility="private", queue=False)
+    return {"product": product}
+
+
+def register_chat_api() -> None:
+    """The ``/chat`` and ``/models`` endpoints on hidden components (inside the app's Blocks)."""
+    with gr.Group(visible=False):
+        api_image = gr.File(label="image", type="filepath")
+        api_question = gr.Textbox(label="question")
+        api_product = gr.Textbox(label="product", value=AUTO_PRODUCT)
+        api_result = gr.JSON(label="result")
+        api_overlay = gr.Image(label="overlay", type="filepath")
+        api_models = gr.JSON(label="models")
+        api_button = gr.Button("chat")
+        models_button = gr.Button("models")
+    api_button.click(
+        chat_api, [api_image, api_question, api_product], [api_result, api_overlay], api_name="chat",
+        concurrency_id=AGENT_CONCURRENCY_ID, concurrency_limit=1,
+    )
+    models_button.click(lambda: active_models(), None, api_models, api_name="models", queue=False)
