@@ -1,12 +1,12 @@
-"""Analysis history: every agent run (app chat, ``/chat``, ``cli.py ask``) in a local SQLite file.
+"""Analysis history: every agent run (app chat, ``/chat``, ``cli.py ask``) as one row of ``runs``.
 
-One row per run in ``<state_dir>/history.sqlite3`` (stdlib :mod:`sqlite3`, WAL journal so
-readers never block the writer and a killed process leaves the last committed row
-intact). A row holds the image hash (sha256 of the decoded pixels, see
-:func:`core.imageio.content_hash`), the product and how it was found, the defect
-type, the PatchCore verdict (score, threshold), the tool calls with their arguments,
-observations and durations, the model names per role, the timings and the response
-manual (markdown) with its citations.
+The table lives in the app's database (:mod:`stores.database`: a SQLite file in the state
+directory by default, PostgreSQL for several replicas). A row holds the image hash (sha256
+of the decoded pixels, see :func:`core.imageio.content_hash`), the product and how it was
+found, the defect type, the PatchCore verdict (score, threshold), the tool calls with their
+arguments, observations and durations, the model names per role, the timings, the response
+manual (markdown) with its citations, and its ``owner``: the visitor (app session) or
+operator it belongs to, so that each visitor reads only their own runs.
 
 Exports of a run's manual (Markdown, PDF) are :mod:`services.history`.
 """
@@ -14,76 +14,76 @@ Exports of a run's manual (Markdown, PDF) are :mod:`services.history`.
 from __future__ import annotations
 
 import json
-import re
-import sqlite3
-import threading
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
-from core.settings import Settings
+from sqlalchemy import Column, Float, Index, Integer, String, Table, Text, delete, func, insert, or_, select
 
-SCHEMA_VERSION = 1
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS runs (
-    id TEXT PRIMARY KEY,
-    created_at REAL NOT NULL,
-    source TEXT NOT NULL,
-    image_sha256 TEXT,
-    image_name TEXT,
-    question TEXT,
-    lang TEXT,
-    product TEXT,
-    product_source TEXT,
-    defect_type TEXT,
-    verdict TEXT,
-    score REAL,
-    threshold REAL,
-    agent_model TEXT,
-    models_json TEXT,
-    tool_calls_json TEXT,
-    citations_json TEXT,
-    timings_json TEXT,
-    fallback INTEGER,
-    fallback_reason TEXT,
-    elapsed_s REAL,
-    answer TEXT,
-    overlay TEXT
-);
-CREATE INDEX IF NOT EXISTS runs_created ON runs(created_at);
-CREATE INDEX IF NOT EXISTS runs_product ON runs(product, defect_type);
-"""
+from core.settings import Settings
+from stores.database import METADATA, database_url, open_engine
+
+RUNS = Table(
+    "runs", METADATA,
+    Column("id", String(64), primary_key=True),
+    Column("created_at", Float, nullable=False),
+    Column("source", String(16), nullable=False),
+    Column("owner", String(128)),
+    Column("session_id", String(64)),
+    Column("image_sha256", String(64)),
+    Column("image_name", Text),
+    Column("question", Text),
+    Column("lang", String(8)),
+    Column("product", String(64)),
+    Column("product_source", String(16)),
+    Column("defect_type", String(32)),
+    Column("verdict", String(16)),
+    Column("score", Float),
+    Column("threshold", Float),
+    Column("agent_model", Text),
+    Column("models_json", Text),
+    Column("tool_calls_json", Text),
+    Column("citations_json", Text),
+    Column("timings_json", Text),
+    Column("fallback", Integer),
+    Column("fallback_reason", Text),
+    Column("elapsed_s", Float),
+    Column("answer", Text),
+    Column("overlay", Text),
+    Index("runs_created", "created_at"),
+    Index("runs_product", "product", "defect_type"),
+    Index("runs_owner", "owner", "created_at"),
+)
 _JSON_COLS = {"models_json": "models", "tool_calls_json": "tool_calls", "citations_json": "citations",
               "timings_json": "timings"}
+_COLUMNS = {c.name for c in RUNS.columns}
+#: ``owner=ANY`` reads every owner's runs (operators, the CLI); None reads runs without an owner
+ANY = object()
 
 
 class HistoryStore:
-    """SQLite store of past analyses (thread-safe; one connection per call).
+    """The ``runs`` table of the app's database (thread-safe; pooled connections).
 
     Args:
-        settings: project settings; the database is ``settings.state_dir / "history.sqlite3"``.
-        path: explicit database path (overrides ``settings``).
+        settings: project settings (``database_url``, else ``<state_dir>/history.sqlite3``).
+        path: an explicit SQLite file (overrides ``settings``).
+        url: an explicit database URL (overrides both).
+
+    Raises:
+        ValueError: none of the three given.
     """
 
-    def __init__(self, settings: Settings | None = None, path: str | Path | None = None):
-        if path is None:
-            if settings is None:
-                raise ValueError("give the settings or the database path")
-            path = Path(settings.state_dir) / "history.sqlite3"
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        with self._connect() as con:
-            con.execute("PRAGMA journal_mode=WAL")
-            con.executescript(_SCHEMA)
-            con.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-
-    def _connect(self) -> sqlite3.Connection:
-        con = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-        con.row_factory = sqlite3.Row
-        con.execute("PRAGMA synchronous=NORMAL")
-        return con
+    def __init__(self, settings: Settings | None = None, path: str | Path | None = None, url: str | None = None):
+        if url is None:
+            if path is not None:
+                url = f"sqlite:///{Path(path).resolve()}"
+            elif settings is not None:
+                url = database_url(settings)
+            else:
+                raise ValueError("give the settings, a database path or a URL")
+        self.url = url
+        self.engine = open_engine(url)
 
     # ------------------------------------------------------------------ writes
     def record(self, row: dict[str, Any]) -> str:
@@ -92,7 +92,8 @@ class HistoryStore:
         Args:
             row: keys of the ``runs`` table (``source`` required: ``"app"``, ``"api"`` or
                 ``"cli"``); ``models``, ``tool_calls``, ``citations``, ``timings`` may be
-                given as Python objects (stored as JSON). Missing keys are NULL.
+                given as Python objects (stored as JSON). Unknown keys are ignored, missing
+                ones are NULL. An existing id is replaced.
 
         Raises:
             ValueError: no ``source``.
@@ -105,19 +106,17 @@ class HistoryStore:
                 data[col] = json.dumps(row[key], ensure_ascii=False, default=str)
         data.setdefault("id", time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:8])
         data.setdefault("created_at", time.time())
-        if "fallback" in data and data["fallback"] is not None:
+        if data.get("fallback") is not None:
             data["fallback"] = int(bool(data["fallback"]))
-        cols = [c for c in data if re.fullmatch(r"[a-z_0-9]+", c)]
-        with self._lock, self._connect() as con:
-            known = {r[1] for r in con.execute("PRAGMA table_info(runs)")}
-            cols = [c for c in cols if c in known]
-            con.execute(f"INSERT OR REPLACE INTO runs ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
-                        [data[c] for c in cols])
+        data = {k: v for k, v in data.items() if k in _COLUMNS}
+        with self.engine.begin() as con:
+            con.execute(delete(RUNS).where(RUNS.c.id == data["id"]))
+            con.execute(insert(RUNS).values(**data))
         return str(data["id"])
 
     def record_run(self, result, ctx, *, source: str, models: dict | None = None,
-                   image_name: str | None = None) -> str:
-        """Store an :class:`agent.agents.AgentResult` with its :class:`tools.context.RunContext`.
+                   image_name: str | None = None, owner: str | None = None, session_id: str | None = None) -> str:
+        """Store an :class:`agent.types.AgentResult` with its :class:`tools.context.RunContext`.
 
         Returns:
             the history id (the run context's ``run_id``).
@@ -131,8 +130,9 @@ class HistoryStore:
         if insp.get("elapsed_ms") is not None:
             timings["anomaly_scoring_ms"] = insp["elapsed_ms"]
         return self.record({
-            "id": ctx.run_id, "source": source, "image_sha256": ctx.image_sha256,
-            "image_name": image_name or (Path(ctx.image_path).name if ctx.image_path else None),
+            "id": ctx.run_id, "source": source, "owner": owner, "session_id": session_id,
+            "image_sha256": getattr(ctx, "image_sha256", None) or None,
+            "image_name": image_name or (Path(ctx.image_path).name if getattr(ctx, "image_path", None) else None),
             "question": ctx.question, "lang": ctx.lang,
             "product": result.product or ctx.product, "product_source": ctx.product_source,
             "defect_type": result.defect_type or ctx.defect_type, "verdict": verdict,
@@ -144,15 +144,18 @@ class HistoryStore:
             "overlay": insp.get("overlay"),
         })
 
-    def delete(self, run_id: str) -> bool:
-        """Remove one run; False when the id is unknown."""
-        with self._lock, self._connect() as con:
-            return con.execute("DELETE FROM runs WHERE id = ?", (run_id,)).rowcount > 0
+    def delete(self, run_id: str, owner=ANY) -> bool:
+        """Remove one run (of ``owner`` unless ANY); False when there is no such run."""
+        stmt = delete(RUNS).where(RUNS.c.id == run_id)
+        if owner is not ANY:
+            stmt = stmt.where(RUNS.c.owner.is_(None) if owner is None else RUNS.c.owner == owner)
+        with self.engine.begin() as con:
+            return con.execute(stmt).rowcount > 0
 
     # ------------------------------------------------------------------ reads
     @staticmethod
-    def _decode(r: sqlite3.Row) -> dict:
-        d = dict(r)
+    def _decode(r) -> dict:
+        d = dict(r._mapping)
         for col, key in _JSON_COLS.items():
             raw = d.pop(col, None)
             d[key] = json.loads(raw) if raw else ([] if key in ("tool_calls", "citations") else {})
@@ -161,61 +164,67 @@ class HistoryStore:
         d["created"] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(d["created_at"]))
         return d
 
-    def get(self, run_id: str) -> dict | None:
-        """One run as a dict (JSON columns decoded), or None."""
-        with self._connect() as con:
-            r = con.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+    @staticmethod
+    def _owned(stmt, owner):
+        if owner is ANY:
+            return stmt
+        return stmt.where(RUNS.c.owner.is_(None) if owner is None else RUNS.c.owner == owner)
+
+    def get(self, run_id: str, owner=ANY) -> dict | None:
+        """One run as a dict (JSON columns decoded), or None (also when it belongs to another owner)."""
+        with self.engine.connect() as con:
+            r = con.execute(self._owned(select(RUNS).where(RUNS.c.id == run_id), owner)).first()
         return self._decode(r) if r else None
 
     def list(self, product: str | None = None, defect_type: str | None = None, verdict: str | None = None,
-             text: str | None = None, limit: int = 100) -> list[dict]:
+             text: str | None = None, limit: int = 100, owner=ANY) -> list[dict]:
         """Runs newest first, with exact filters; ``text`` matches the question or the manual (substring).
 
         Returns:
             up to ``limit`` dicts without the long fields (``answer``, ``tool_calls``):
             ``{"id", "created", "source", "product", "defect_type", "verdict", "score",
             "threshold", "agent_model", "fallback", "elapsed_s", "question", "image_sha256",
-            "n_tool_calls", "n_citations"}``.
+            "image_name", "n_tool_calls", "n_citations"}``.
         """
-        where, args = [], []
+        stmt = self._owned(select(RUNS), owner)
         for col, val in (("product", product), ("defect_type", defect_type), ("verdict", verdict)):
             if val:
-                where.append(f"{col} = ?")
-                args.append(val)
+                stmt = stmt.where(RUNS.c[col] == val)
         if text and text.strip():
-            where.append("(instr(lower(coalesce(question,'')), ?) > 0 OR instr(lower(coalesce(answer,'')), ?) > 0)")
-            args += [text.strip().lower()] * 2
-        sql = "SELECT * FROM runs" + (f" WHERE {' AND '.join(where)}" if where else "")
-        sql += " ORDER BY created_at DESC LIMIT ?"
-        args.append(max(1, int(limit)))
-        with self._connect() as con:
-            rows = [self._decode(r) for r in con.execute(sql, args)]
+            needle = f"%{text.strip().lower()}%"
+            stmt = stmt.where(or_(func.lower(func.coalesce(RUNS.c.question, "")).like(needle),
+                                  func.lower(func.coalesce(RUNS.c.answer, "")).like(needle)))
+        stmt = stmt.order_by(RUNS.c.created_at.desc()).limit(max(1, int(limit)))
+        with self.engine.connect() as con:
+            rows = [self._decode(r) for r in con.execute(stmt)]
         keep = ("id", "created", "source", "product", "defect_type", "verdict", "score", "threshold",
                 "agent_model", "fallback", "elapsed_s", "question", "image_sha256", "image_name")
         return [{**{k: r.get(k) for k in keep}, "n_tool_calls": len(r["tool_calls"]),
                  "n_citations": len(r["citations"])} for r in rows]
 
-    def count(self) -> int:
-        """Number of stored runs."""
-        with self._connect() as con:
-            return int(con.execute("SELECT count(*) FROM runs").fetchone()[0])
+    def count(self, owner=ANY) -> int:
+        """Number of stored runs (of ``owner`` unless ANY)."""
+        with self.engine.connect() as con:
+            return int(con.execute(self._owned(select(func.count()).select_from(RUNS), owner)).scalar_one())
 
-    def stats(self) -> dict:
-        """Counts by product, by defect type and by (product, defect type), and by verdict.
+    def stats(self, owner=ANY) -> dict:
+        """Counts by product, by defect type, by (product, defect type) and by verdict.
 
         Returns:
             ``{"total", "by_product": {p: n}, "by_defect_type": {d: n}, "by_verdict": {v: n},
             "by_product_defect": [{"product", "defect_type", "runs"}]}``; NULL shows as ``"unknown"``.
         """
-        with self._connect() as con:
-            total = int(con.execute("SELECT count(*) FROM runs").fetchone()[0])
+        with self.engine.connect() as con:
+            total = int(con.execute(self._owned(select(func.count()).select_from(RUNS), owner)).scalar_one())
 
             def group(col: str) -> dict:
-                return {str(r[0] or "unknown"): int(r[1]) for r in
-                        con.execute(f"SELECT {col}, count(*) FROM runs GROUP BY {col} ORDER BY count(*) DESC")}
+                n = func.count().label("n")
+                stmt = self._owned(select(RUNS.c[col], n), owner).group_by(RUNS.c[col]).order_by(n.desc())
+                return {str(r[0] or "unknown"): int(r[1]) for r in con.execute(stmt)}
 
+            stmt = self._owned(select(RUNS.c.product, RUNS.c.defect_type, func.count()), owner).group_by(
+                RUNS.c.product, RUNS.c.defect_type).order_by(RUNS.c.product, RUNS.c.defect_type)
             pairs = [{"product": r[0] or "unknown", "defect_type": r[1] or "unknown", "runs": int(r[2])}
-                     for r in con.execute("SELECT product, defect_type, count(*) FROM runs "
-                                          "GROUP BY product, defect_type ORDER BY product, defect_type")]
+                     for r in con.execute(stmt)]
             return {"total": total, "by_product": group("product"), "by_defect_type": group("defect_type"),
                     "by_verdict": group("verdict"), "by_product_defect": pairs}
