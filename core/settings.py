@@ -97,7 +97,22 @@ ENV_VARS: dict[str, str] = {
     "port": "DRA_PORT",
     "max_upload_mb": "DRA_MAX_UPLOAD_MB",
     "max_image_pixels": "DRA_MAX_IMAGE_PIXELS",
+    # public deployment (issue 16)
+    "public": "DRA_PUBLIC",
+    "operator_user": "DRA_OPERATOR_USER",
+    "operator_password": "DRA_OPERATOR_PASSWORD",
+    "database_url": "DRA_DATABASE_URL",
+    "chroma_url": "DRA_CHROMA_URL",
+    "max_fit_pixels": "DRA_MAX_FIT_PIXELS",
+    "display_max_side": "DRA_DISPLAY_MAX_SIDE",
+    "keep_runs": "DRA_KEEP_RUNS",
+    "keep_runs_mb": "DRA_KEEP_RUNS_MB",
+    "session_queue_limit": "DRA_SESSION_QUEUE_LIMIT",
+    "event_time_limit_s": "DRA_EVENT_TIME_LIMIT_S",
+    "build_on_start": "DRA_BUILD_ON_START",
 }
+#: secrets: never printed, logged or returned by :meth:`Settings.as_dict`
+SECRET_FIELDS = ("operator_password", "openai_api_key", "milvus_token")
 
 
 def _parse(kind: type | str, raw: str):
@@ -182,10 +197,37 @@ class Settings:
     faiss_hnsw_threshold: int = 50_000
     manual_k: int = 4
     # app
+    # where to listen: DRA_HOST / DRA_PORT, else Gradio's GRADIO_SERVER_NAME / GRADIO_SERVER_PORT and
+    # PORT (set on Hugging Face Spaces and most hosts), else 127.0.0.1:7860 (see from_env)
     host: str = "127.0.0.1"
     port: int = 7860
     max_upload_mb: float = 20.0
-    max_image_pixels: int = 40_000_000
+    # decoded pixels of one image (decompression bombs): 4096 x 4096
+    max_image_pixels: int = 16_777_216
+    # ---- public deployment (issue 16) ----
+    # public mode: "auto" (on when SPACE_ID is set: a Hugging Face Space), "1" / "0"
+    public: str = "auto"
+    space_id: str = ""  # SPACE_ID of a Hugging Face Space ("" elsewhere)
+    # operator login (the write endpoints of a public deployment live behind it at /operator)
+    operator_user: str = "operator"
+    operator_password: str = ""
+    # the app's database: "" = SQLite <state_dir>/history.sqlite3; postgresql+psycopg://... for replicas
+    database_url: str = ""
+    # manual store on a Chroma server ("http://host:8000"); "" = embedded Chroma in the state dir
+    chroma_url: str = ""
+    # decoded pixels of all images of one product fit together
+    max_fit_pixels: int = 200_000_000
+    # longest side of the pictures (and of the stored anomaly map) the app keeps per run
+    display_max_side: int = 1024
+    # per-run artifact folders kept: newest N and at most this many MB
+    keep_runs: int = 200
+    keep_runs_mb: int = 2048
+    # requests one browser session / API client may have queued or running at once
+    session_queue_limit: int = 2
+    # longest a request may run before the app gives up on it (seconds)
+    event_time_limit_s: float = 600.0
+    # python app.py builds a missing state before serving ("1") or only serves what is there ("0")
+    build_on_start: bool = True
     model_resolution: ModelResolution = field(default=None, compare=False, repr=False)  # type: ignore[assignment]
 
     @classmethod
@@ -201,7 +243,17 @@ class Settings:
         """
         env = os.environ if environ is None else environ
         types = {f.name: f.type for f in fields(cls)}
-        values = {}
+        values: dict = {}
+        # the host's conventions when DRA_* says nothing: Gradio's / Spaces' server variables, /data storage
+        if env.get("GRADIO_SERVER_NAME"):
+            values["host"] = env["GRADIO_SERVER_NAME"]
+        for var in ("PORT", "GRADIO_SERVER_PORT"):
+            if env.get(var, "").isdigit():
+                values["port"] = int(env[var])
+        if env.get("SPACE_ID"):
+            values["space_id"] = env["SPACE_ID"]
+            if Path("/data").is_dir() and os.access("/data", os.W_OK):  # a Space's persistent storage
+                values["state_dir"] = Path("/data/dra-state")
         for name, var in ENV_VARS.items():
             raw = env.get(var)
             if raw is None or raw == "":
@@ -260,9 +312,17 @@ class Settings:
             object.__setattr__(self, name, value)
         object.__setattr__(self, "model_resolution", resolution)
 
+    @property
+    def is_public(self) -> bool:
+        """Public mode: anonymous visitors read; writes only behind the operator login (``public``)."""
+        if self.public.strip().lower() == "auto":
+            return bool(self.space_id)
+        return self.public.strip().lower() in ("1", "true", "yes", "on")
+
     def as_dict(self) -> dict:
-        """JSON-friendly dict of every field (paths as strings, no resolution report)."""
+        """JSON-friendly dict of every field (paths as strings, no resolution report, secrets masked)."""
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "model_resolution"}
+        out.update({k: "***" for k in SECRET_FIELDS if out.get(k)})
         return {k: str(v) if isinstance(v, Path) else v for k, v in out.items()}
 
 

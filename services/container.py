@@ -19,6 +19,7 @@ from stores.history import HistoryStore
 from stores.image_index import ImageIndex
 from stores.manual_store import ManualStore
 from stores.runs import RunStore
+from stores.sessions import SessionStore
 
 
 class Services:
@@ -27,7 +28,8 @@ class Services:
     Attributes (each created on first use): ``banks`` (:class:`stores.banks.BankStore`),
     ``image_index`` (:class:`stores.image_index.ImageIndex`, whose defect descriptors use
     the banks' anomaly maps), ``manuals`` (:class:`stores.manual_store.ManualStore`),
-    ``history`` (:class:`stores.history.HistoryStore`), ``runs`` (:class:`stores.runs.RunStore`).
+    ``history`` (:class:`stores.history.HistoryStore`), ``sessions``
+    (:class:`stores.sessions.SessionStore`), ``runs`` (:class:`stores.runs.RunStore`).
     """
 
     def __init__(self, settings: Settings | None = None):
@@ -70,9 +72,16 @@ class Services:
             return HistoryStore(self.settings)
 
     @cached_property
+    def sessions(self) -> SessionStore:
+        """Chat sessions and their turns (same database as the history)."""
+        with self._lock:
+            return SessionStore(self.settings)
+
+    @cached_property
     def runs(self) -> RunStore:
         """Per-request artifact folders (pruned by count and bytes)."""
-        return RunStore(self.settings.runs_dir)
+        return RunStore(self.settings.runs_dir, keep_runs=self.settings.keep_runs,
+                        keep_bytes=self.settings.keep_runs_mb * 2**20)
 
     def loaded(self, name: str):
         """A store if it was already created, else None (never loads anything)."""

@@ -12,7 +12,9 @@ from pathlib import Path
 
 from core.catalog import parse_defect
 from core.errors import InputError
+from core.text import strip_markup
 from services.container import Services
+from stores.history import ANY
 
 CJK_FONT_CANDIDATES = (
     "/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc",
@@ -22,7 +24,10 @@ CJK_FONT_CANDIDATES = (
 
 
 def manual_markdown(run: dict) -> str:
-    """The response manual of a run as a Markdown document with a header of run facts."""
+    """The response manual of a run as a Markdown document with a header of run facts.
+
+    The question and the answer pass :func:`core.text.strip_markup` (no images, links or HTML
+    reach whoever opens the run)."""
     facts = [
         f"- Run: `{run.get('id')}` · {run.get('created', '')}",
         f"- Product: **{run.get('product') or 'unknown'}** ({run.get('product_source') or '-'}) · "
@@ -31,7 +36,7 @@ def manual_markdown(run: dict) -> str:
     if run.get("verdict"):
         facts.append(f"- Verdict: **{run['verdict']}** (score {run.get('score')} vs threshold {run.get('threshold')})")
     if run.get("question"):
-        facts.append(f"- Question: {run['question']}")
+        facts.append(f"- Question: {strip_markup(run['question'])}")
     models = run.get("models") or {}
     if models:
         facts.append("- Models: " + ", ".join(f"{k} `{v}`" for k, v in models.items()))
@@ -39,7 +44,7 @@ def manual_markdown(run: dict) -> str:
     calls = run.get("tool_calls") or []
     steps = "\n".join(f"{i + 1}. `{c.get('tool')}` ({float(c.get('duration_s') or 0):.2f} s)"
                       for i, c in enumerate(calls)) or "(none)"
-    return (f"# Response manual\n\n{chr(10).join(facts)}\n\n---\n\n{(run.get('answer') or '').strip()}\n\n"
+    return (f"# Response manual\n\n{chr(10).join(facts)}\n\n---\n\n{strip_markup(run.get('answer')).strip()}\n\n"
             f"---\n\n### Tool calls\n\n{steps}\n")
 
 
@@ -97,8 +102,8 @@ def _safe(name: str) -> str:
 
 
 def history_list(services: Services, product: str | None = None, defect_type: str | None = None,
-                 verdict: str | None = None, text: str | None = None, limit: int = 100) -> dict:
-    """Past analyses and statistics.
+                 verdict: str | None = None, text: str | None = None, limit: int = 100, owner=ANY) -> dict:
+    """Past analyses and statistics (of ``owner`` only unless :data:`stores.history.ANY`).
 
     Returns:
         ``{"runs": [...] (see :meth:`stores.history.HistoryStore.list`), "stats": {...}
@@ -116,29 +121,29 @@ def history_list(services: Services, product: str | None = None, defect_type: st
     prod = str(product).strip().lower() if product and str(product).strip().lower() not in (
         "all", "any", "auto", "auto (infer)") else None
     return {"runs": store.list(product=prod, defect_type=parse_defect(defect_type), verdict=v, text=text,
-                               limit=max(1, min(int(limit or 100), 1000))),
-            "stats": store.stats()}
+                               limit=max(1, min(int(limit or 100), 1000)), owner=owner),
+            "stats": store.stats(owner=owner)}
 
 
-def history_run(services: Services, run_id: str) -> dict:
-    """One stored analysis with its manual and tool calls.
+def history_run(services: Services, run_id: str, owner=ANY) -> dict:
+    """One stored analysis with its manual and tool calls (of ``owner`` only unless ANY).
 
     Raises:
-        InputError: unknown run id.
+        InputError: unknown run id (or another owner's: the same message, nothing leaks).
     """
-    row = services.history.get(str(run_id or "").strip())
+    row = services.history.get(str(run_id or "").strip(), owner=owner)
     if row is None:
         raise InputError(f"no analysis {run_id!r} in the history")
     return row
 
 
-def export_manual(services: Services, run_id: str, fmt: str) -> Path:
+def export_manual(services: Services, run_id: str, fmt: str, owner=ANY) -> Path:
     """Write the response manual of a run as ``md`` or ``pdf`` under ``<state>/exports``; returns the path.
 
     Raises:
-        InputError: unknown run or format.
+        InputError: unknown run (or another owner's) or format.
     """
-    row = history_run(services, run_id)
+    row = history_run(services, run_id, owner)
     out_dir = Path(services.settings.state_dir) / "exports"
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"response_manual_{_safe(row['id'])}"

@@ -39,7 +39,7 @@ def resolve_product(services: Services, rgb: np.ndarray, product: str | None) ->
 
 
 def inspect_image(services: Services, image, product: str | None = None, *, out_dir: Path | None = None,
-                  artifacts: bool = True) -> InspectionReport:
+                  artifacts: bool = True, display_max_side: int | None = None) -> InspectionReport:
     """Score one photo against its product's memory bank.
 
     Args:
@@ -49,6 +49,8 @@ def inspect_image(services: Services, image, product: str | None = None, *, out_
         product: product id, or None / ``auto`` to infer it from the nearest gallery images.
         out_dir: folder for the pictures (default: a fresh run folder of ``services.runs``).
         artifacts: write the pictures (anomaly map ``.npy``, mask, heat map, overlay, comparison).
+        display_max_side: store the pictures and the map scaled to this longer side (the app);
+            None: at the input's resolution (the CLI contract).
 
     Returns:
         :class:`core.types.InspectionReport` (``result`` holds the arrays).
@@ -66,7 +68,8 @@ def inspect_image(services: Services, image, product: str | None = None, *, out_
         result = bank.predict([rgb])[0]
     files: dict[str, str | None] = {}
     if artifacts:
-        files = write_inspection_artifacts(result, rgb, out_dir or services.runs.new_run("inspect"))
+        files = write_inspection_artifacts(result, rgb, out_dir or services.runs.new_run("inspect"),
+                                           display_max_side=display_max_side)
     return InspectionReport(
         product=prod, product_source=source, product_confidence=conf, score=result.score,
         threshold=result.threshold, is_anomalous=result.is_anomalous, regions=result.regions,

@@ -11,9 +11,11 @@ from __future__ import annotations
 import shutil
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from core.imageio import load_rgb, save_png
 from core.types import InspectionResult
@@ -64,13 +66,34 @@ class RunStore:
         return removed
 
 
-def write_inspection_artifacts(result: InspectionResult, rgb: np.ndarray, out_dir: Path) -> dict[str, str]:
+def _display(result: InspectionResult, rgb: np.ndarray, max_side: int) -> tuple[InspectionResult, np.ndarray]:
+    """The result and photo scaled down so that the longer side is ``max_side`` (maps bilinear, mask
+    nearest, region boxes scaled); unchanged when already small enough."""
+    h, w = rgb.shape[:2]
+    scale = max_side / float(max(h, w))
+    if scale >= 1.0:
+        return result, rgb
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    small = np.asarray(Image.fromarray(rgb).resize((nw, nh), Image.BILINEAR))
+    amap = np.asarray(Image.fromarray(result.anomaly_map.astype(np.float32)).resize((nw, nh), Image.BILINEAR))
+    mask = np.asarray(Image.fromarray(result.mask.astype(np.uint8) * 255).resize((nw, nh), Image.NEAREST)) > 0
+    regions = [replace(r, bbox=(int(r.bbox[0] * scale), int(r.bbox[1] * scale), max(1, int(r.bbox[2] * scale)),
+                                max(1, int(r.bbox[3] * scale)))) for r in result.regions]
+    return replace(result, anomaly_map=amap.astype(np.float32), mask=mask, regions=regions), small
+
+
+def write_inspection_artifacts(result: InspectionResult, rgb: np.ndarray, out_dir: Path,
+                               display_max_side: int | None = None) -> dict[str, str]:
     """Write the pictures of one inspection into ``out_dir`` (created if missing).
 
-    Files: ``anomaly_map.npy`` (float32 ``(H, W)`` at the input's resolution), ``mask.png``
-    (0/255), ``heatmap.png`` (fixed per-product colour scale), ``overlay.png`` (heat map
-    blended on the photo, mask contour, region boxes labelled with area %),
-    ``comparison.png`` (input | nearest normal | overlay).
+    Files: ``anomaly_map.npy`` (float32 ``(H, W)``), ``mask.png`` (0/255), ``heatmap.png`` (fixed
+    per-product colour scale), ``overlay.png`` (heat map blended on the photo, mask contour, region
+    boxes labelled with area %), ``comparison.png`` (input | nearest normal | overlay).
+
+    Args:
+        display_max_side: None: every file at the input's resolution (the CLI contract); else the
+            pictures and the stored map are scaled down to this longer side (the app: a 6000 px
+            photo must not cost hundreds of MB per run).
 
     Returns:
         ``{"anomaly_map", "mask", "heatmap", "overlay", "comparison"}`` -> path strings.
@@ -83,6 +106,8 @@ def write_inspection_artifacts(result: InspectionResult, rgb: np.ndarray, out_di
     out_dir.mkdir(parents=True, exist_ok=True)
     if rgb.shape[:2] != result.anomaly_map.shape:
         raise ValueError(f"image {rgb.shape[:2]} and anomaly map {result.anomaly_map.shape} differ in size")
+    if display_max_side:
+        result, rgb = _display(result, rgb, int(display_max_side))
     paths = {
         "anomaly_map": out_dir / "anomaly_map.npy",
         "mask": out_dir / "mask.png",

@@ -235,14 +235,15 @@ def test_search_endpoint_modes_and_filters(client, api_state):
     from gradio_client.exceptions import AppError
 
     path = _val_image(api_state, "brick")
-    r = client.predict(handle_file(str(path)), "", "image", "brick", "", 4, api_name="/search")
+    r, pictures = client.predict(handle_file(str(path)), "", "image", "brick", "", 4, api_name="/search")
     assert r["mode"] == "image" and len(r["results"]) == 4
-    assert all(h["product"] == "brick" and Path(h["image"]).is_file() for h in r["results"])
+    assert all(h["product"] == "brick" and not Path(h["image"]).is_absolute() for h in r["results"])  # no server paths
+    assert len(pictures) == 4 and all(Path(p["image"] if isinstance(p, dict) else p).is_file() for p in pictures)
     scores = [h["score"] for h in r["results"]]
     assert scores == sorted(scores, reverse=True)
-    r = client.predict(None, "crack on brick", "text", "", "crack", 3, api_name="/search")
+    r, _ = client.predict(None, "crack on brick", "text", "", "crack", 3, api_name="/search")
     assert r["results"] and all(h["defect_type"] == "crack" for h in r["results"])
-    r = client.predict(None, "갈라진 틈", "auto", "gravel", "", 3, api_name="/search")  # Korean text query
+    r, _ = client.predict(None, "갈라진 틈", "auto", "gravel", "", 3, api_name="/search")  # Korean text query
     assert all(h["product"] == "gravel" for h in r["results"])
     with pytest.raises(AppError, match="give an image, a text query, or both"):
         client.predict(None, "", "auto", "", "", 3, api_name="/search")
@@ -265,7 +266,7 @@ def test_register_relabel_delete_and_empty_filter(client, api_state, tmp_path):
     assert again["id"] == item and again["duplicate"] is True
     items = client.predict("brick", "scratch", api_name="/gallery")["items"]
     assert item in [i["id"] for i in items]
-    hits = client.predict(handle_file(str(img)), "", "image", "brick", "", 1, api_name="/search")["results"]
+    hits = client.predict(handle_file(str(img)), "", "image", "brick", "", 1, api_name="/search")[0]["results"]
     assert hits[0]["id"] == item
     row = client.predict(item, "", "stain", "relabelled", api_name="/relabel_defect")
     assert row["defect_type"] == "stain" and row["note"] == "relabelled" and row["product"] == "brick"
@@ -302,7 +303,14 @@ def test_ingest_query_delete_manual_and_hostile_file_name(client, server, api_st
     q = client.predict("pump housing crack cavitation", "brick", "crack", "cause", 2, api_name="/manual")
     top = q["results"][0]
     assert top["source"] == "evil.pdf" and top["page"] == 1 and top["section"] == "cause"
-    assert top["preview"] and Path(top["preview"]).is_file()  # page preview PNG on the server
+    assert not top.get("preview")  # no server paths in API results; the Manuals tab shows the previews
+    from core.settings import Settings
+    from services.container import Services
+    from services.manuals import query_manual
+
+    rep = query_manual(Services(Settings.from_env(state_dir=api_state)), "pump housing crack cavitation", "brick",
+                       "crack", "cause", 2, previews=True)
+    assert rep.passages[0].preview and Path(rep.passages[0].preview).is_file()  # page preview PNG
 
     assert client.predict("evil.pdf", api_name="/delete_manual")["removed_chunks"] == r["chunks"]
     assert "evil.pdf" not in [d["source"] for d in client.predict(api_name="/manuals")["documents"]]
@@ -558,7 +566,7 @@ def test_cli_app_and_tools_return_the_same_json(client, api_state):
     assert _stable(cli) == _stable(app) == _stable(ctx.inspection)
 
     cli = _cli_json(api_state, "search", "--image", str(path), "--product", "brick", "-k", "5")
-    app = client.predict(handle_file(str(path)), "", "image", "brick", "", 5, api_name="/search")
+    app, _ = client.predict(handle_file(str(path)), "", "image", "brick", "", 5, api_name="/search")
     tools[1].forward(k=5)
     assert set(cli) - {"image"} == set(app) and _stable(cli) == _stable(app)
     assert [h["id"] for h in ctx.search["hits"]] == [h["id"] for h in app["results"]]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from core.imageio import InvalidImageError
 from core.settings import get_settings
 from services.container import get_services
 from services.history import export_manual
+from ui.common import public_json, require_ready, servable
 
 log = logging.getLogger("dra.app")
 
@@ -145,6 +147,7 @@ def chat_api(image: str | None, question: str | None = "", product: str | None =
             failed run, with a message that says what is wrong.
     """
     try:
+        require_ready()
         ctx = start_run(image, question, product, max_bytes=get_settings().max_upload_mb * 2**20)
     except InputError as exc:
         raise gr.Error(f"Bad input: {exc}", print_exception=False) from None
@@ -153,15 +156,16 @@ def chat_api(image: str | None, question: str | None = "", product: str | None =
         for event in get_agent().stream(ctx):
             if not _is_step(event):
                 result = event
-    except Exception as exc:  # noqa: BLE001 - reported to the caller, server keeps serving
-        log.exception("agent run failed")
-        raise gr.Error(f"The analysis failed: {type(exc).__name__}: {exc}") from None
+    except Exception:  # noqa: BLE001 - the details stay in the server log, the server keeps serving
+        ref = uuid.uuid4().hex[:8]
+        log.exception("agent run failed (error id %s)", ref)
+        raise gr.Error(f"The analysis failed (error id {ref}); the details are in the server log.",
+                       print_exception=False) from None
     if result is None:
         raise gr.Error("The analysis ended without a result")
     models = active_models(result.model)
-    out = ask_json(result, ctx, record(get_services(), result, ctx, "api", models), models)
-    overlay = (ctx.inspection or {}).get("overlay")
-    return out, overlay if overlay and Path(overlay).is_file() else None
+    out = public_json(ask_json(result, ctx, record(get_services(), result, ctx, "api", models), models))
+    return out, servable((ctx.inspection or {}).get("overlay"))
 
 
 def _is_step(event) -> bool:
@@ -219,6 +223,7 @@ def respond(message: dict | None, history: list, product: str, last_image: str |
         yield history, cleared, keep, keep, keep, last_image, keep, keep
         return
     try:
+        require_ready()
         ctx = start_run(path, text, product, max_bytes=get_settings().max_upload_mb * 2**20)
     except InputError as exc:
         if new_path and isinstance(exc, InvalidImageError):  # show the name, not a broken picture
@@ -274,11 +279,13 @@ def respond(message: dict | None, history: list, product: str, last_image: str |
                 yield (history, keep, comparison, gallery, banner_markdown(result.model), last_image,
                        gr.update(value=md_path, interactive=md_path is not None),
                        gr.update(value=pdf_path, interactive=pdf_path is not None))
-    except Exception as exc:  # noqa: BLE001 - shown in the chat, the app keeps running
-        log.exception("agent run failed")
+    except Exception:  # noqa: BLE001 - shown in the chat (an error id; details in the log), the app keeps running
+        ref = uuid.uuid4().hex[:8]
+        log.exception("agent run failed (error id %s)", ref)
         working.metadata = {"title": "❌ Agent failed", "status": "done",
                             "duration": round(time.perf_counter() - t0, 2)}
-        history.append({"role": "assistant", "content": f"❌ **The analysis failed.** {type(exc).__name__}: {exc}"})
+        history.append({"role": "assistant",
+                        "content": f"❌ **The analysis failed** (error id {ref}; the details are in the server log)."})
         yield history, keep, comparison, gallery, keep, last_image, keep, keep
 
 
@@ -349,4 +356,5 @@ def register_chat_api() -> None:
         chat_api, [api_image, api_question, api_product], [api_result, api_overlay], api_name="chat",
         concurrency_id=AGENT_CONCURRENCY_ID, concurrency_limit=1,
     )
-    models_button.click(lambda: active_models(), None, api_models, api_name="models", queue=False)
+    models_button.click(lambda: active_models(), None, api_models, api_name="models", queue=False,
+                        api_visibility="undocumented")  # callable by clients; not an MCP tool

@@ -1,9 +1,13 @@
 """Gradio tabs (Inspect, Search, Manuals, Gallery, Products, History) and the JSON API endpoints.
 
-Each builder must be called inside an open ``gr.Blocks`` context. Handlers call the
-use cases of ``services/`` and turn :class:`core.errors.InputError` into ``gr.Error`` (shown
-as a toast in the page; ``gradio_client`` raises ``AppError`` with the message).
-No handler keeps state outside its arguments: per-session values live in ``gr.State``.
+Each builder must be called inside an open ``gr.Blocks`` context and takes the app's
+:class:`ui.common.Role`: the public app registers no event that writes (not merely hidden:
+an anonymous client cannot call it by name or by ``fn_index``), and its History shows only
+the caller's own runs. Handlers call the use cases of ``services/``; :func:`ui.common.guarded`
+turns :class:`core.errors.InputError` into ``gr.Error`` and hides other errors' internals.
+Results carry no absolute server paths (:func:`ui.common.public_json`); pictures go out as
+Gradio file outputs (:func:`ui.common.servable`). No handler keeps state outside its
+arguments: per-session values live in ``gr.State``.
 
 Queue slots (``concurrency_id``): ``agent`` 1 (the single LLM), ``vision`` 2
 (PatchCore / embedder calls: inspect, search, register), ``manual`` 2 (queries),
@@ -13,7 +17,6 @@ inspection calls.
 
 from __future__ import annotations
 
-import functools
 import logging
 from pathlib import Path
 
@@ -30,6 +33,8 @@ from services import products as products_uc
 from services.inspect import inspect_image
 from services.search import MODES as SEARCH_MODES
 from services.search import search_similar
+from stores.history import ANY
+from ui.common import OPERATOR, Role, guarded, owner_of, public_json, servable
 
 log = logging.getLogger("dra.app")
 
@@ -41,34 +46,18 @@ AUTO = "auto (infer)"
 SECTION_CHOICES = [ALL, "cause", "action", "prevention", "general"]
 
 
-def guarded(fn):
-    """Wrap a handler: InputError → ``gr.Error`` (its message); other errors → logged ``gr.Error``."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except gr.Error:
-            raise
-        except InputError as exc:
-            raise gr.Error(str(exc), print_exception=False) from None
-        except Exception as exc:  # noqa: BLE001 - the server keeps serving
-            log.exception("%s failed", fn.__name__)
-            raise gr.Error(f"{fn.__name__.replace('_', ' ')} failed: {type(exc).__name__}: {exc}") from None
-
-    return wrapper
-
-
 def _image(value, what: str = "image"):
     """An uploaded file value -> its checked path (size limit), or None when empty."""
     return None if value in (None, "") else check_upload(value, what)
 
 
 def do_inspect(image, product) -> dict:
-    """``/inspect`` and the Inspect tab: :func:`services.inspect.inspect_image` as JSON."""
+    """``/inspect`` and the Inspect tab: :func:`services.inspect.inspect_image` as JSON (server paths;
+    the endpoints pass it through :func:`ui.common.public_json`). Pictures at display resolution."""
     if image in (None, ""):
         raise InputError("no image was attached: upload a photo of the part")
-    return inspect_image(get_services(), _image(image), product).to_json()
+    svc = get_services()
+    return inspect_image(svc, _image(image), product, display_max_side=svc.settings.display_max_side).to_json()
 
 
 def do_search(image=None, text=None, mode="auto", product=None, defect_type=None, k=5) -> dict:
@@ -97,7 +86,7 @@ def defect_choices(with_all: bool = False) -> list[str]:
 
 
 def _file(path: str | None) -> str | None:
-    return path if path and Path(path).is_file() else None
+    return servable(path)
 
 
 # ============================================================================ Inspect
@@ -109,10 +98,12 @@ def ui_inspect(image, product):
     verdict = (f"### {'🔴 ANOMALOUS' if r['is_anomalous'] else '🟢 NORMAL'}\n"
                f"**{r['product']}** ({r['product_source']}) · score **{r['score']}** vs threshold "
                f"**{r['threshold']}** · {len(r['regions'])} region(s) · {r['elapsed_ms']:.0f} ms · `{r['model']}`")
-    return verdict, _file(r["overlay"]), _file(r["heatmap"]), _file(r["comparison"]), regions, r
+    return (verdict, _file(r["overlay"]), _file(r["heatmap"]), _file(r["comparison"]), regions,
+            public_json(r))
 
 
 def build_inspect_tab() -> dict:
+    """Inspect tab: PatchCore scoring of one photo with its pictures."""
     with gr.Tab("Inspect", id="inspect", elem_id="tab-inspect"):
         with gr.Row():
             with gr.Column(scale=1):
@@ -135,20 +126,22 @@ def build_inspect_tab() -> dict:
                 raw = gr.JSON(label="Result", open=False)
         run.click(ui_inspect, [image, product], [verdict, overlay, heatmap, comparison, regions, raw],
                   api_visibility="private", **VISION)
-    return {"product": product}
+    return {"dropdowns": [(product, "auto")]}
 
 
 # ============================================================================ Search
 @guarded
 def ui_search(image, text, mode, product, defect, k):
     r = do_search(image, text, mode, None if product == ALL else product, None if defect == ALL else defect, k)
-    items = [(h["image"], f"{h['defect_type'] or 'normal'} · {h['product']} · {h['score']:.2f} ({h.get('matched')})")
+    items = [(servable(h["image"]), f"{h['defect_type'] or 'normal'} · {h['product']} · {h['score']:.2f} "
+                                    f"({h.get('matched')})")
              for h in r["results"] if h.get("image") and Path(h["image"]).is_file()]
     msg = r.get("message") or f"{len(r['results'])} hit(s) · mode {r['mode']} · {r['elapsed_ms']:.0f} ms"
-    return items, msg, r
+    return items, msg, public_json(r)
 
 
 def build_search_tab() -> dict:
+    """Search tab: similar past defects by photo, text or both."""
     with gr.Tab("Search", id="search", elem_id="tab-search"):
         with gr.Row():
             with gr.Column(scale=1):
@@ -168,7 +161,7 @@ def build_search_tab() -> dict:
         for trigger in (run.click, text.submit):
             trigger(ui_search, [image, text, mode, product, defect, k], [hits, status, raw],
                     api_visibility="private", **VISION)
-    return {"product": product}
+    return {"dropdowns": [(product, "all")]}
 
 
 # ============================================================================ Manuals
@@ -201,29 +194,31 @@ def ui_delete_manual(source):
 def ui_manual_query(query, product, defect, section, k):
     r = do_manual(query, None if product == ALL else product, None if defect == ALL else defect,
                   None if section == ALL else section, k)
-    previews = [(h["preview"], f"{h['source']} p.{h['page']} · {h['section']} · {h['score']:.2f}")
-                for h in r["results"] if h.get("preview")]
+    previews = [(servable(h["preview"]), f"{h['source']} p.{h['page']} · {h['section']} · {h['score']:.2f}")
+                for h in r["results"] if h.get("preview") and Path(h["preview"]).is_file()]
     md = "\n\n".join(f"**[{h['source']} p.{h['page']}]** · {h['section']} · score {h['score']:.2f}\n\n"
                      f"> {' '.join(h['text'].split())[:600]}" for h in r["results"]) or "_no passages found_"
     return md, previews, r
 
 
-def build_manuals_tab() -> dict:
+def build_manuals_tab(role: Role = OPERATOR) -> dict:
+    """Manuals tab: ask the manuals, the stored list; ingest / delete only for operators."""
     with gr.Tab("Manuals", id="manuals", elem_id="tab-manuals"):
         with gr.Row():
             with gr.Column(scale=1):
-                gr.Markdown("#### Add a manual (PDF with a text layer)")
-                pdf = gr.File(label="PDF", file_types=[".pdf"], type="filepath", elem_id="manual-pdf")
-                product = gr.Dropdown([AUTO] + products(), value=AUTO, label="Product (auto: from the PDF metadata)",
-                                      allow_custom_value=True)
-                ingest = gr.Button("Ingest", variant="primary", elem_id="manual-ingest")
+                if role.writes:
+                    gr.Markdown("#### Add a manual (PDF with a text layer)")
+                    pdf = gr.File(label="PDF", file_types=[".pdf"], type="filepath", elem_id="manual-pdf")
+                    product = gr.Dropdown([AUTO] + products(), value=AUTO,
+                                          label="Product (auto: from the PDF metadata)", allow_custom_value=True)
+                    ingest = gr.Button("Ingest", variant="primary", elem_id="manual-ingest")
                 status = gr.Markdown(elem_id="manual-status")
                 gr.Markdown("#### Stored manuals")
                 table = gr.Dataframe(headers=["source", "product", "lang", "pages", "chunks", "title"],
                                      interactive=False, elem_id="manual-list")
-                with gr.Row():
+                with gr.Row(visible=role.writes):
                     to_delete = gr.Dropdown([], label="Manual", scale=3)
-                    delete = gr.Button("Delete", variant="stop", scale=1)
+                    delete = gr.Button("Delete", variant="stop", scale=1, visible=role.writes)
             with gr.Column(scale=2):
                 gr.Markdown("#### Ask the manuals")
                 query = gr.Textbox(label="Query", placeholder="crack cause and immediate action",
@@ -237,12 +232,15 @@ def build_manuals_tab() -> dict:
                 passages = gr.Markdown(elem_id="manual-passages")
                 previews = gr.Gallery(label="Page previews", columns=2, height=520, elem_id="manual-previews")
                 raw = gr.JSON(label="Result", open=False)
-        ingest.click(ui_ingest, [pdf, product], [status, table, to_delete], api_visibility="private", **WRITE)
-        delete.click(ui_delete_manual, [to_delete], [status, table, to_delete], api_visibility="private", **WRITE)
+        if role.writes:
+            ingest.click(ui_ingest, [pdf, product], [status, table, to_delete], api_visibility="private", **WRITE)
+            delete.click(ui_delete_manual, [to_delete], [status, table, to_delete], api_visibility="private",
+                         **WRITE)
         for trigger in (ask.click, query.submit):
             trigger(ui_manual_query, [query, q_product, q_defect, q_section, q_k], [passages, previews, raw],
                     api_visibility="private", **MANUAL)
-    return {"table": table, "to_delete": to_delete, "product": q_product}
+    return {"table": table, "to_delete": to_delete, "dropdowns": [(q_product, "all")]
+            + ([(product, "auto")] if role.writes else [])}
 
 
 # ============================================================================ Gallery
@@ -250,8 +248,8 @@ def _gallery_view(product, defect):
     rows = [r for r in gallery_uc.gallery_items(get_services(), None if product == ALL else product,
                                      None if defect == ALL else defect)
             if r.get("image") and Path(r["image"]).is_file()]  # thumbnails and rows stay index-aligned
-    items = [(r["image"], f"{r['id']} · {r['defect_type'] or 'normal'} · {r['product']}") for r in rows]
-    return items, rows
+    items = [(servable(r["image"]), f"{r['id']} · {r['defect_type'] or 'normal'} · {r['product']}") for r in rows]
+    return items, [{"id": r["id"]} for r in rows]
 
 
 @guarded
@@ -292,42 +290,49 @@ def _select_item(rows, evt: gr.SelectData):
         return gr.update()
 
 
-def build_gallery_tab() -> dict:
+def build_gallery_tab(role: Role = OPERATOR) -> dict:
+    """Gallery tab: browse the labelled gallery; register / relabel / delete only for operators."""
+    dropdowns = []
     with gr.Tab("Gallery", id="gallery", elem_id="tab-gallery"):
         rows = gr.State([])  # per session: the rows behind the gallery thumbnails
         with gr.Row():
-            with gr.Column(scale=1):
-                gr.Markdown("#### Register a defect image")
-                image = gr.File(label="Defect image", file_types=["image"], type="filepath", elem_id="gallery-image")
-                product = gr.Dropdown(products(), label="Product", elem_id="gallery-product")
-                defect = gr.Dropdown(defect_types(), label="Defect type", elem_id="gallery-defect")
-                note = gr.Textbox(label="Note", placeholder="line 3, shift B")
-                register = gr.Button("Register", variant="primary", elem_id="gallery-register")
-                gr.Markdown("#### Relabel / delete the selected item")
-                item_id = gr.Textbox(label="Item id (click a thumbnail)", elem_id="gallery-item")
-                with gr.Row():
-                    new_product = gr.Dropdown([""] + products(), value="", label="New product")
-                    new_defect = gr.Dropdown([""] + defect_types(), value="", label="New defect type")
-                new_note = gr.Textbox(label="New note (empty: unchanged)")
-                with gr.Row():
-                    relabel = gr.Button("Relabel")
-                    delete = gr.Button("Delete", variant="stop")
-                status = gr.Markdown(elem_id="gallery-status")
+            if role.writes:
+                with gr.Column(scale=1):
+                    gr.Markdown("#### Register a defect image")
+                    image = gr.File(label="Defect image", file_types=["image"], type="filepath",
+                                    elem_id="gallery-image")
+                    product = gr.Dropdown(products(), label="Product", elem_id="gallery-product")
+                    defect = gr.Dropdown(defect_types(), label="Defect type", elem_id="gallery-defect")
+                    note = gr.Textbox(label="Note", placeholder="line 3, shift B")
+                    register = gr.Button("Register", variant="primary", elem_id="gallery-register")
+                    gr.Markdown("#### Relabel / delete the selected item")
+                    item_id = gr.Textbox(label="Item id (click a thumbnail)", elem_id="gallery-item")
+                    with gr.Row():
+                        new_product = gr.Dropdown([""] + products(), value="", label="New product")
+                        new_defect = gr.Dropdown([""] + defect_types(), value="", label="New defect type")
+                    new_note = gr.Textbox(label="New note (empty: unchanged)")
+                    with gr.Row():
+                        relabel = gr.Button("Relabel")
+                        delete = gr.Button("Delete", variant="stop")
+                    dropdowns += [(product, "plain"), (new_product, "blank")]
             with gr.Column(scale=2):
+                status = gr.Markdown(elem_id="gallery-status")
                 with gr.Row():
                     f_product = gr.Dropdown(product_choices(with_all=True), value=ALL, label="Product")
                     f_defect = gr.Dropdown(defect_choices(with_all=True), value=ALL, label="Defect type")
                     show = gr.Button("Show", elem_id="gallery-show")
                 thumbs = gr.Gallery(label="Gallery", columns=6, height=560, elem_id="gallery-thumbs")
+        dropdowns.append((f_product, "all"))
         show.click(ui_gallery, [f_product, f_defect], [thumbs, rows, status], api_visibility="private")
-        thumbs.select(_select_item, [rows], [item_id], api_visibility="private", queue=False)
-        register.click(ui_register, [image, product, defect, note, f_product, f_defect],
-                       [status, thumbs, rows, item_id], api_visibility="private", **VISION)
-        relabel.click(ui_relabel, [item_id, new_product, new_defect, new_note, f_product, f_defect],
-                      [status, thumbs, rows], api_visibility="private", **VISION)
-        delete.click(ui_delete_item, [item_id, f_product, f_defect], [status, thumbs, rows, item_id],
-                     api_visibility="private", **VISION)
-    return {"product": product, "new_product": new_product, "f_product": f_product}
+        if role.writes:
+            thumbs.select(_select_item, [rows], [item_id], api_visibility="private", queue=False)
+            register.click(ui_register, [image, product, defect, note, f_product, f_defect],
+                           [status, thumbs, rows, item_id], api_visibility="private", **VISION)
+            relabel.click(ui_relabel, [item_id, new_product, new_defect, new_note, f_product, f_defect],
+                          [status, thumbs, rows], api_visibility="private", **VISION)
+            delete.click(ui_delete_item, [item_id, f_product, f_defect], [status, thumbs, rows, item_id],
+                         api_visibility="private", **VISION)
+    return {"dropdowns": dropdowns}
 
 
 # ============================================================================ Products
@@ -346,10 +351,11 @@ def ui_fit(name, files, symmetry, progress=gr.Progress()):
     return msg, _product_rows(), r
 
 
-def build_products_tab() -> dict:
+def build_products_tab(role: Role = OPERATOR) -> dict:
+    """Products tab: the fitted products; adding / refitting one only for operators."""
     with gr.Tab("Products", id="products", elem_id="tab-products"):
         with gr.Row():
-            with gr.Column(scale=1):
+            with gr.Column(scale=1, visible=role.writes):
                 gr.Markdown("#### Add a product from normal (defect-free) images\n"
                             "Upload at least 4 images (more is better: ~20 % are kept for threshold "
                             "calibration), as files or one zip archive.")
@@ -369,16 +375,18 @@ def build_products_tab() -> dict:
                                               "val image AUROC", "fitted at"], interactive=False,
                                      elem_id="product-list")
                 raw = gr.JSON(label="Result", open=False)
-        fit.click(ui_fit, [name, files, symmetry], [status, table, raw], api_visibility="private", **WRITE)
+        if role.writes:
+            fit.click(ui_fit, [name, files, symmetry], [status, table, raw], api_visibility="private", **WRITE)
     return {"table": table}
 
 
 # ============================================================================ History
-def _history_view(product, defect, verdict, text):
+def _history_view(product, defect, verdict, text, owner):
     import pandas as pd
 
     r = history_uc.history_list(get_services(), None if product == ALL else product,
-                                None if defect == ALL else defect, None if verdict == ALL else verdict, text)
+                                None if defect == ALL else defect, None if verdict == ALL else verdict, text,
+                                owner=owner)
     rows = [[x["id"], x["created"], x["source"], x["product"], x["defect_type"], x["verdict"], x["score"],
              x["agent_model"], x["elapsed_s"], x["n_citations"]] for x in r["runs"]]
     pairs = r["stats"]["by_product_defect"]
@@ -391,22 +399,25 @@ def _history_view(product, defect, verdict, text):
     return rows, chart, md, gr.update(choices=ids, value=ids[0] if ids else None)
 
 
-@guarded
-def ui_history(product, defect, verdict, text):
-    return _history_view(product, defect, verdict, text)
+def build_history_tab(role: Role = OPERATOR) -> dict:
+    """History tab: every run for operators; a public visitor sees only the runs of their own session."""
 
+    @guarded
+    def ui_history(product, defect, verdict, text, request: gr.Request):
+        return _history_view(product, defect, verdict, text, _owner(request, role))
 
-@guarded
-def ui_history_show(run_id):
-    svc = get_services()
-    row = history_uc.history_run(svc, run_id)
-    md_path = str(history_uc.export_manual(svc, row["id"], "md"))
-    pdf_path = str(history_uc.export_manual(svc, row["id"], "pdf"))
-    return history_uc.manual_markdown(row), row["tool_calls"], md_path, pdf_path
+    @guarded
+    def ui_history_show(run_id, request: gr.Request):
+        svc = get_services()
+        owner = _owner(request, role)
+        row = history_uc.history_run(svc, run_id, owner)
+        md_path = servable(history_uc.export_manual(svc, row["id"], "md", owner))
+        pdf_path = servable(history_uc.export_manual(svc, row["id"], "pdf", owner))
+        return history_uc.manual_markdown(row), public_json(row["tool_calls"]), md_path, pdf_path
 
-
-def build_history_tab() -> dict:
     with gr.Tab("History", id="history", elem_id="tab-history") as tab:
+        if role.own_history:
+            gr.Markdown("Your analyses in this browser session (other visitors' runs are not shown).")
         with gr.Row():
             product = gr.Dropdown(product_choices(with_all=True), value=ALL, label="Product")
             defect = gr.Dropdown(defect_choices(with_all=True), value=ALL, label="Defect type")
@@ -429,99 +440,166 @@ def build_history_tab() -> dict:
         refresh.click(ui_history, inputs, [table, chart, stats, run_id], api_visibility="private", queue=False)
         tab.select(ui_history, inputs, [table, chart, stats, run_id], api_visibility="private", queue=False)
         show.click(ui_history_show, [run_id], [manual, calls, md_btn, pdf_btn], api_visibility="private")
-    return {"product": product}
+    return {"dropdowns": [(product, "all")]}
+
+
+def _owner(request: gr.Request | None, role: Role):
+    """History owner filter of a caller: ANY (every run) for operators, the visitor's session for the public."""
+    return owner_of(request, role) if role.own_history else ANY
 
 
 # ============================================================================ API endpoints
-def register_api() -> None:
-    """Hidden components and the named JSON endpoints (call inside the Blocks context)."""
+def register_api(role: Role = OPERATOR) -> None:
+    """Hidden components and the named JSON endpoints (call inside the Blocks context).
+
+    ``inspect``, ``search`` and ``manual`` are public endpoints (in the API docs, and MCP tools when
+    the app serves MCP); the other read endpoints are callable by clients but undocumented (not MCP
+    tools). The write endpoints exist only in the operator app (``role.writes``).
+    """
 
     @guarded
     def inspect(image: str, product: str = AUTO):
+        """Score a photo of a part with PatchCore: anomaly score vs the product's calibrated threshold,
+        verdict (ANOMALOUS / NORMAL) and defect regions (bounding boxes in pixels, area fraction).
+
+        Args:
+            image: the photo (PNG, JPEG, ...; at most DRA_MAX_IMAGE_PIXELS decoded pixels).
+            product: product id (brick, gravel, grass, ...) or "auto (infer)" to infer it from similar images.
+
+        Returns:
+            the inspection as JSON (product, product_source, score, threshold, is_anomalous, verdict,
+            regions, model, width, height, image_sha256, artifact names) and the overlay picture.
+        """
         r = do_inspect(image, product)
-        return r, _file(r["overlay"])
+        return public_json(r), _file(r["overlay"])
 
     @guarded
-    def search(image: str | None = None, text: str = "", mode: str = "auto", product: str = "", defect_type: str = "",
-               k: float = 5):
-        return do_search(image, text, mode, product, defect_type, int(k or 5))
+    def search(image: str | None = None, text: str = "", mode: str = "auto", product: str = "",
+               defect_type: str = "", k: float = 5):
+        """Find similar past defects in the labelled gallery by photo, by text, or both.
+
+        Args:
+            image: a query photo (optional).
+            text: a text query such as "crack on brick" (optional).
+            mode: auto, image, text or fused.
+            product: restrict to this product ("" = any; inferred for photo queries).
+            defect_type: restrict to a defect type: scratch, crack, hole, stain, contamination ("" = any).
+            k: number of results (1-50).
+
+        Returns:
+            the hits as JSON (id, product, defect_type, score, matched, image name, note) and their pictures.
+        """
+        r = do_search(image, text, mode, product, defect_type, int(k or 5))
+        files = [servable(h["image"]) for h in r["results"] if h.get("image")]
+        return public_json(r), [f for f in files if f]
 
     @guarded
     def manual(query: str, product: str = "", defect_type: str = "", section: str = "", k: float = 4):
-        return do_manual(query, product, defect_type, section, int(k or 4))
+        """Search the product manuals (PDF) for passages that answer a question, with file and page.
 
-    @guarded
-    def register_defect(image: str, product: str, defect_type: str, note: str = ""):
-        return gallery_uc.register_defect(get_services(), _image(image), product, defect_type, note)
+        Args:
+            query: the question, e.g. "crack cause and immediate action" (English or Korean).
+            product: restrict to a product ("" = any).
+            defect_type: restrict to a defect type ("" = any).
+            section: cause, action, prevention or general ("" = any).
+            k: number of passages (1-20).
 
-    @guarded
-    def relabel_defect(item_id: str, product: str = "", defect_type: str = "", note: str | None = None):
-        return gallery_uc.relabel_defect(get_services(), item_id, product or None, defect_type or None, note)
-
-    @guarded
-    def delete_defect(item_id: str):
-        return gallery_uc.delete_defect(get_services(), item_id)
+        Returns:
+            passages as JSON: text, source (PDF file name), page (1-based), section, score.
+        """
+        return public_json(do_manual(query, product, defect_type, section, int(k or 4), previews=False))
 
     @guarded
     def gallery(product: str = "", defect_type: str = ""):
-        return {"items": gallery_uc.gallery_items(get_services(), product, defect_type)}
+        """The labelled gallery's items (id, product, defect type, note, image name)."""
+        return public_json({"items": gallery_uc.gallery_items(get_services(), product, defect_type)})
+
+    @guarded
+    def manuals():
+        """The stored manuals (source, product, lang, pages, chunks, title)."""
+        return {"documents": manuals_uc.list_manuals(get_services())}
+
+    @guarded
+    def history(product: str = "", defect_type: str = "", verdict: str = "", text: str = "", limit: float = 100,
+                request: gr.Request = None):
+        """Past analyses and statistics (a public visitor: only their own)."""
+        return public_json(history_uc.history_list(get_services(), product, defect_type, verdict, text,
+                                                   int(limit or 100), owner=_owner(request, role)))
+
+    @guarded
+    def history_run(run_id: str, request: gr.Request = None):
+        """One past analysis with its response manual and tool calls."""
+        return public_json(history_uc.history_run(get_services(), run_id, _owner(request, role)))
+
+    @guarded
+    def export_manual(run_id: str, fmt: str = "pdf", request: gr.Request = None):
+        """A past analysis's response manual as a Markdown or PDF file."""
+        return servable(history_uc.export_manual(get_services(), run_id, (fmt or "pdf").strip().lower(),
+                                                 _owner(request, role)))
+
+    @guarded
+    def register_defect(image: str, product: str, defect_type: str, note: str = ""):
+        """Add a labelled defect photo to the gallery (operator)."""
+        return public_json(gallery_uc.register_defect(get_services(), _image(image), product, defect_type, note))
+
+    @guarded
+    def relabel_defect(item_id: str, product: str = "", defect_type: str = "", note: str | None = None):
+        """Change a gallery item's product, defect type or note (operator)."""
+        return public_json(gallery_uc.relabel_defect(get_services(), item_id, product or None, defect_type or None,
+                                                     note))
+
+    @guarded
+    def delete_defect(item_id: str):
+        """Remove a gallery item (operator)."""
+        return gallery_uc.delete_defect(get_services(), item_id)
 
     @guarded
     def ingest_manual(pdf: str, product: str = "", progress=gr.Progress()):
+        """Add a PDF manual (operator)."""
         res = manuals_uc.ingest_manual(get_services(), check_upload(pdf, "PDF"), product,
                                        name=Path(str(pdf or "")).name, progress=_progress_cb(progress))
         return {**res, "documents": manuals_uc.list_manuals(get_services())}
 
     @guarded
     def delete_manual(source: str):
+        """Delete a stored manual (operator)."""
         return manuals_uc.delete_manual(get_services(), source)
 
     @guarded
-    def manuals():
-        return {"documents": manuals_uc.list_manuals(get_services())}
-
-    @guarded
     def fit_product(product: str, images: list[str], symmetry: str = "none", progress=gr.Progress()):
-        return products_uc.fit_product(get_services(), product, images, progress=_progress_cb(progress), symmetry=symmetry)
-
-    @guarded
-    def history(product: str = "", defect_type: str = "", verdict: str = "", text: str = "", limit: float = 100):
-        return history_uc.history_list(get_services(), product, defect_type, verdict, text, int(limit or 100))
-
-    @guarded
-    def history_run(run_id: str):
-        return history_uc.history_run(get_services(), run_id)
-
-    @guarded
-    def export_manual(run_id: str, fmt: str = "pdf"):
-        return str(history_uc.export_manual(get_services(), run_id, (fmt or "pdf").strip().lower()))
+        """Add a product from normal photos and fit its PatchCore bank (operator)."""
+        return products_uc.fit_product(get_services(), product, images, progress=_progress_cb(progress),
+                                       symmetry=symmetry)
 
     with gr.Group(visible=False):
         f_image = gr.File(label="image", type="filepath")
-        f_pdf = gr.File(label="pdf", type="filepath")
-        f_images = gr.File(label="images", type="filepath", file_count="multiple")
         t = [gr.Textbox(label=f"arg{i}", value="") for i in range(5)]  # "" = optional in clients
         n_k = gr.Number(label="k", value=5)
         n_limit = gr.Number(label="limit", value=100)
         out = gr.JSON(label="result")
         out_image = gr.Image(label="overlay", type="filepath")
+        out_gallery = gr.Gallery(label="pictures", type="filepath")
         out_file = gr.File(label="file")
         btn = gr.Button("api")
+        if role.writes:
+            f_pdf = gr.File(label="pdf", type="filepath")
+            f_images = gr.File(label="images", type="filepath", file_count="multiple")
 
-    def ep(fn, inputs, outputs, **kw):
-        btn.click(fn, inputs, outputs, api_name=fn.__name__, **kw)
+    def ep(fn, inputs, outputs, visibility: str = "undocumented", **kw):
+        btn.click(fn, inputs, outputs, api_name=fn.__name__, api_visibility=visibility, **kw)
 
-    ep(inspect, [f_image, t[0]], [out, out_image], **VISION)
-    ep(search, [f_image, t[0], t[1], t[2], t[3], n_k], out, **VISION)
-    ep(manual, [t[0], t[1], t[2], t[3], n_k], out, **MANUAL)
-    ep(register_defect, [f_image, t[0], t[1], t[2]], out, **VISION)
-    ep(relabel_defect, [t[0], t[1], t[2], t[3]], out, **VISION)
-    ep(delete_defect, [t[0]], out, **VISION)
+    ep(inspect, [f_image, t[0]], [out, out_image], "public", **VISION)
+    ep(search, [f_image, t[0], t[1], t[2], t[3], n_k], [out, out_gallery], "public", **VISION)
+    ep(manual, [t[0], t[1], t[2], t[3], n_k], out, "public", **MANUAL)
     ep(gallery, [t[0], t[1]], out)
-    ep(ingest_manual, [f_pdf, t[0]], out, **WRITE)
-    ep(delete_manual, [t[0]], out, **WRITE)
     ep(manuals, [], out)
-    ep(fit_product, [t[0], f_images, t[1]], out, **WRITE)
     ep(history, [t[0], t[1], t[2], t[3], n_limit], out)
     ep(history_run, [t[0]], out)
     ep(export_manual, [t[0], t[1]], out_file)
+    if role.writes:
+        ep(register_defect, [f_image, t[0], t[1], t[2]], out, **VISION)
+        ep(relabel_defect, [t[0], t[1], t[2], t[3]], out, **VISION)
+        ep(delete_defect, [t[0]], out, **VISION)
+        ep(ingest_manual, [f_pdf, t[0]], out, **WRITE)
+        ep(delete_manual, [t[0]], out, **WRITE)
+        ep(fit_product, [t[0], f_images, t[1]], out, **WRITE)

@@ -105,12 +105,20 @@ def _scale(anomaly_map: np.ndarray, color_scale: tuple[float, float] | None) -> 
     return np.clip((amap - lo) / (hi - lo), 0.0, 1.0)
 
 
-def heatmap_rgb(anomaly_map: np.ndarray, color_scale: tuple[float, float] | None) -> np.ndarray:
-    """Colour an anomaly map ``(H, W)`` with ``jet`` on the fixed scale -> RGB uint8 ``(H, W, 3)``."""
+def _jet_lut() -> np.ndarray:
     from matplotlib import colormaps
 
-    rgba = colormaps["jet"](_scale(anomaly_map, color_scale))
-    return (rgba[..., :3] * 255.0 + 0.5).astype(np.uint8)
+    return (colormaps["jet"](np.arange(256))[:, :3] * 255.0 + 0.5).astype(np.uint8)
+
+
+def heatmap_rgb(anomaly_map: np.ndarray, color_scale: tuple[float, float] | None) -> np.ndarray:
+    """Colour an anomaly map ``(H, W)`` with ``jet`` on the fixed scale -> RGB uint8 ``(H, W, 3)``.
+
+    Through matplotlib's 256-entry ``jet`` table indexed with uint8 levels (the colormap's own
+    quantisation), so a large map costs 4 bytes per pixel, not the 32 of a float64 RGBA array.
+    """
+    level = np.minimum((_scale(anomaly_map, color_scale) * 256.0).astype(np.int32), 255).astype(np.uint8)
+    return _jet_lut()[level]
 
 
 def overlay_rgb(rgb: np.ndarray, anomaly_map: np.ndarray, mask: np.ndarray, regions: list[Region],
