@@ -216,7 +216,7 @@ class Settings:
     # manual store on a Chroma server ("http://host:8000"); "" = embedded Chroma in the state dir
     chroma_url: str = ""
     # decoded pixels of all images of one product fit together
-    max_fit_pixels: int = 200_000_000
+    max_fit_pixels: int = 100_000_000
     # longest side of the pictures (and of the stored anomaly map) the app keeps per run
     display_max_side: int = 1024
     # per-run artifact folders kept: newest N and at most this many MB

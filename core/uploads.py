@@ -91,12 +91,15 @@ def check_upload(value, what: str = "file", max_mb: float | None = None) -> Path
     return p
 
 
-def images_from_uploads(values, max_images: int = 1000) -> tuple[list[np.ndarray], list[str]]:
+def images_from_uploads(values, max_images: int = 1000,
+                        max_total_pixels: int | None = None) -> tuple[list[np.ndarray], list[str]]:
     """Decode every image in a list of uploads; zip archives are opened and their images used.
 
     Args:
         values: Gradio upload values (paths / dicts); ``.zip`` files are read member by member.
         max_images: stop with an error beyond this many images.
+        max_total_pixels: stop with an error once the decoded images hold more pixels together
+            (default ``Settings.max_fit_pixels``): a zip of small files can decode to gigabytes.
 
     Returns:
         ``(images, skipped)``: RGB uint8 arrays ``(H, W, 3)`` in upload order, and one
@@ -104,10 +107,20 @@ def images_from_uploads(values, max_images: int = 1000) -> tuple[list[np.ndarray
 
     Raises:
         UploadError: a zip that is not readable, too many members or too large
-            uncompressed, or more than ``max_images`` images.
+            uncompressed, more than ``max_images`` images or ``max_total_pixels`` pixels.
     """
     images: list[np.ndarray] = []
     skipped: list[str] = []
+    cap = int(max_total_pixels if max_total_pixels is not None else get_settings().max_fit_pixels)
+    total = [0]
+
+    def keep(rgb: np.ndarray) -> None:
+        total[0] += int(rgb.shape[0]) * int(rgb.shape[1])
+        if total[0] > cap:
+            images.clear()
+            raise UploadError(f"the uploaded images hold more than {cap:,} decoded pixels together "
+                              "(DRA_MAX_FIT_PIXELS): upload fewer or smaller images")
+        images.append(rgb)
     for v in values or []:
         p = upload_path(v)
         if p is None:
@@ -132,16 +145,20 @@ def images_from_uploads(values, max_images: int = 1000) -> tuple[list[np.ndarray
                         skipped.append(f"{name}/{member}: not an image file")
                         continue
                     try:
-                        images.append(load_rgb(zf.read(info)))
+                        rgb = load_rgb(zf.read(info))
                     except (InvalidImageError, zipfile.BadZipFile, OSError, RuntimeError) as exc:
                         skipped.append(f"{name}/{member}: {exc}")
+                    else:
+                        keep(rgb)
                     if len(images) > max_images:
                         raise UploadError(f"more than {max_images} images uploaded")
             continue
         try:
-            images.append(load_rgb(p))
+            rgb = load_rgb(p)
         except InvalidImageError as exc:
             skipped.append(f"{name}: {exc}")
+        else:
+            keep(rgb)
         if len(images) > max_images:
             raise UploadError(f"more than {max_images} images uploaded")
     return images, skipped
