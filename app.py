@@ -206,9 +206,13 @@ def operator_auth() -> tuple[str, str] | None:
     return (s.operator_user, s.operator_password) if s.operator_password else None
 
 
-def create_server():
+def create_server(public: gr.Blocks | None = None):
     """The public deployment: a FastAPI app with the public Blocks at ``/`` (MCP on) and, when an operator
-    password is set, the operator Blocks at ``/operator`` behind its login."""
+    password is set, the operator Blocks at ``/operator`` behind its login.
+
+    Args:
+        public: the public Blocks (default: a fresh :func:`build_app` of the public role).
+    """
     from fastapi import FastAPI
 
     server = FastAPI(title="Defect response agent")
@@ -217,7 +221,8 @@ def create_server():
         server = gr.mount_gradio_app(server, build_app(OPERATOR), path="/operator", auth=auth,
                                      auth_message="Operator login (register, relabel, delete, ingest, fit)",
                                      css=CSS, **launch_kwargs())
-    return gr.mount_gradio_app(server, demo, path="/", mcp_server=True, css=CSS, **launch_kwargs())
+    return gr.mount_gradio_app(server, public or build_app(PUBLIC), path="/", mcp_server=True, css=CSS,
+                               **launch_kwargs())
 
 
 demo = build_app(PUBLIC if get_settings().is_public else OPERATOR)
@@ -234,7 +239,7 @@ def main() -> None:
     if s.is_public:
         import uvicorn
 
-        uvicorn.run(create_server(), host=s.host, port=s.port, log_level="info")
+        uvicorn.run(create_server(demo), host=s.host, port=s.port, log_level="info")
     else:
         demo.launch(server_name=s.host, server_port=s.port, mcp_server=True, css=CSS, **launch_kwargs())
 
