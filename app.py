@@ -239,7 +239,7 @@ def main() -> None:
     if s.is_public:
         import uvicorn
 
-        uvicorn.run(create_server(demo), host=s.host, port=s.port, log_level="info")
+        uvicorn.run(create_server(demo), host=s.host, port=s.port, log_level="info", timeout_graceful_shutdown=10)
     else:
         demo.launch(server_name=s.host, server_port=s.port, mcp_server=True, css=CSS, **launch_kwargs())
 
