@@ -69,6 +69,17 @@ def owner_of(request: gr.Request | None, role: Role) -> str | None:
     return f"session:{getattr(request, 'session_hash', None) or 'anonymous'}"
 
 
+def not_an_mcp_tool(fn):
+    """Keep an endpoint in the API (documented, defaults known to clients) but out of the MCP tool list.
+
+    Gradio lists as MCP tools every documented endpoint whose function is not marked otherwise
+    by its own ``gr.mcp`` decorators (``fn._mcp_type``: ``tool`` / ``resource`` / ``prompt``);
+    ``"none"`` is none of them, so the endpoint is neither a tool, a resource nor a prompt.
+    """
+    fn._mcp_type = "none"
+    return fn
+
+
 # ---------------------------------------------------------------------------- start-up
 @dataclass
 class Startup:

@@ -34,7 +34,7 @@ from services.inspect import inspect_image
 from services.search import MODES as SEARCH_MODES
 from services.search import search_similar
 from stores.history import ANY
-from ui.common import OPERATOR, Role, guarded, owner_of, public_json, servable
+from ui.common import OPERATOR, Role, guarded, not_an_mcp_tool, owner_of, public_json, servable
 
 log = logging.getLogger("dra.app")
 
@@ -452,9 +452,9 @@ def _owner(request: gr.Request | None, role: Role):
 def register_api(role: Role = OPERATOR) -> None:
     """Hidden components and the named JSON endpoints (call inside the Blocks context).
 
-    ``inspect``, ``search`` and ``manual`` are public endpoints (in the API docs, and MCP tools when
-    the app serves MCP); the other read endpoints are callable by clients but undocumented (not MCP
-    tools). The write endpoints exist only in the operator app (``role.writes``).
+    Every endpoint is documented (clients know its defaults); only ``inspect``, ``search`` and
+    ``manual`` (and ``chat``, :mod:`ui.chat`) are MCP tools when the app serves MCP. The write
+    endpoints exist only in the operator app (``role.writes``).
     """
 
     @guarded
@@ -585,12 +585,12 @@ def register_api(role: Role = OPERATOR) -> None:
             f_pdf = gr.File(label="pdf", type="filepath")
             f_images = gr.File(label="images", type="filepath", file_count="multiple")
 
-    def ep(fn, inputs, outputs, visibility: str = "undocumented", **kw):
-        btn.click(fn, inputs, outputs, api_name=fn.__name__, api_visibility=visibility, **kw)
+    def ep(fn, inputs, outputs, mcp: bool = False, **kw):
+        btn.click(fn if mcp else not_an_mcp_tool(fn), inputs, outputs, api_name=fn.__name__, **kw)
 
-    ep(inspect, [f_image, t[0]], [out, out_image], "public", **VISION)
-    ep(search, [f_image, t[0], t[1], t[2], t[3], n_k], [out, out_gallery], "public", **VISION)
-    ep(manual, [t[0], t[1], t[2], t[3], n_k], out, "public", **MANUAL)
+    ep(inspect, [f_image, t[0]], [out, out_image], mcp=True, **VISION)
+    ep(search, [f_image, t[0], t[1], t[2], t[3], n_k], [out, out_gallery], mcp=True, **VISION)
+    ep(manual, [t[0], t[1], t[2], t[3], n_k], out, mcp=True, **MANUAL)
     ep(gallery, [t[0], t[1]], out)
     ep(manuals, [], out)
     ep(history, [t[0], t[1], t[2], t[3], n_limit], out)
