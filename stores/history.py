@@ -155,7 +155,7 @@ class HistoryStore:
     # ------------------------------------------------------------------ reads
     @staticmethod
     def _decode(r) -> dict:
-        d = dict(r._mapping)
+        d = {str(k): v for k, v in r._mapping.items()}  # plain str keys (SQLAlchemy's quoted_name is a subclass)
         for col, key in _JSON_COLS.items():
             raw = d.pop(col, None)
             d[key] = json.loads(raw) if raw else ([] if key in ("tool_calls", "citations") else {})

@@ -36,6 +36,7 @@ def _exercise(store: HistoryStore) -> None:
     assert {r["id"] for r in store.list(owner=ANY)} >= {a, b, c}
     assert store.get(b, owner="session:a") is None and store.get(b, owner="session:b")["answer"] == "manual B"
     row = store.get(a)
+    assert all(type(k) is str for k in row)  # plain keys: orjson (Gradio's JSON) refuses str subclasses
     assert row["tool_calls"] == [{"tool": "anomaly_scoring"}] and row["citations"][0]["page"] == 2
     assert store.list(text="MANUAL a", owner=ANY)[0]["id"] == a
     assert store.stats(owner="session:a")["total"] == 1 and store.stats()["by_product"]["brick"] >= 2
