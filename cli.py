@@ -10,13 +10,14 @@ exits non-zero with ``{"error": ...}`` on bad input. ``inspect`` and
     python cli.py search (--image IMAGE... | --text TEXT) [--product P] [--defect D] [-k K]
     python cli.py ingest PDF... [--product P]
     python cli.py manual QUERY [--product P] [--defect D] [--section S] [-k K]
-    python cli.py ask IMAGE [--product P] [--question Q]
+    python cli.py ask [IMAGE] [--question Q] [--session ID] [--product P]
     python cli.py register IMAGE --product P --defect D [--note N]
     python cli.py relabel ID [--product P] [--defect D] [--note N]
     python cli.py delete ID
     python cli.py eval anomaly [--product P]
     python cli.py eval retrieval
     python cli.py eval ask [--per-product N]
+    python cli.py eval chat [--half dev|report|all] [--only ID...]
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ from core.settings import apply_runtime_env, get_settings
 
 apply_runtime_env()  # entry point: offline / no-telemetry environment before torch, transformers, gradio load
 
-from agent.ask import ask, ask_json, start_run  # noqa: E402
-from agent.evaluate import evaluate_ask  # noqa: E402
+from agent.ask import ask, ask_json, open_conversation, start_turn  # noqa: E402
+from agent.evaluate import evaluate_ask, evaluate_chat  # noqa: E402
 from core.catalog import parse_product  # noqa: E402
 from core.imageio import load_rgb  # noqa: E402
 from services.build import build_state  # noqa: E402
@@ -154,12 +155,20 @@ def cmd_manual(args) -> dict:
                         section=args.section, k=args.k).to_json()
 
 
+CLI_OWNER = "cli"
+
+
 def cmd_ask(args) -> dict:
+    """One turn of a conversation: ``--session ID`` continues (or starts) that conversation."""
     services = _services()
-    ctx = start_run(args.image, args.question, args.product)
+    if not args.image and not (args.question or "").strip() and not args.session:
+        raise CliError("give an IMAGE, a --question, or both")
+    conv = open_conversation(services, args.session, CLI_OWNER)
+    ctx = start_turn(conv, args.image, args.question, args.product, writes=True)
     models = get_settings().model_resolution.summary()
-    result, history_id = ask(services, ctx, source="cli", models=models)
-    return {"image": args.image, **ask_json(result, ctx, history_id, models)}
+    result, history_id = ask(services, conv, ctx, source="cli", models=models, owner=CLI_OWNER)
+    turn = conv.session.get("n_turns", 1) - 1
+    return {"image": args.image, **ask_json(result, ctx, history_id, models, session=conv.id, turn=turn)}
 
 
 def cmd_eval(args) -> dict:
@@ -180,6 +189,8 @@ def cmd_eval(args) -> dict:
         return evaluate_retrieval(services)
     if args.what == "ask":
         return evaluate_ask(services, per_product=args.per_product)
+    if args.what == "chat":
+        return evaluate_chat(services, half=args.half, only=args.only)
     raise CliError(f"unknown evaluation {args.what!r}")
 
 
@@ -246,19 +257,24 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-k", type=int, default=4)
     sp.set_defaults(func=cmd_manual)
 
-    sp = add("ask", "run the agent on one photo and print the response manual")
-    sp.add_argument("image")
-    sp.add_argument("--product")
-    sp.add_argument("--question")
+    sp = add("ask", "one turn of a conversation with the agent (a photo, a question, or both)")
+    sp.add_argument("image", nargs="?", help="photo of the part (optional when a question is given or the "
+                                              "session has a photo)")
+    sp.add_argument("--question", help="the message (English or Korean)")
+    sp.add_argument("--session", help="conversation id: continues it (created when new); default: a new one")
+    sp.add_argument("--product", help="product id (default: inferred from the nearest gallery images)")
     sp.set_defaults(func=cmd_ask)
 
     sp = add("eval", "evaluations on the project's own validation split")
-    sp.add_argument("what", choices=["anomaly", "retrieval", "ask"])
+    sp.add_argument("what", choices=["anomaly", "retrieval", "ask", "chat"])
     sp.add_argument("--product")
     sp.add_argument("--per-product", type=int, default=2, help="eval ask: photos per product")
     sp.add_argument("--products", nargs="+", help="eval anomaly: only these products")
     sp.add_argument("--small", type=int, default=0, metavar="N",
                     help="eval anomaly: only the first N normal and N per defect type val images (fast CI mode)")
+    sp.add_argument("--half", choices=["dev", "report", "all"], default="all",
+                    help="eval chat: which half of the scenario set (agent/scenarios/chat.yaml)")
+    sp.add_argument("--only", nargs="+", help="eval chat: only these scenario ids")
     sp.set_defaults(func=cmd_eval)
     return p
 

@@ -2,10 +2,14 @@
 
 The response manual is markdown with six fixed sections, in this order (:data:`SECTIONS`):
 ``## Defect summary``, ``## Location and extent``, ``## Likely causes``,
-``## Immediate actions``, ``## Prevention``, ``## Sources``. Claims cite manual pages
-as ``[brick_manual_en.pdf p.5]``; a citation is only valid when manual retrieval
-returned that (file, page) in the same run (``ctx.manual_hits``), so the model cannot
-cite pages it never saw.
+``## Immediate actions``, ``## Prevention``, ``## Sources`` (a Korean answer may add the Korean
+title in parentheses). Claims cite manual pages as ``[brick_manual_en.pdf p.5]``; a citation is
+only valid when manual retrieval returned that (file, page) in this conversation
+(``ctx.cited_pages()``), so the model cannot cite pages it never saw.
+
+:func:`check_turn` checks any answer of a chat turn by its kind: citations always, the six
+sections only for a response manual, and the evidence the message kind needs (a verdict needs
+the anomaly score, a manual question the manual, ...).
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ def split_sections(answer: str) -> dict[str, str]:
 
 
 def _canonical(title: str) -> str | None:
-    t = title.strip().lower().rstrip(":")
+    t = re.sub(r"\s*\([^)]*\)\s*$", "", title.strip()).lower().rstrip(":")
     for s in SECTIONS:
         if t == s.lower():
             return s
@@ -58,7 +62,7 @@ def _canonical(title: str) -> str | None:
 
 
 def retrieved_pages(ctx: Any) -> set[tuple[str, int]]:
-    """(source, page) pairs that manual retrieval returned in this run (``ctx.manual_hits``)."""
+    """(source, page) pairs an answer may cite: retrieved in this conversation (``ctx.cited_pages()``)."""
     if hasattr(ctx, "cited_pages"):
         return set(ctx.cited_pages())
     return {(h["source"], int(h["page"])) for h in getattr(ctx, "manual_hits", []) or []}
@@ -143,66 +147,6 @@ def check_answer(answer: Any, ctx: Any) -> list[str]:
     return problems
 
 
-def _re_literal(text: str) -> str:
-    """``text`` as a regex literal that llama.cpp's JSON-schema→grammar converter accepts
-    (metacharacters as one-char classes instead of backslash escapes)."""
-    out = []
-    for c in text:
-        if c.isalnum() or c in " _-:,'":
-            out.append(c)
-        elif c in "[]":
-            out.append("\\" + c)  # a class cannot hold a bracket for that converter
-        else:
-            out.append(f"[{c}]")
-    return "".join(out)
-
-
-def manual_pattern(ctx: Any, max_items: int = 3) -> str | None:
-    """A regex (JSON-schema ``pattern``) that only admits manuals that pass :func:`check_answer`'s structure.
-
-    Used to constrain the ``final_answer`` argument of grammar-capable backends: the six
-    sections in order; the summary starts with the run's product and defect type; each
-    item of causes / actions / prevention ends with a citation ``[file p.N]`` of a page
-    manual retrieval returned in this run for that section (cause / action / prevention;
-    any retrieved page when the section had none); Sources lists such pages. Free text never
-    contains ``"``, ``\\`` or ``#`` (items also no brackets), so it cannot open a section
-    or forge a citation.
-
-    Returns:
-        the pattern (anchored ``^...$``), or None when nothing is citable yet.
-    """
-    pages = sorted(retrieved_pages(ctx))
-    if not pages:
-        return None
-    line = r'[^"\\#\n]+'
-    text = r'[^"\\#\[\]\n]+'
-    def alt(refs) -> str:
-        return "(" + "|".join(_re_literal(f"{s} p.{p}") for s, p in refs) + ")"
-
-    def item(section_key: str) -> str:
-        # cite pages retrieved for this section (cause / action / prevention); any page if none
-        refs = sorted({(h["source"], int(h["page"])) for h in getattr(ctx, "manual_hits", []) or []
-                       if section_key in str(h.get("section", "")).lower()} & set(pages)) or pages
-        return f"- {text} \\[{alt(refs)}\\]\\n"
-
-    head = ""
-    product, defect = getattr(ctx, "product", None), getattr(ctx, "defect_type", None)
-    if product and defect:
-        head = _re_literal(f"Product: {product}. Defect type: {defect}.")
-    def sec(title: str) -> str:
-        return _re_literal(f"## {title}") + "\\n"
-
-    rep = "{1,%d}" % max_items
-    return (
-        "^" + sec(SECTIONS[0]) + head + line + "\\n"
-        + sec(SECTIONS[1]) + f"({line}\\n){rep}"
-        + sec(SECTIONS[2]) + f"({item('cause')}){rep}"
-        + sec(SECTIONS[3]) + f"({item('action')}){rep}"
-        + sec(SECTIONS[4]) + f"({item('prevent')}){rep}"
-        + sec(SECTIONS[5]) + f"(- {alt(pages)}\\n){{1,{min(len(pages), 8)}}}$"
-    )
-
-
 def complete_sources(answer: str) -> str:
     """Add to ``## Sources`` every (file, page) cited elsewhere in the manual but not listed there.
 
@@ -230,3 +174,75 @@ def complete_sources(answer: str) -> str:
         return before + "\n" + extra + "\n" + answer[insert_at:].lstrip("\n") if insert_at < len(answer) \
             else before + "\n" + extra + "\n"
     return answer.rstrip("\n") + "\n\n## Sources\n" + extra + "\n"
+
+
+_HANGUL = re.compile(r"[\uac00-\ud7a3]")
+_LABEL = re.compile(r"\[(P\d+)\]")
+
+
+def required_tools(kind: str, ctx: Any) -> list[str]:
+    """Tools whose results an answer to this kind of message needs and that this conversation lacks.
+
+    ``manual``: the photo scored, and for an anomalous photo its defect type searched and its manual
+    retrieved in this turn; ``verdict``: scored; ``similar``: searched; ``manual_question``:
+    manual retrieval in this turn; ``register``: the registration. Others need nothing.
+    """
+    called = set(getattr(ctx, "tool_calls", []) or [])
+    insp = getattr(ctx, "inspection", None)
+    need = []
+    if kind in ("manual", "verdict") and getattr(ctx, "image", None) is not None and not insp:
+        need.append("anomaly_scoring")
+    if kind == "manual" and (insp or {}).get("is_anomalous"):
+        defect = getattr(ctx, "defect_type", None)
+        if not getattr(ctx, "search", None):
+            need.append("similar_defect_search")
+        if "manual_retrieval" not in called or (defect and not any(
+                h.get("defect") == defect for h in getattr(ctx, "manual_hits", []) or [])):
+            need.append(f"manual_retrieval for the defect type {defect}" if defect else "manual_retrieval")
+    if kind == "similar" and getattr(ctx, "image", None) is not None and not getattr(ctx, "search", None):
+        need.append("similar_defect_search")
+    if kind == "manual_question" and "manual_retrieval" not in called:
+        need.append("manual_retrieval")
+    if kind == "register" and not getattr(ctx, "registered", None):
+        need.append("register_correction")
+    return need
+
+
+def check_turn(raw: Any, answer: str, ctx: Any, kind: str, form: str) -> list[str]:
+    """Problems of one chat answer; an empty list means it passes (sent back to the model for one retry).
+
+    Args:
+        raw: what the model wrote (labels ``[P<n>]``).
+        answer: the rendered answer (:func:`agent.answers.render_answer`: citations expanded,
+            a manual with its code-written sections).
+        ctx: the turn's :class:`tools.context.RunContext`.
+        kind: the message kind (:data:`agent.policy.KINDS`).
+        form: ``"manual"`` or ``"text"``.
+
+    Checks: non-empty; labels and citations only of passages retrieved in this conversation;
+    a response manual passes :func:`check_answer`; the evidence :func:`required_tools` names;
+    a manual question answered with at least one citation; a Korean message answered in Korean.
+    """
+    if not isinstance(raw, str) or not raw.strip():
+        return ["the answer is empty"]
+    problems: list[str] = []
+    known = {p.get("label") for p in getattr(ctx, "passages", []) or []}
+    unknown = sorted({lab for lab in _LABEL.findall(raw) if lab not in known})
+    if unknown:
+        ok = ", ".join(f"[{lab}]" for lab in sorted(known)) or "none (call manual_retrieval)"
+        problems.append(f"cites unknown passages {', '.join(unknown)}; citable: {ok}")
+    allowed = retrieved_pages(ctx)
+    bad = [c for c in find_citations(answer) if c not in allowed]
+    if bad and not unknown:
+        problems.append("cites pages not retrieved in this conversation: "
+                        + ", ".join(f"[{s} p.{p}]" for s, p in bad[:5]))
+    if form == "manual":
+        problems += check_answer(answer, ctx)
+    missing = required_tools(kind, ctx)
+    if missing:
+        problems.append("the user's message needs " + ", ".join(missing) + ": call it before answering")
+    elif kind == "manual_question" and getattr(ctx, "manual_hits", None) and not find_citations(answer):
+        problems.append("cite the manual passages you used with their labels, e.g. [P1]")
+    if getattr(ctx, "lang", "en") == "ko" and not _HANGUL.search(raw):
+        problems.append("the user wrote in Korean: answer in Korean")
+    return problems

@@ -20,20 +20,25 @@ their own modules with :func:`register_agent_backend`, imported on first use).
 from __future__ import annotations
 
 import json
+import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from smolagents.models import (
     ChatMessage,
+    ChatMessageStreamDelta,
     ChatMessageToolCall,
     ChatMessageToolCallFunction,
+    ChatMessageToolCallStreamDelta,
     MessageRole,
     Model,
     get_clean_message_list,
     get_tool_json_schema,
+    agglomerate_stream_deltas,
     remove_content_after_stop_sequences,
     tool_role_conversions,
 )
@@ -49,6 +54,83 @@ class GenerationTimeout(TimeoutError):
 
 class ToolCallTruncated(ValueError):
     """The constrained tool call was cut at ``max_tokens`` (e.g. an answer that never ends)."""
+
+
+class GenerationCancelled(RuntimeError):
+    """Generation was stopped by the caller's cancel event (the chat's stop button)."""
+
+
+@dataclass
+class ChatGrammar:
+    """What the model may write at one step of a chat turn: tool calls, an answer, or either.
+
+    Attributes:
+        tools: the tools offered at this step (smolagents ``Tool`` or a view with ``name``,
+            ``inputs``, ``output_type``); empty: no calls.
+        answer_gbnf: GBNF rules defining the rule ``answer`` (the text of a final answer, e.g. a
+            manual whose items must end with a citation); None: no answer at this step.
+        max_calls: most calls in one list (several tool calls in one generation run in order).
+
+    A call list is JSON ``[{"name": ..., "arguments": {...}}, ...]`` (schema-valid per tool, see
+    :func:`tool_call_schema`); an answer never starts with ``[``, so the first character decides.
+    """
+
+    tools: list = field(default_factory=list)
+    answer_gbnf: str | None = None
+    max_calls: int = 3
+
+    def gbnf(self) -> str:
+        """The whole grammar: ``root ::= calls | answer`` (or the one that is allowed)."""
+        from llama_cpp.llama_grammar import SchemaConverter
+
+        parts, alts = [], []
+        if self.tools:
+            schema = {"type": "array", "items": tool_call_schema(self.tools), "minItems": 1,
+                      "maxItems": max(1, int(self.max_calls))}
+            conv = SchemaConverter(prop_order={"name": 0, "arguments": 1}, allow_fetch=False, dotall=False,
+                                   raw_pattern=False)
+            conv.visit(conv.resolve_refs(schema, "calls"), "calls")
+            parts.append(conv.format_grammar())
+            alts.append("calls")
+        if self.answer_gbnf:
+            parts.append(self.answer_gbnf)
+            alts.append("answer")
+        if not alts:
+            raise ValueError("a chat step must allow tool calls, an answer or both")
+        return "root ::= " + " | ".join(alts) + "\n" + "\n".join(parts)
+
+
+def looping(text: str, tail: int = 48, times: int = 3) -> bool:
+    """True when the last ``tail`` characters of ``text`` occur ``times`` times in it (a decoding loop)."""
+    if len(text) < tail * times:
+        return False
+    return text.count(text[-tail:]) >= times
+
+
+def parse_call_list(text: str, first_id: int = 0) -> list[ChatMessageToolCall]:
+    """Tool calls from a grammar-constrained call list ``[{"name", "arguments"}, ...]`` (or one call object);
+    a call repeated in the list is kept once.
+
+    Raises:
+        ToolCallTruncated: the text is not complete JSON (cut at ``max_tokens``).
+    """
+    try:
+        data = json.loads(text, strict=False)
+    except ValueError as exc:
+        raise ToolCallTruncated(f"tool call list cut short: {text[:120]!r}") from exc
+    items = data if isinstance(data, list) else [data]
+    calls, seen = [], set()
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or "name" not in item:
+            raise ToolCallTruncated(f"not a tool call: {item!r}"[:200])
+        key = json.dumps(item, sort_keys=True)
+        if key in seen:  # the same call twice in one list runs once
+            continue
+        seen.add(key)
+        calls.append(ChatMessageToolCall(
+            id=f"call_{first_id}_{i}", type="function",
+            function=ChatMessageToolCallFunction(name=item["name"], arguments=item.get("arguments") or {})))
+    return calls
 
 
 def tool_call_schema(tools: list) -> dict:
@@ -109,6 +191,9 @@ class LlamaCppModel(Model):
         seed: sampler seed.
         model_id: name shown in logs / results (default: the file name).
         verbose: llama.cpp logging to stderr.
+        draft_model: a llama-cpp-python draft model for speculative decoding, e.g.
+            ``LlamaPromptLookupDecoding`` (draft tokens copied from the prompt; llama.cpp then keeps
+            the logits of every position: ``n_ctx x n_vocab`` floats of memory).
 
     ``generate(messages, stop_sequences, response_format, tools_to_call_from, max_tokens=...)``
     follows smolagents' ``Model.generate``: messages are flattened to text with
@@ -131,6 +216,7 @@ class LlamaCppModel(Model):
     """
 
     supports_deadline = True
+    supports_chat_grammar = True
 
     def __init__(
         self,
@@ -143,6 +229,7 @@ class LlamaCppModel(Model):
         seed: int = 0,
         model_id: str | None = None,
         verbose: bool = False,
+        draft_model: Any = None,
         **kwargs,
     ):
         from llama_cpp import Llama
@@ -161,6 +248,7 @@ class LlamaCppModel(Model):
             n_batch=int(n_batch),
             seed=int(seed),
             verbose=verbose,
+            draft_model=draft_model,
         )
         template = self.llm.metadata.get("tokenizer.chat_template")
         if not template:
@@ -188,6 +276,8 @@ class LlamaCppModel(Model):
 
     def render_prompt(self, messages: list[ChatMessage | dict]) -> tuple[list[int], list[str]]:
         """Chat-template the messages and tokenize: ``(prompt token ids, extra stop strings)``."""
+        messages = [{**m, "content": [{"type": "text", "text": m["content"]}]}
+                    if isinstance(m, dict) and isinstance(m.get("content"), str) else m for m in messages]
         clean = get_clean_message_list(
             messages, role_conversions=tool_role_conversions, flatten_messages_as_text=True
         )
@@ -293,6 +383,160 @@ class LlamaCppModel(Model):
             text = remove_content_after_stop_sequences(text, stop_sequences)
         return ChatMessage(role=MessageRole.ASSISTANT, content=text, raw=raw, token_usage=token_usage)
 
+    # ---- chat streaming ----
+    def generate_stream(
+        self,
+        messages: list[ChatMessage | dict],
+        stop_sequences: list[str] | None = None,
+        response_format: dict | None = None,
+        tools_to_call_from: list | None = None,
+        deadline: float | None = None,
+        chat_grammar: ChatGrammar | None = None,
+        cancel: threading.Event | None = None,
+        on_prompt: Callable[[int, int], None] | None = None,
+        **kwargs,
+    ) -> Iterator[ChatMessageStreamDelta]:
+        """Stream one completion as smolagents ``ChatMessageStreamDelta`` s (smolagents streams agents with it).
+
+        With ``chat_grammar`` the output is constrained to a tool-call list or an answer
+        (:class:`ChatGrammar`); text deltas come as they are decoded and, when the output was a
+        call list, a last delta carries the parsed ``tool_calls``. Without it: free text (tools
+        are not offered). Generation runs in a worker thread that owns the model lock, so a
+        consumer that stops iterating (a cancelled Gradio event) never holds it; ``cancel`` (a
+        ``threading.Event``) stops the generation within one token.
+
+        Args:
+            on_prompt: called once with ``(prompt tokens, tokens reused from the KV cache)``.
+
+        Raises:
+            GenerationTimeout: ``deadline`` passed. GenerationCancelled: ``cancel`` was set.
+            ToolCallTruncated: a call list was cut at ``max_tokens``. ValueError: prompt too long.
+        """
+        max_tokens = int(kwargs.get("max_tokens") or kwargs.get("max_new_tokens") or self.max_tokens)
+        grammar_text = chat_grammar.gbnf() if chat_grammar is not None else None
+        stop_flag = threading.Event()
+        out: queue.Queue = queue.Queue()
+        counts = {"completion": 0}
+
+        def should_stop(input_ids, logits) -> bool:
+            counts["completion"] += 1
+            if stop_flag.is_set() or (cancel is not None and cancel.is_set()):
+                return True
+            return deadline is not None and time.monotonic() > deadline
+
+        def work() -> None:
+            try:
+                with self._lock:
+                    tokens, template_stops = self.render_prompt(messages)
+                    if len(tokens) >= self.n_ctx - 16:
+                        raise ValueError(f"prompt of {len(tokens)} tokens does not fit the context of "
+                                         f"{self.n_ctx} tokens")
+                    n_max = max(1, min(max_tokens, self.n_ctx - len(tokens) - 1))
+                    if self.llm.n_tokens >= len(tokens) and list(self.llm._input_ids[:len(tokens)]) == list(tokens):
+                        self.llm.reset()  # see generate(): a fully cached prompt would sample stale logits
+                    reused = common_prefix_len(list(self.llm._input_ids[:self.llm.n_tokens]), tokens)
+                    if on_prompt is not None:
+                        on_prompt(len(tokens), reused)
+                    stops = list(template_stops) + ([] if grammar_text else list(stop_sequences or []))
+                    from llama_cpp import StoppingCriteriaList
+
+                    if deadline is not None and time.monotonic() > deadline:
+                        raise GenerationTimeout("agent deadline passed before generation started")
+                    stream = self.llm.create_completion(
+                        prompt=tokens, max_tokens=n_max, temperature=self.temperature,
+                        top_k=1 if self.temperature == 0 else 40, stop=stops,
+                        stopping_criteria=StoppingCriteriaList(list(self._formatter_stop_criteria()) + [should_stop]),
+                        grammar=self._grammar_gbnf(grammar_text) if grammar_text else None, seed=0, stream=True)
+                    finish = None
+                    seen_lines: set[str] = set()
+                    line = written = ""
+                    for chunk in stream:
+                        choice = chunk["choices"][0]
+                        piece = choice.get("text") or ""
+                        if piece:
+                            out.put(("text", piece))
+                        finish = choice.get("finish_reason") or finish
+                        # greedy decoding of a small model can loop: stop at a repeated line or sentence
+                        line += piece
+                        written += piece
+                        while "\n" in line:
+                            done, line = line.split("\n", 1)
+                            key = " ".join(done.split())
+                            if len(key) > 12 and key in seen_lines:
+                                finish = "repetition"
+                                stop_flag.set()
+                            seen_lines.add(key)
+                        if piece and looping(written):
+                            finish = "repetition"
+                            stop_flag.set()
+                        if stop_flag.is_set():
+                            break
+                    self._n_calls += 1
+                    out.put(("done", finish, len(tokens)))
+            except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+                out.put(("error", exc))
+
+        worker = threading.Thread(target=work, name="llama-generate", daemon=True)
+        worker.start()
+        text_parts: list[str] = []
+        try:
+            while True:
+                item = out.get()
+                if item[0] == "text":
+                    text_parts.append(item[1])
+                    yield ChatMessageStreamDelta(content=item[1])
+                    continue
+                if item[0] == "error":
+                    raise item[1]
+                _, finish, n_prompt = item
+                break
+        finally:
+            stop_flag.set()
+            worker.join()
+        if cancel is not None and cancel.is_set():
+            raise GenerationCancelled("generation stopped by the user")
+        if deadline is not None and time.monotonic() > deadline:
+            raise GenerationTimeout("agent deadline passed during generation")
+        text = "".join(text_parts)
+        usage = TokenUsage(input_tokens=int(n_prompt), output_tokens=int(counts["completion"]))
+        if chat_grammar is not None and chat_grammar.tools and text.lstrip().startswith(("[", "{")):
+            calls = parse_call_list(text, first_id=self._n_calls)
+            yield ChatMessageStreamDelta(
+                tool_calls=[ChatMessageToolCallStreamDelta(
+                    index=i, id=c.id, type="function",
+                    function=ChatMessageToolCallFunction(name=c.function.name,
+                                                         arguments=json.dumps(c.function.arguments,
+                                                                              ensure_ascii=False)))
+                    for i, c in enumerate(calls)],
+                token_usage=usage)
+        else:
+            yield ChatMessageStreamDelta(content="", token_usage=usage)
+
+    def _grammar_gbnf(self, gbnf: str):
+        from llama_cpp import LlamaGrammar
+
+        key = "gbnf:" + gbnf
+        if key not in self._grammars:
+            if len(self._grammars) > 64:
+                self._grammars.clear()
+            self._grammars[key] = LlamaGrammar.from_string(gbnf, verbose=False)
+        return self._grammars[key]
+
+    def prefill(self, messages: list[ChatMessage | dict]) -> int:
+        """Evaluate a prompt prefix (e.g. the system prompt) into the KV cache; returns its token count.
+
+        Later prompts that start with it reuse it (llama.cpp keeps the longest common prefix).
+        """
+        with self._lock:
+            tokens, _ = self.render_prompt(messages)
+            reused = common_prefix_len(list(self.llm._input_ids[:self.llm.n_tokens]), tokens)
+            if reused < len(tokens) - 1:
+                if reused < self.llm.n_tokens:
+                    self.llm.n_tokens = reused
+                    self.llm._ctx.kv_cache_seq_rm(-1, reused, -1)
+                self.llm.eval(tokens[reused:])
+            return len(tokens)
+
     def _formatter_stop_criteria(self):
         eos = self._eos_id
 
@@ -300,6 +544,16 @@ class LlamaCppModel(Model):
             return len(input_ids) > 0 and int(input_ids[-1]) == eos
 
         return [stop_on_eos]
+
+
+def common_prefix_len(a: list[int], b: list[int]) -> int:
+    """Length of the common prefix of two token lists."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def smollm2_gguf_path() -> Path:

@@ -173,18 +173,17 @@ def test_models_endpoint_names_active_models(client):
 
 
 def test_streaming_chat_handler_yields_tool_steps_then_manual(server, built_state):
-    """The UI handler itself: thought messages per tool call, overlay inline, manual last."""
+    """The UI handler itself: tool steps as thoughts under the run, overlay inline, the answer last."""
     import gradio as gr
 
-    import app
     from ui import chat
 
     item = next(it for it in defect_items(built_state) if it["product"] == "grass")
     path = str(built_state / "data" / item["image"])
-    updates = list(chat.respond({"text": "", "files": [path]}, [], chat.AUTO_PRODUCT, None))
+    history, _, pending, ui = chat.submit_message({"text": "", "files": [path]}, [], chat.new_ui_state())
+    updates = list(chat.respond(pending, history, chat.AUTO_PRODUCT, ui))
     assert len(updates) >= 3  # pending, at least one step, final
-    history, _, comparison, gallery, _, last_image, md_file, pdf_file = updates[-1]
-    assert last_image == path
+    history, comparison, gallery, _, ui, md_file, pdf_file, _ = updates[-1]
 
     def meta(m):
         return m.metadata if isinstance(m, gr.ChatMessage) else m.get("metadata") or {}
@@ -196,9 +195,9 @@ def test_streaming_chat_handler_yields_tool_steps_then_manual(server, built_stat
               and m["role"] == "assistant"]
     assert images and Path(images[0]["content"]["path"]).is_file()
     final = history[-1]
-    assert final["role"] == "assistant" and "Product: **grass**" in final["content"]
+    assert final["role"] == "assistant" and "grass" in final["content"]
     assert comparison and Path(comparison).is_file()
-    # the run is in the history and its manual is offered as Markdown and PDF downloads
+    # the turn is in the history and its answer is offered as Markdown and PDF downloads
     assert Path(md_file["value"]).read_text(encoding="utf-8").startswith("# Response manual")
     assert Path(pdf_file["value"]).read_bytes()[:5] == b"%PDF-"
     from services.container import get_services
@@ -206,9 +205,11 @@ def test_streaming_chat_handler_yields_tool_steps_then_manual(server, built_stat
     stored = get_services().history.list(product="grass")[0]
     assert stored["source"] == "app" and stored["n_tool_calls"] >= 1
 
-    # a missing file and a message without any photo give a clear chat message
-    bad = list(chat.respond({"text": "", "files": [str(Path(path).with_suffix(".missing"))]}, [],
-                           chat.AUTO_PRODUCT, None))
-    assert "Cannot analyse this upload" in bad[-1][0][-1]["content"]
-    none = list(chat.respond({"text": "hello", "files": []}, [], chat.AUTO_PRODUCT, None))
-    assert "attach a photo" in none[-1][0][-1]["content"]
+    # a missing file gives a clear chat message; a message without a photo is answered (a conversation)
+    bad_history, _, bad, bad_ui = chat.submit_message(
+        {"text": "", "files": [str(Path(path).with_suffix(".missing"))]}, [], chat.new_ui_state())
+    bad_updates = list(chat.respond(bad, bad_history, chat.AUTO_PRODUCT, bad_ui))
+    assert "Cannot analyse this upload" in bad_updates[-1][0][-1]["content"]
+    text_history, _, text, text_ui = chat.submit_message({"text": "hello", "files": []}, [], chat.new_ui_state())
+    answer = list(chat.respond(text, text_history, chat.AUTO_PRODUCT, text_ui))[-1][0][-1]
+    assert answer["role"] == "assistant" and answer["content"].strip()

@@ -1,7 +1,7 @@
 """The app in a real headless browser (Playwright driving Debian's Chromium).
 
-Uploads a defect photo in the chat, waits for the tool-call messages and the
-response manual, and saves screenshots to ``tests/artifacts/``. Skipped when
+A conversation in the chat (a photo, tool steps, streamed answer, stop, the Korean UI and a
+follow-up), every tab with one real action, screenshots in ``tests/artifacts/``. Skipped when
 Playwright or ``/usr/bin/chromium`` is missing (install: ``apt-get install chromium``).
 """
 
@@ -42,7 +42,28 @@ def app_url(built_state):
     restore()
 
 
-def test_upload_photo_streams_tool_calls_and_manual(browser, app_url, built_state):
+# records the text length of the last assistant message at every change of the chat (tokens arriving)
+WATCH_JS = """() => {
+  window.__lengths = [];
+  const chat = document.querySelector('#chat');
+  new MutationObserver(() => {
+    const bots = chat.querySelectorAll('.bot-row .message:not(.thought)');
+    if (bots.length) window.__lengths.push(bots[bots.length - 1].innerText.length);
+  }).observe(chat, {subtree: true, childList: true, characterData: true});
+}"""
+
+
+def _send(page, text: str, photo: Path | None = None) -> None:
+    if photo is not None:
+        page.locator("#msg input[type=file]").set_input_files(str(photo))
+        page.locator("#msg img").first.wait_for()  # the attached photo's thumbnail
+    page.locator("#msg textarea").fill(text)
+    page.locator("#msg textarea").press("Enter")
+
+
+def test_chat_streams_stops_and_follows_up_in_korean(browser, app_url, built_state):
+    """A photo: tool steps nested under the run, tokens arriving, the manual; a second message stopped with the
+    stop button; the UI switched to Korean and a follow-up answered in the same conversation."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     item = next(it for it in defect_items(built_state) if it["product"] == "brick")
     photo = built_state / "data" / item["image"]
@@ -53,40 +74,82 @@ def test_upload_photo_streams_tool_calls_and_manual(browser, app_url, built_stat
     banner = page.locator("#banner")
     banner.get_by_text("PatchCore backbone").wait_for()
     assert "Text embedder" in banner.inner_text()
-
-    page.locator("#msg input[type=file]").set_input_files(str(photo))
-    page.locator("#msg textarea").fill("What should I do with this part?")
-    page.locator("#msg img").first.wait_for()  # the attached photo's thumbnail
-    page.screenshot(path=str(ARTIFACTS / "browser_1_upload.png"), full_page=True)
-    page.locator("#msg textarea").press("Enter")
-
     chat = page.locator("#chat")
-    chat.get_by_text("anomaly_scoring(", exact=False).first.wait_for(timeout=RUN_TIMEOUT_MS)
-    page.screenshot(path=str(ARTIFACTS / "browser_2_steps.png"), full_page=True)
+    chat.get_by_text("What can you do?", exact=False).first.wait_for()  # the examples
+    page.evaluate(WATCH_JS)
 
-    chat.get_by_text("Product:", exact=False).last.wait_for(timeout=RUN_TIMEOUT_MS)
-    chat.get_by_text("Agent finished", exact=False).first.wait_for()
+    _send(page, "Analyse this part.", photo)
+    chat.get_by_text("anomaly_scoring", exact=False).first.wait_for(timeout=RUN_TIMEOUT_MS)
+    page.screenshot(path=str(ARTIFACTS / "browser_1_steps.png"), full_page=True)
+    chat.get_by_text("Agent finished", exact=False).first.wait_for(timeout=RUN_TIMEOUT_MS)
+    lengths = page.evaluate("window.__lengths")
+    assert len(set(lengths)) >= 4, lengths  # the answer grew while it was written
     text = chat.inner_text()
-    assert "🛠️" in text and "anomaly_scoring(" in text
     assert "brick" in text and ".pdf" in text  # product named, manual pages cited
-    # the overlay is shown inline in the chat and the similar cases beside it
+    assert chat.locator(".thought-group").count() >= 1  # tool steps nested under the run
     assert chat.locator("img").count() >= 2  # the uploaded photo + the overlay
     page.locator("#similar img").first.wait_for()
     page.locator("#comparison img").first.wait_for()
-    # the run was stored and its manual can be downloaded (Markdown and PDF)
     page.locator("#chat-pdf:not([disabled])").wait_for()
-    page.locator("#chat-md:not([disabled])").wait_for()
+    page.screenshot(path=str(ARTIFACTS / "browser_2_manual.png"), full_page=True)
 
-    # open the first tool call to show its observation
-    chat.get_by_text("anomaly_scoring(", exact=False).first.click()
-    observation = chat.get_by_text("threshold=", exact=False).first
-    observation.wait_for()
-    observation.scroll_into_view_if_needed()
-    page.screenshot(path=str(ARTIFACTS / "browser_3_observation.png"), full_page=True)
-    # the response manual at the end of the chat
-    chat.get_by_text("Product:", exact=False).last.scroll_into_view_if_needed()
-    page.screenshot(path=str(ARTIFACTS / "browser_4_manual.png"), full_page=True)
+    _send(page, "Show me similar cases and explain each one in detail.")
+    stop = page.locator("#msg button[aria-label='Stop']")
+    stop.wait_for()
+    stop.click()
+    chat.get_by_text("Stopped", exact=False).first.wait_for(timeout=RUN_TIMEOUT_MS)
+    assert "(stopped)" in chat.inner_text()
+
+    page.locator("#chat-lang").get_by_text("한국어").click()
+    page.locator("#chat-new").get_by_text("새 대화").wait_for()
+    _send(page, "이 결함의 원인은 무엇인가요?")
+    chat.get_by_text("에이전트 완료", exact=False).first.wait_for(timeout=RUN_TIMEOUT_MS)
+    last = chat.locator(".bot-row .message:not(.thought)").last.inner_text()
+    assert any("\uac00" <= ch <= "\ud7a3" for ch in last), last  # answered in Korean
+    page.screenshot(path=str(ARTIFACTS / "browser_3_korean_followup.png"), full_page=True)
     page.close()
+
+
+@pytest.mark.slow
+def test_two_turn_conversation_with_the_offline_model(browser, built_state):
+    """The real 1.5B model: a photo, then a follow-up; screenshot ``tests/artifacts/chat_two_turns.png``
+    (the README's picture)."""
+    import os
+
+    from tests.test_app import free_port
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    import app
+    from core.settings import get_settings
+    from ui import chat as chat_ui
+
+    old = os.environ.pop("DRA_AGENT_MODEL", None)
+    get_settings.cache_clear()
+    chat_ui.reset_agent()
+    app.warm_up()
+    demo = app.build_app()
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                **app.launch_kwargs())
+    try:
+        item = next(it for it in defect_items(built_state) if it["product"] == "gravel")
+        page = browser.new_page(viewport={"width": 1400, "height": 1500})
+        page.set_default_timeout(120_000)
+        page.goto(f"http://127.0.0.1:{port}/", wait_until="domcontentloaded")
+        chat = page.locator("#chat")
+        _send(page, "", built_state / "data" / item["image"])
+        chat.get_by_text("Agent finished", exact=False).first.wait_for(timeout=900_000)
+        _send(page, "Which action should I take first?")
+        chat.get_by_text("Agent finished", exact=False).nth(1).wait_for(timeout=600_000)
+        assert chat.locator(".bot-row .message:not(.thought)").last.inner_text().strip()
+        page.screenshot(path=str(ARTIFACTS / "chat_two_turns.png"), full_page=True)
+        page.close()
+    finally:
+        demo.close()
+        chat_ui.reset_agent()
+        if old is not None:
+            os.environ["DRA_AGENT_MODEL"] = old
+        get_settings.cache_clear()
 
 
 def test_non_image_upload_shows_error_in_chat(browser, app_url, tmp_path):

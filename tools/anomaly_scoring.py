@@ -1,4 +1,4 @@
-"""Tool: PatchCore anomaly scoring of the uploaded photo."""
+"""Tool: PatchCore anomaly scoring of the conversation's photo."""
 
 from __future__ import annotations
 
@@ -7,6 +7,17 @@ from smolagents import Tool
 from core.catalog import check_product
 from services.inspect import inspect_image
 from tools.context import RunContext
+
+#: a score within this fraction of the threshold is reported as borderline
+BORDERLINE = 0.05
+#: regions covering more than this share of the photo suggest a different product, scale or lighting
+WHOLE_IMAGE = 0.5
+
+
+def require_photo(ctx: RunContext) -> None:
+    """Raise a clear error when the conversation has no photo (image tools cannot run)."""
+    if ctx.image is None:
+        raise ValueError("no photo in this conversation: ask the user to attach one")
 
 
 def resolve_product(ctx: RunContext, services, requested: str | None) -> str:
@@ -29,20 +40,45 @@ def resolve_product(ctx: RunContext, services, requested: str | None) -> str:
     return product
 
 
-class AnomalyScoringTool(Tool):
-    """PatchCore scoring (Roth et al. 2022, via anomalib) of the run's photo.
+def verdict_line(insp: dict) -> str:
+    """One line about an inspection record: product, score vs threshold, verdict, regions, caveats."""
+    score, thr = float(insp["score"]), float(insp["threshold"])
+    verdict = "ANOMALOUS" if insp.get("is_anomalous") else "NORMAL"
+    src = insp.get("product_source")
+    conf = insp.get("product_confidence")
+    prod = insp.get("product")
+    if src == "inferred":
+        prod += f" (inferred{f', {conf:.0%} of the nearest images' if conf is not None else ''})"
+    regions = insp.get("regions") or []
+    reg = "; ".join(f"bbox {list(r['bbox'])} {100 * float(r['area_frac']):.1f}%" for r in regions[:2]) or "none"
+    notes = []
+    if abs(score - thr) <= BORDERLINE * max(abs(thr), 1e-9):
+        notes.append("borderline: within 5% of the threshold")
+    if insp.get("is_anomalous") and not regions:
+        notes.append("no region above the threshold")
+    if sum(float(r["area_frac"]) for r in regions) > WHOLE_IMAGE:
+        notes.append("most of the photo differs: check product, scale and lighting")
+    note = f"; note: {', '.join(notes)}" if notes else ""
+    meaning = "defect found" if insp.get("is_anomalous") else "no defect found"
+    return f"{prod}: score {score:.2f} vs threshold {thr:.2f} -> {verdict} ({meaning}); regions: {reg}{note}"
 
-    Observation: one line with product, score, threshold, verdict and up to three
-    regions (bbox in pixels, area %, peak). Artifacts (anomaly map .npy, mask,
-    heat map, overlay, side-by-side comparison) are written to ``ctx.out_dir``
-    and recorded in ``ctx.inspection``.
+
+class AnomalyScoringTool(Tool):
+    """PatchCore scoring (Roth et al. 2022, via anomalib) of the conversation's photo.
+
+    Observation: one line with product, score, threshold, verdict, up to two regions (bbox in
+    pixels, area %) and caveats (borderline score, anomalous without region, most of the photo
+    differing). Artifacts (anomaly map .npy, mask, heat map, overlay, side-by-side comparison)
+    are written to ``ctx.out_dir`` and recorded in ``ctx.inspection``. A photo already scored in
+    this conversation (same product) is not scored again: the earlier record is returned.
+
+    Raises:
+        ValueError: no photo in the conversation. UnknownProductError: unknown product.
     """
 
     name = "anomaly_scoring"
-    description = (
-        "Scores the uploaded photo with PatchCore: anomaly score vs the product's calibrated threshold, "
-        "verdict (ANOMALOUS/NORMAL) and the defect regions (bounding boxes, area). Call it first."
-    )
+    description = ("Scores the photo with PatchCore: anomaly score vs the product's threshold, verdict "
+                   "(ANOMALOUS/NORMAL) and defect regions.")
     inputs = {
         "product": {"type": "string", "description": "product id (brick, gravel, grass, ...); omit to infer it",
                     "nullable": True},
@@ -56,18 +92,13 @@ class AnomalyScoringTool(Tool):
     def forward(self, product: str | None = None) -> str:
         ctx = self.ctx
         ctx.tool_calls.append(self.name)
+        require_photo(ctx)
         prod = resolve_product(ctx, self.services, product)
+        if ctx.inspection and ctx.inspection.get("product") == prod:
+            return verdict_line(ctx.inspection)
         report = inspect_image(self.services, ctx.image, prod, out_dir=ctx.out_dir)
         report.product_source = ctx.product_source or "user"
         report.product_confidence = ctx.product_confidence
         ctx.anomaly_map = report.result.anomaly_map if report.result is not None else None
         ctx.inspection = report.to_json()
-        regions = "; ".join(
-            f"{i + 1}) bbox {list(r.bbox)} area {100 * r.area_frac:.1f}% peak {r.peak:.2f}"
-            for i, r in enumerate(report.regions[:3])
-        ) or "none"
-        src = f" ({ctx.product_source})" if ctx.product_source == "inferred" else ""
-        return (
-            f"product={prod}{src} score={report.score:.3f} threshold={report.threshold:.3f} "
-            f"verdict={report.verdict}; image {report.width}x{report.height} px; regions: {regions}"
-        )
+        return verdict_line(ctx.inspection)

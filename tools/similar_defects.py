@@ -5,23 +5,35 @@ from __future__ import annotations
 from smolagents import Tool
 
 from services.search import search_similar, vote_defect_type
-from tools.anomaly_scoring import resolve_product
+from tools.anomaly_scoring import require_photo, resolve_product
 from tools.context import RunContext
 
 
-class SimilarDefectSearchTool(Tool):
-    """Nearest labelled defect images of the run's photo (cosine similarity).
+def search_line(search: dict) -> str:
+    """One line about a search record: majority defect type, votes, top matches."""
+    hits = search.get("hits") or []
+    if not hits:
+        return f"product={search.get('product')}: the gallery has no labelled images for this product"
+    top = ", ".join(f"{h['defect_type']} {float(h['score']):.2f}" for h in hits[:5])
+    return (f"{search.get('product')}: majority defect type {search.get('defect_type')} "
+            f"({search.get('votes')}/{len(hits)}); top matches: {top}")
 
-    Observation: inferred product, top matches (defect type, product, score) and the
-    majority defect type, which is also stored as ``ctx.defect_type``; the search report's
-    JSON is ``ctx.search``.
+
+class SimilarDefectSearchTool(Tool):
+    """Nearest labelled defect images of the conversation's photo (cosine similarity).
+
+    Observation: the majority defect type with its votes and the top matches (defect type,
+    score); the majority type is stored as ``ctx.defect_type`` and the search report's JSON (hits
+    with their gallery images, for the UI) as ``ctx.search``. A photo already searched in this
+    conversation is not searched again. ``k`` is the configured ``settings.search_k`` (a vote needs it).
+
+    Raises:
+        ValueError: no photo in the conversation.
     """
 
     name = "similar_defect_search"
-    description = (
-        "Finds the most similar past defect images in the labelled gallery and returns their defect types "
-        "(scratch, crack, hole, stain, contamination) with similarity scores and the majority defect type."
-    )
+    description = ("Finds the most similar past defects in the labelled gallery: their defect types "
+                   "(scratch, crack, hole, stain, contamination), similarity scores and the majority type.")
     inputs = {
         "product": {"type": "string", "description": "restrict to this product id; omit to infer it",
                     "nullable": True},
@@ -36,19 +48,17 @@ class SimilarDefectSearchTool(Tool):
     def forward(self, product: str | None = None, k: int | None = None) -> str:
         ctx = self.ctx
         ctx.tool_calls.append(self.name)
+        require_photo(ctx)
         k = int(k) if k else self.services.settings.search_k
         k = max(1, min(k, 20))
         prod = resolve_product(ctx, self.services, product)
-        # reuse the anomaly map of this run's scoring (same product) instead of recomputing it
+        if ctx.search and ctx.search.get("product") == prod and len(ctx.search.get("hits") or []) >= k:
+            return search_line(ctx.search)
+        # reuse the anomaly map of this photo's scoring (same product) instead of recomputing it
         amap = ctx.anomaly_map if ctx.inspection and ctx.inspection.get("product") == prod else None
         report = search_similar(self.services, ctx.image, mode="image", product=prod, k=k, anomaly_map=amap)
         defect, count = vote_defect_type(report.hits)
         ctx.defect_type = defect
         hits = [h.to_json() for h in report.hits]
         ctx.search = {**report.to_json(), "hits": hits, "defect_type": defect, "votes": count}
-        if not hits:
-            return f"product={prod}: the gallery has no labelled images for this product"
-        top = "; ".join(f"{i + 1}) {h.defect_type} ({h.product}) score {h.score:.2f}"
-                        for i, h in enumerate(report.hits))
-        src = f" ({ctx.product_source})" if ctx.product_source == "inferred" else ""
-        return f"product={prod}{src}; top matches: {top}; majority defect type: {defect} ({count}/{len(hits)})"
+        return search_line(ctx.search)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import threading
 import time
 from collections import Counter
 
@@ -23,7 +24,7 @@ from scipy.ndimage import uniform_filter
 from smolagents import Tool
 
 from agent.agents import DefectAgent, load_prompts
-from agent.types import AgentResult, AgentStep
+from agent.types import AgentResult, AgentStep, AnswerDelta, ToolStarted
 from agent.checks import check_answer
 from agent.fallback import run_missing_tools, write_manual
 from agent.models import LlamaCppModel, smollm2_gguf_path
@@ -200,9 +201,9 @@ class LocalManualRetrieval(Tool):
         best = {}
         for h in ranked:
             best.setdefault(h["section"], dict(h, score=float(len(words & set(h["text"].lower().split())))))
-        hits = list(best.values())[:3]
-        ctx.manual_hits.extend(hits)
-        return "\n".join(f"[{h['source']} p.{h['page']} {h['section']}] {h['text']}" for h in hits) or "no passages"
+        hits = ctx.add_passages(list(best.values())[:3])
+        return "\n".join(f"[{h['label']}] {h['source']} p.{h['page']} ({h['section']}): {h['text']}"
+                         for h in hits) or "no passages"
 
 
 def local_tools(ctx: RunContext) -> list[Tool]:
@@ -210,8 +211,8 @@ def local_tools(ctx: RunContext) -> list[Tool]:
 
 
 def make_ctx(product: str | None = None, question: str | None = None) -> RunContext:
-    img = synth_defect(crop("brick", 60, 200), "scratch", seed=3)
-    return RunContext(image=img, product=product, question=question)
+    img = synth_defect(crop("brick", 60, 200), "hole", seed=3)
+    return RunContext(image=img, product=product, question=question, new_photo=True)
 
 
 @pytest.fixture(scope="module")
@@ -236,15 +237,29 @@ def _assert_valid_result(result: AgentResult, ctx: RunContext) -> None:
 def test_prompts_layer_over_smolagents_defaults():
     templates, extra = load_prompts()
     assert {"system_prompt", "planning", "managed_agent", "final_answer"} <= set(templates)
-    assert "## Likely causes" in templates["system_prompt"]
-    assert "{{ problems }}" in extra["answer_problems"] and "User question" in extra["task"]
+    assert "manual_retrieval" in templates["system_prompt"] and "Examples:" in templates["system_prompt"]
+    assert "{{ problems }}" in extra["answer_problems"] and "question" in extra["turn"]
 
 
-def test_task_text_names_user_product_and_question(smol):
+def test_system_prompt_is_the_same_for_every_conversation(smol):
+    """The system prompt names every tool once and does not depend on the turn (its KV cache is reused)."""
+    a = DefectAgent(local_tools, model=smol)
+    b = DefectAgent(lambda ctx: local_tools(ctx)[:1], model=smol)
+    assert a.system_text == b.system_text
+    for name in ("anomaly_scoring", "similar_defect_search", "manual_retrieval", "register_correction"):
+        assert a.system_text.count(f"- {name}:") == 1
+
+
+def test_turn_text_marks_photo_product_question_and_language(smol):
     agent = DefectAgent(local_tools, model=smol)
-    text = agent.task_text(make_ctx(product="brick", question="why does it crack?"))
-    assert "brick part (product given by the user)" in text and "why does it crack?" in text
-    assert "product unknown" in agent.task_text(make_ctx())
+    text = agent.turn_text(make_ctx(product="brick", question="why does it crack?"))
+    assert text.startswith("[photo attached") and "product brick" in text and "why does it crack?" in text
+    assert "(no question)" in agent.turn_text(make_ctx())
+    follow = RunContext(image=None, question="그럼 예방은?")
+    assert agent.turn_text(follow).startswith("[no photo]") and "Answer in Korean" in agent.turn_text(follow)
+    assert "Answer in Korean" not in agent.turn_text(make_ctx(question="why?"))
+    ui_ko = RunContext(image=make_ctx().image, ui_lang="ko", new_photo=False)
+    assert agent.turn_text(ui_ko).startswith("[same photo as before]") and "Answer in Korean" in agent.turn_text(ui_ko)
 
 
 def test_fallback_alone_writes_a_valid_manual():
@@ -277,8 +292,11 @@ def test_agent_run_with_smollm2(smol):
     events = list(agent.stream(ctx))
     result = events[-1]
     assert isinstance(result, AgentResult)
-    assert all(isinstance(e, AgentStep) for e in events[:-1])
-    assert events[:-1] == result.steps
+    assert all(isinstance(e, (AgentStep, ToolStarted, AnswerDelta)) for e in events[:-1])
+    assert [e for e in events if isinstance(e, AgentStep) and e.tool not in ("answer_check", "invalid_tool_call")] \
+        == result.steps
+    if not result.fallback:  # the grammar makes the first reply to a new photo a tool call
+        assert result.timings["model_steps"] >= 1 and result.timings["first_tool_s"] < result.elapsed_s
     _assert_valid_result(result, ctx)
     assert result.model.startswith("SmolLM2-135M-Instruct.Q4_1.gguf")
     assert result.elapsed_s < 120
@@ -316,8 +334,7 @@ def test_agent_run_with_offline_qwen_1p5b(capsys):
         print(f"\n[1.5B run] {elapsed:.1f} s, fallback={result.fallback} ({result.fallback_reason}); "
               f"steps={[(s.tool, s.error is None) for s in result.steps]}")
     _assert_valid_result(result, ctx)
-    model_steps = [s for s in result.steps if s.tool != "invalid_tool_call"]
-    assert model_steps and model_steps[0].tool == "anomaly_scoring"
+    assert "anomaly_scoring" in [s.tool for s in result.steps]
     assert elapsed < settings.agent_timeout_s + 60
 
 
@@ -339,3 +356,32 @@ def test_agent_with_project_tools_on_built_state(built_state, smol):
     _assert_valid_result(result, ctx)
     assert result.product == "brick"
     assert all(c["source"].endswith(".pdf") and c["page"] >= 1 for c in result.citations)
+
+
+def test_text_question_without_photo_never_reaches_image_tools(smol):
+    """No photo in the conversation: the image tools are not offered (whatever the model writes) and the
+    answer cites only pages retrieved in the turn."""
+    ctx = RunContext(image=None, question="What causes cracks on brick panels?")
+    settings = dataclasses.replace(get_settings(), agent_timeout_s=90, agent_max_steps=5)
+    result = DefectAgent(local_tools, model=smol, settings=settings).run(ctx)
+    tools = [s.tool for s in result.steps]
+    assert "anomaly_scoring" not in tools and "similar_defect_search" not in tools
+    assert result.kind == "manual_question" and result.answer.strip()
+    assert {(c["source"], c["page"]) for c in result.citations} <= ctx.cited_pages()
+    if result.fallback:
+        assert "manual_retrieval" in tools and result.citations
+
+
+def test_stop_cancels_the_turn(smol):
+    ctx = make_ctx(question="Analyse this part.")
+    cancel = threading.Event()
+    settings = dataclasses.replace(get_settings(), agent_timeout_s=90, agent_max_steps=5)
+    events = []
+    t0 = time.monotonic()
+    for event in DefectAgent(local_tools, model=smol, settings=settings).stream(ctx, cancel=cancel):
+        events.append(event)
+        if isinstance(event, (ToolStarted, AgentStep, AnswerDelta)):
+            cancel.set()
+    result = events[-1]
+    assert isinstance(result, AgentResult) and result.cancelled and not result.fallback
+    assert time.monotonic() - t0 < 60

@@ -1,6 +1,59 @@
-"""Fallback manual writing: claims come from passage bullets, never from chunk headings."""
+"""The deterministic fallback: an answer for every kind of message; claims from passage bullets only."""
 
-from agent.fallback import _items
+import numpy as np
+import pytest
+
+from agent.checks import check_answer, find_citations
+from agent.fallback import _items, write_answer
+from tools.context import RunContext
+
+PASSAGES = [
+    {"source": "brick_manual_en.pdf", "page": 4, "section": s, "defect": "crack", "product": "brick", "lang": "en",
+     "text": f"4. Crack (균열) — {title}\n• {claim}\n• Second {s} item of the page."}
+    for s, title, claim in (("cause", "Cause", "Thermal shock in the kiln."),
+                            ("action", "Immediate action", "Hold the panel."),
+                            ("prevention", "Prevention", "Check the cooling curve."))
+]
+
+
+def _ctx(kind: str, lang_q: str | None = None, anomalous: bool = True) -> RunContext:
+    ctx = RunContext(image=np.zeros((16, 16, 3), np.uint8), question=lang_q, product="brick",
+                     product_source="inferred", product_confidence=0.8, new_photo=True)
+    ctx.inspection = {"product": "brick", "score": 3.0 if anomalous else 1.0, "threshold": 2.0,
+                      "is_anomalous": anomalous, "regions": [], "width": 16, "height": 16}
+    ctx.search = {"product": "brick", "defect_type": "crack", "votes": 3,
+                  "hits": [{"defect_type": "crack", "product": "brick", "score": 0.9}] * 5}
+    ctx.defect_type = "crack"
+    if kind in ("manual", "manual_question", "followup"):
+        ctx.add_passages(PASSAGES)
+    return ctx
+
+
+@pytest.mark.parametrize("kind", ["manual", "verdict", "similar", "manual_question", "followup", "capabilities",
+                                  "offtopic", "register"])
+@pytest.mark.parametrize("lang", ["en", "ko"])
+def test_every_kind_has_an_answer(kind, lang):
+    ctx = _ctx(kind, "이건 뭐예요?" if lang == "ko" else "what is this?")
+    answer = write_answer(ctx, kind, "unit test")
+    assert answer.startswith("> ") and "unit test" in answer and len(answer) > 60
+    assert set(find_citations(answer)) <= ctx.cited_pages()
+    if kind == "manual":
+        assert check_answer(answer, ctx) == []
+    if kind in ("manual_question", "followup"):
+        assert find_citations(answer)
+    if lang == "ko":
+        assert any("\uac00" <= ch <= "\ud7a3" for ch in answer)
+
+
+def test_no_defect_manual_for_a_normal_part():
+    ctx = _ctx("manual", anomalous=False)
+    answer = write_answer(ctx, "manual", "unit test")
+    assert "## Likely causes" not in answer and "NORMAL" in answer
+
+
+def test_followup_first_action_cites_the_action_page():
+    ctx = _ctx("followup", "Which action first?")
+    assert "Hold the panel." in write_answer(ctx, "followup", "unit test")
 
 
 def test_chunk_heading_is_not_a_claim():

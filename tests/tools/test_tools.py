@@ -34,7 +34,7 @@ def test_tools_chain_records_context(built_state, services, tmp_path):
 
     obs = scoring.forward()
     assert ctx.product == "grass" and ctx.product_source == "inferred"
-    assert "product=grass" in obs and "threshold=" in obs and ("ANOMALOUS" in obs or "NORMAL" in obs)
+    assert obs.startswith("grass (inferred") and "vs threshold" in obs and ("ANOMALOUS" in obs or "NORMAL" in obs)
     insp = ctx.inspection
     assert Path(insp["overlay"]).is_file() and Path(insp["comparison"]).is_file()
     amap = np.load(insp["anomaly_map"])
@@ -45,14 +45,63 @@ def test_tools_chain_records_context(built_state, services, tmp_path):
     assert len(ctx.search["hits"]) == 5 and all(h["product"] == "grass" for h in ctx.search["hits"])
     assert ctx.defect_type in {"scratch", "crack", "hole", "stain", "contamination"}
 
-    obs = manual.forward("cause and immediate action", defect_type="stain")
+    obs = manual.forward("cause action prevention")
     assert ctx.manual_hits, obs
     for h in ctx.manual_hits:
-        assert f"[{h['source']} p.{h['page']}" in obs
-        assert h["product"] == "grass"
+        assert f"[{h['label']}] {h['source']} p.{h['page']}" in obs and f"- " in obs
+        assert h["product"] == "grass" and h["defect"] == ctx.defect_type  # the photo's defect type
     sections = {h["section"] for h in ctx.manual_hits}
     assert {"cause", "action", "prevention"} <= sections
     assert ctx.tool_calls == ["anomaly_scoring", "similar_defect_search", "manual_retrieval"]
+    assert [p["label"] for p in ctx.passages] == [f"P{i + 1}" for i in range(len(ctx.passages))]
+    # the same photo again: nothing is computed twice
+    assert scoring.forward() == obs_score(ctx) and len(ctx.passages) == len(ctx.manual_hits)
+
+
+def obs_score(ctx):
+    from tools.anomaly_scoring import verdict_line
+
+    return verdict_line(ctx.inspection)
+
+
+def test_text_question_without_photo(built_state, services):
+    """No photo: image tools refuse clearly, manual retrieval takes product and defect from the question."""
+    from tools import RunContext, build_tools
+
+    ctx = RunContext(image=None, question="How do I prevent stains on gravel?")
+    scoring, search, manual = build_tools(ctx, services)
+    with pytest.raises(ValueError, match="no photo"):
+        scoring.forward()
+    with pytest.raises(ValueError, match="no photo"):
+        search.forward()
+    obs = manual.forward("prevent stain")
+    assert ctx.manual_hits and all(h["product"] == "gravel" and h["defect"] == "stain" for h in ctx.manual_hits)
+    assert {h["section"] for h in ctx.manual_hits} == {"prevention"} and "[P1]" in obs
+    assert ctx.topic == {"product": "gravel", "defect_type": "stain"}
+    follow = RunContext(image=None, question="And for grass?", topic=ctx.topic, passages=list(ctx.passages))
+    build_tools(follow, services)[2].forward("prevent")
+    assert all(h["product"] == "grass" and h["defect"] == "stain" for h in follow.manual_hits)
+    assert follow.passages[0]["label"] == "P1" and follow.manual_hits[0]["label"] == f"P{len(ctx.passages) + 1}"
+
+
+def test_register_correction_needs_a_writing_session(writable_state):
+    from services.container import Services
+    from core.settings import get_settings
+    from tools import RunContext, build_tools
+
+    services = Services(get_settings())
+    item = _val_defect(writable_state, "brick", "hole")
+    ctx = RunContext.from_path(writable_state / "data" / item["image"], product="brick")
+    assert [t.name for t in build_tools(ctx, services)][-1] == "manual_retrieval"  # no write tool
+    ctx.writes = True
+    register = build_tools(ctx, services)[-1]
+    assert register.name == "register_correction"
+    before = len(services.image_index)
+    obs = register.forward("stain")
+    assert "registered as brick / stain" in obs and len(services.image_index) == before + 1
+    ctx.writes = False
+    with pytest.raises(PermissionError):
+        register.forward("hole")
 
 
 def test_user_product_wins_and_unknown_product_is_an_error(built_state, services):
@@ -62,7 +111,7 @@ def test_user_product_wins_and_unknown_product_is_an_error(built_state, services
     ctx = RunContext.from_path(built_state / "data" / item["image"], product="brick")
     scoring, search, manual = build_tools(ctx, services)
     obs = scoring.forward(product="gravel")  # the model's guess must not override the user
-    assert "product=brick" in obs
+    assert obs.startswith("brick:")
     ctx2 = RunContext.from_path(built_state / "data" / item["image"])
     scoring2 = build_tools(ctx2, services)[0]
     with pytest.raises(UnknownProductError):

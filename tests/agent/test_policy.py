@@ -1,0 +1,141 @@
+"""Tool policy, answer grammars, answer rendering and per-kind checks (real llama.cpp grammar compiler)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from llama_cpp import LlamaGrammar
+
+from agent.answers import expand_labels, render_answer
+from agent.checks import check_answer, check_turn, required_tools
+from agent.models import ChatGrammar, parse_call_list
+from agent.policy import answer_form, answer_gbnf, classify, offered_tools
+from tools import build_tools
+from tools.context import RunContext
+
+PASSAGES = [
+    {"source": "brick_manual_en.pdf", "page": 4, "section": "cause", "defect": "crack", "product": "brick",
+     "text": "Thermal shock in the kiln.", "lang": "en"},
+    {"source": "brick_manual_en.pdf", "page": 4, "section": "action", "defect": "crack", "product": "brick",
+     "text": "Hold the panel.", "lang": "en"},
+    {"source": "brick_manual_en.pdf", "page": 4, "section": "prevention", "defect": "crack", "product": "brick",
+     "text": "Check the cooling curve.", "lang": "en"},
+]
+
+
+def _ctx(photo: bool = True, question: str | None = None, **kw) -> RunContext:
+    img = np.full((64, 64, 3), 120, np.uint8) if photo else None
+    return RunContext(image=img, question=question, **kw)
+
+
+def _analysed(question: str | None = None, lang_ui: str = "en") -> RunContext:
+    ctx = _ctx(question=question, new_photo=True, ui_lang=lang_ui, product="brick", product_source="inferred",
+               product_confidence=1.0)
+    ctx.inspection = {"product": "brick", "score": 30.0, "threshold": 25.0, "is_anomalous": True, "width": 64,
+                      "height": 64, "regions": [{"bbox": [1, 2, 30, 40], "area_frac": 0.1, "peak": 2.0}]}
+    ctx.search = {"product": "brick", "defect_type": "crack", "votes": 4, "hits": [{}] * 5}
+    ctx.defect_type = "crack"
+    ctx.tool_calls += ["anomaly_scoring", "similar_defect_search", "manual_retrieval"]
+    ctx.add_passages(PASSAGES)
+    return ctx
+
+
+@pytest.mark.parametrize("question,photo,new,history,kind", [
+    ("", True, True, False, "manual"),
+    ("Analyse this part.", True, True, False, "manual"),
+    ("What should I do with this part?", True, True, False, "manual"),
+    ("이 사진을 분석해 주세요.", True, True, False, "manual"),
+    ("Is this part OK?", True, True, False, "verdict"),
+    ("이 부품 괜찮나요?", True, True, False, "verdict"),
+    ("Show me similar cases.", True, True, False, "similar"),
+    ("비슷한 과거 사례를 보여 주세요.", True, True, False, "similar"),
+    ("What causes cracks in brick panels?", False, False, False, "manual_question"),
+    ("벽돌에 구멍이 생기면 즉시 어떤 조치를 해야 하나요?", False, False, False, "manual_question"),
+    ("Which action should I take first?", True, False, True, "followup"),
+    ("Why?", True, False, True, "followup"),
+    ("And for grass?", False, False, True, "manual_question"),
+    ("What can you do?", False, False, False, "capabilities"),
+    ("Who won the football world cup in 2010?", False, False, False, "offtopic"),
+    ("오늘 점심 메뉴 좀 추천해 줘.", False, False, False, "offtopic"),
+])
+def test_classify_message_kinds(question, photo, new, history, kind):
+    assert classify(question, has_photo=photo, new_photo=new, has_history=history) == kind
+
+
+def test_register_needs_a_writing_session():
+    q = "Register this photo as a crack."
+    assert classify(q, has_photo=True, new_photo=False, has_history=True, writes=True) == "register"
+    assert classify(q, has_photo=True, new_photo=False, has_history=True, writes=False) != "register"
+
+
+def test_offered_tools_follow_the_conversation(built_state):
+    from services.container import get_services
+
+    services = get_services()
+    text = _ctx(photo=False, question="What causes cracks?")
+    names = [t.name for t in offered_tools(build_tools(text, services), text, 0)]
+    assert names == ["manual_retrieval"]  # no photo: no image tools
+    photo = _ctx(question="Is this OK?", new_photo=True)
+    views = offered_tools(build_tools(photo, services), photo, 0)
+    assert [t.name for t in views] == ["anomaly_scoring", "similar_defect_search", "manual_retrieval"]
+    manual = next(v for v in views if v.name == "manual_retrieval")
+    assert manual.inputs["defect_type"]["enum"][0] == "scratch" and "pattern" in manual.inputs["query"]
+    assert "k" not in next(v for v in views if v.name == "similar_defect_search").inputs
+    photo.tool_calls.append("anomaly_scoring")  # a tool that ran on this photo is not offered again
+    assert "anomaly_scoring" not in [t.name for t in offered_tools(build_tools(photo, services), photo, 1)]
+    assert offered_tools(build_tools(photo, services), photo, 2) == []  # then the model answers
+    writer = _ctx(question="Please register this photo as a hole.", writes=True)
+    assert "register_correction" in [t.name for t in offered_tools(build_tools(writer, services), writer, 0)]
+    reader = _ctx(question="Please register this photo as a hole.", writes=False)
+    assert "register_correction" not in [t.name for t in offered_tools(build_tools(reader, services), reader, 0)]
+
+
+def test_answer_grammars_compile_and_constrain():
+    ctx = _analysed()
+    assert answer_form(ctx) == "manual"
+    manual = answer_gbnf(ctx, "manual")
+    LlamaGrammar.from_string("root ::= answer\n" + manual, verbose=False)
+    assert '"P1"' in manual.split("cause-item ::=")[1].split("\n")[0]  # causes cite the cause passage
+    assert '"P2"' in manual.split("action-item ::=")[1].split("\n")[0]
+    text = answer_gbnf(ctx, "text")
+    LlamaGrammar.from_string("root ::= answer\n" + text, verbose=False)
+    LlamaGrammar.from_string(ChatGrammar(tools=[], answer_gbnf=answer_gbnf(_ctx(photo=False), "text")).gbnf(),
+                             verbose=False)
+    normal = _analysed()
+    normal.inspection["is_anomalous"] = False
+    assert answer_form(normal) == "text"  # no defect manual for a normal part
+    with pytest.raises(ValueError):
+        ChatGrammar().gbnf()
+
+
+def test_call_lists_parse_and_drop_duplicates():
+    calls = parse_call_list('[{"name": "anomaly_scoring", "arguments": {}}, {"name": "anomaly_scoring", '
+                            '"arguments": {}}, {"name": "manual_retrieval", "arguments": {"query": "crack"}}]')
+    assert [c.function.name for c in calls] == ["anomaly_scoring", "manual_retrieval"]
+
+
+def test_rendered_manual_passes_the_checks_in_english_and_korean():
+    raw = ("## Likely causes\n- Uneven kiln cooling. [P1]\n## Immediate actions\n- Hold the panel. [P2]\n"
+           "## Prevention\n- Check the cooling curve. [P3]\n")
+    for lang in ("en", "ko"):
+        ctx = _analysed(question="이 사진을 분석해 주세요." if lang == "ko" else None)
+        answer = render_answer(raw, ctx, "manual")
+        assert check_answer(answer, ctx) == [], answer
+        assert "[brick_manual_en.pdf p.4]" in answer and "[P1]" not in answer
+        assert answer.splitlines()[0] == ("## Defect summary (결함 요약)" if lang == "ko" else "## Defect summary")
+        problems = check_turn(raw, answer, ctx, "manual", "manual")
+        assert problems == ([] if lang == "en" else ["the user wrote in Korean: answer in Korean"])
+
+
+def test_turn_checks_by_kind():
+    ctx = _analysed()
+    assert expand_labels("see [P2] and [P9]", ctx) == "see [brick_manual_en.pdf p.4] and [P9]"
+    assert any("unknown passages P9" in p for p in check_turn("see [P9]", "see [P9]", ctx, "followup", "text"))
+    fresh = _ctx(question="Is this OK?", new_photo=True)
+    assert required_tools("verdict", fresh) == ["anomaly_scoring"]
+    assert "needs anomaly_scoring" in check_turn("It is fine.", "It is fine.", fresh, "verdict", "text")[0]
+    text = _ctx(photo=False, question="What causes cracks?")
+    assert required_tools("manual_question", text) == ["manual_retrieval"]
+    assert check_turn("Hello there.", "Hello there.", _ctx(photo=False), "offtopic", "text") == []
+    ko = _ctx(photo=False, question="안녕")
+    assert check_turn("Hello.", "Hello.", ko, "capabilities", "text") == ["the user wrote in Korean: answer in Korean"]
