@@ -151,28 +151,33 @@ def warm_up() -> dict:
 
 
 def state_is_built() -> bool:
-    """True when the state directory has sample data, a bank per sample product, a gallery and manuals."""
+    """True when the state directory has sample data, a bank per sample product and a gallery (the log says so)."""
     s = get_settings()
     if not (s.data_dir / "manifest.json").is_file() or not (s.index_dir / "items.json").is_file():
         return False
-    banks = s.banks_dir
-    return all((banks / p / "meta.json").is_file() for p in ("brick", "gravel", "grass")) and \
-        (s.chroma_dir.is_dir() or bool(getattr(s, "chroma_url", "")))
+    return all((s.banks_dir / p / "meta.json").is_file() for p in ("brick", "gravel", "grass"))
 
 
 def start_build() -> threading.Thread | None:
-    """Build the missing state in a background thread (progress in :data:`ui.common.STARTUP` and the log).
+    """Bring the state up to date in a background thread, then warm up (progress in :data:`ui.common.STARTUP`).
 
-    Returns the thread, or None when there is nothing to build or ``DRA_BUILD_ON_START=0``.
+    :func:`services.build.build_state` is idempotent: on a built state it only checks (seconds); on a
+    fresh clone or Space it builds everything; with a shared Chroma server it ingests the sample
+    manuals there once. Requests meanwhile answer "still starting (n %)".
+
+    Returns the thread, or None with ``DRA_BUILD_ON_START=0`` (then nothing is built).
     """
     s = get_settings()
-    if not s.build_on_start or state_is_built():
+    if not s.build_on_start:
         return None
+    built = state_is_built()
+    log.info("state %s: %s", s.state_dir, "checking" if built else "building what is missing (first start)")
     STARTUP.begin()
 
     def progress(f: float, msg: str) -> None:
         STARTUP.update(f, msg)
-        log.info("build %5.1f%% %s", 100 * f, msg)
+        if not built:
+            log.info("build %5.1f%% %s", 100 * f, msg)
 
     def run() -> None:
         try:
@@ -181,7 +186,7 @@ def start_build() -> threading.Thread | None:
             log.info("warm-up: %s", warm_up())
             STARTUP.finish()
         except Exception as exc:  # noqa: BLE001 - the page shows it; the process keeps serving
-            log.exception("the first-start build failed")
+            log.exception("the start-up build failed")
             STARTUP.finish(f"{type(exc).__name__}: {exc}")
 
     thread = threading.Thread(target=run, name="dra-build", daemon=True)

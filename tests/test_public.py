@@ -295,3 +295,88 @@ def test_space_like_start_builds_then_answers_chat(tmp_path):
             proc.kill()
             proc.wait(30)
         log.close()
+
+
+def _start_app(state: Path, port: int, log: Path, extra: dict) -> "subprocess.Popen":
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "DRA_STATE_DIR": str(state), "DRA_HOST": "127.0.0.1", "DRA_PORT": str(port),
+           "DRA_PUBLIC": "0", "DRA_AGENT_MODEL": smollm2_path(), **extra}
+    env.pop("SPACE_ID", None)
+    return subprocess.Popen([sys.executable, str(repo / "app.py")], cwd=repo, env=env, stdout=log.open("w"),
+                            stderr=subprocess.STDOUT)
+
+
+def _ready_client(url: str, proc, log: Path, timeout_s: float = 600):
+    """A gradio_client once the app answers a manual query (its start-up check is done)."""
+    import httpx
+    from gradio_client import Client
+
+    t0 = time.time()
+    while True:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.time() - t0 < timeout_s, log.read_text()[-3000:]
+        try:
+            if httpx.get(url, timeout=5).status_code == 200:
+                client = Client(url, verbose=False)
+                client.predict("crack cause", "", "", "", 1, api_name="/manual")
+                return client
+        except Exception:  # noqa: BLE001 - not listening or still starting
+            pass
+        time.sleep(3)
+
+
+@pytest.mark.slow
+def test_two_replicas_share_manuals_and_history(built_state, tmp_path):
+    """Two app processes (replicas) on their own state folders, one Chroma server and one PostgreSQL server
+    started here on 127.0.0.1: the second sees the manual the first ingested and the first one's history."""
+    from gradio_client import handle_file
+
+    from tests.chroma_server import ChromaServer
+    from tests.pg_server import PostgresServer
+    from tests.test_app_api import _manual_pdf
+
+    try:
+        pg = PostgresServer()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    db_url = pg.start()
+    chroma = ChromaServer(tmp_path / "chroma")
+    procs = []
+    try:
+        chroma_url = chroma.start()
+        shared = {"DRA_DATABASE_URL": db_url, "DRA_CHROMA_URL": chroma_url}
+        clients = []
+        for name in ("a", "b"):
+            state = tmp_path / f"state-{name}"
+            shutil.copytree(built_state, state, ignore=shutil.ignore_patterns("runs", "uploads", "cache", "chroma",
+                                                                              "history.sqlite3*"))
+            port = free_port()
+            log = tmp_path / f"app-{name}.log"
+            procs.append(_start_app(state, port, log, shared))
+            clients.append(_ready_client(f"http://127.0.0.1:{port}/", procs[-1], log))
+        a, b = clients
+        pdf = _manual_pdf(tmp_path / "pump_manual.pdf", "Pump manual", [
+            "4. Cavitation (pump)\nCause\nCavitation in the impeller housing erodes the vanes of the pump.\n"
+            "Immediate action\nThrottle the suction valve and stop the pump.\nPrevention\nKeep the inlet flooded."],
+            product="pump")
+        ingested = a.predict(handle_file(str(pdf)), "pump", api_name="/ingest_manual")
+        assert ingested["product"] == "pump" and ingested["chunks"] >= 1
+        hits = b.predict("impeller cavitation erodes the vanes", "pump", "", "", 3, api_name="/manual")["results"]
+        assert hits and hits[0]["source"] == "pump_manual.pdf", hits
+        result, _ = a.predict(None, "What causes cavitation damage in the pump?", "auto (infer)", False,
+                              api_name="/chat")
+        assert result["history_id"]
+        runs = b.predict("", "", "", "", 100, api_name="/history")["runs"]
+        assert result["history_id"] in [r["id"] for r in runs]
+    finally:
+        for p in procs:
+            p.terminate()
+            try:
+                p.wait(60)
+            except Exception:  # noqa: BLE001
+                p.kill()
+        chroma.stop()
+        pg.stop()
