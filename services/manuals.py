@@ -16,10 +16,11 @@ from pathlib import Path
 from core import catalog
 from core.catalog import UnknownProductError, parse_defect
 from core.errors import InputError
+from core.text import strip_markup
 from core.types import ManualPassage, ManualReport
 from core.uploads import safe_name
 from services.container import Services
-from stores.manual_store import SECTIONS, extract_chunks
+from stores.manual_store import SECTIONS
 
 Progress = Callable[[float, str], None] | None
 MAX_K = 20
@@ -92,7 +93,7 @@ def query_manual(services: Services, query: str, product: str | None = None, def
     t0 = time.perf_counter()
     rows = store.query(str(query), product=prod, defect=defect, section=sec, k=max(1, min(int(k or 4), MAX_K)),
                        lang=lang)
-    passages = [ManualPassage.from_row(r) for r in rows]
+    passages = [ManualPassage.from_row({**r, "text": strip_markup(r["text"])}) for r in rows]
     if previews:
         for p in passages:
             try:
@@ -112,7 +113,8 @@ def ingest_manual(services: Services, pdf: str | Path, product: str | None = Non
                   progress: Progress = None) -> dict:
     """Store a PDF under a safe name and ingest it into the manual store.
 
-    The file is validated first (text extracted), then copied to
+    The file is validated first (text extracted, page / chunk / time caps of
+    :class:`stores.manual_store.IngestLimits`), then copied to
     ``<state_dir>/manual_files/<safe name>`` (kept for page previews); re-ingesting a
     name replaces that document atomically (:meth:`stores.manual_store.ManualStore.ingest_pdf`).
 
@@ -125,7 +127,8 @@ def ingest_manual(services: Services, pdf: str | Path, product: str | None = Non
         ``{"documents": 1, "pages", "chunks", "source", "product", "langs"}``.
 
     Raises:
-        InputError: not a file, not a PDF, encrypted, no text, a bad product id.
+        InputError: not a file, not a PDF, encrypted, no text, a bad product id, or over a cap
+            (too many pages or chunks, ingestion too slow: :class:`stores.manual_store.ManualLimitError`).
     """
     src = Path(pdf)
     if not src.is_file():
@@ -136,7 +139,7 @@ def ingest_manual(services: Services, pdf: str | Path, product: str | None = Non
     stored_name = safe_pdf_name(name or src.name)
     store = services.manuals
     try:
-        extract_chunks(src)  # validate before anything is copied or replaced
+        store.check_pdf(src)  # validate (text, caps) before anything is copied or replaced
     except (ValueError, RuntimeError) as exc:
         raise InputError(str(exc).replace(src.name, stored_name)) from None
     dest_dir = store.files_dir

@@ -27,6 +27,17 @@ PRODUCT_ALIASES = {"brick": ("bricks", "벽돌"), "gravel": ("자갈",), "grass"
 _BULLET = re.compile(r"^\s*(?:[-*+\u2022\u00b7]|\d+[.)])\s*")
 
 
+_HEADING_SECTION = {"cause": ("cause", "원인"), "action": ("immediate action", "즉시 조치"),
+                    "prevention": ("prevention", "예방")}
+
+
+def headed_as(text: str, section: str) -> bool:
+    """The passage starts with a manual heading naming ``section`` (e.g. ``4. Crack (균열) — Cause``)."""
+    first = next((ln.strip() for ln in (text or "").splitlines() if ln.strip()), "")
+    m = _HEADING.match(first)
+    return bool(m) and m.group(1).lower() in _HEADING_SECTION.get(section, ())
+
+
 def asked_sections(text: str | None) -> list[str]:
     """The manual sections a question or query asks for (all three when none or several are named)."""
     low = (text or "").lower()
@@ -167,6 +178,8 @@ class ManualRetrievalTool(Tool):
             per = 2 if len(sections) == 1 else 1
             for section in sections:
                 got = [h for h in passages(section=section, k=4) if h.get("defect") in (defect, None)]
+                # a chunk headed by its section ("4. Crack (균열) — Cause") before one that only carries the label
+                got.sort(key=lambda h: not headed_as(h.get("text", ""), section))
                 hits += got[:per]
         if not hits:
             hits = passages(k=self.services.settings.manual_k)[:3]

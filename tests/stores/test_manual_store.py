@@ -9,6 +9,7 @@ import pytest
 
 from stores.manual_store import ManualStore, chunk_page, detect_lang, extract_chunks
 from core.settings import Settings
+from tests.chroma_server import ChromaServer
 
 pymupdf = pytest.importorskip("pymupdf")
 
@@ -264,3 +265,235 @@ def test_render_page_preview(store, en_pdf):
     with pytest.raises(ValueError, match="page 9"):
         store.render_page("brick_manual_en.pdf", 9)
     assert store.pdf_path("../brick_manual_en.pdf") is None
+
+
+# ----------------------------------------------------------------------------- retrieval (issue 15)
+def _generic_pdf(path: Path, pages: list[str]) -> Path:
+    doc = pymupdf.open()
+    for text in pages:
+        doc.new_page().insert_textbox(pymupdf.Rect(50, 50, 560, 800), text, fontsize=9)
+    doc.save(path)
+    doc.close()
+    return path
+
+
+PUMP_PAGES = [
+    "Installation. Mount the pump on a level concrete base and align the coupling.\n\n" * 3
+    + "Anchor bolts must be tightened to the torque in the table.",
+    "Seal replacement. The mechanical seal leaks when the faces are worn.\n\n"
+    "Replace the seal: drain the casing, remove the impeller, fit the new seal.\n\n"
+    "Seal faces must be kept clean; a leaking seal wastes water.\n\n" * 10,
+    "Spare parts. Valve XJ-4471 is the pressure relief valve of the discharge line.\n\n"
+    "Order spare parts with the serial number from the name plate.",
+]
+
+
+def test_hybrid_query_returns_distinct_pages(store, tmp_path):
+    from stores.manual_store import RetrievalConfig
+
+    _generic_pdf(tmp_path / "pump.pdf", PUMP_PAGES)
+    info = store.ingest_pdf(tmp_path / "pump.pdf", product="pump")
+    assert info["chunks"] > len(PUMP_PAGES)  # page 2 is several chunks
+    for mode in ("hybrid", "dense", "bm25"):
+        hits = store.query("how do I replace a leaking seal", k=3, retrieval=RetrievalConfig(mode=mode))
+        assert hits[0]["page"] == 2, (mode, hits)
+        pages = [(h["source"], h["page"]) for h in hits]
+        assert len(pages) == len(set(pages)), (mode, pages)  # one passage per page
+        assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+        assert set(hits[0]) == {"text", "source", "page", "section", "product", "defect", "lang", "score"}
+    # the store before issue 15 (dense chunks, pages may repeat) gave page 2 several times
+    chunks = store.query("how do I replace a leaking seal", k=3,
+                         retrieval=RetrievalConfig(mode="dense", distinct_pages=False))
+    assert [h["page"] for h in chunks].count(2) >= 2
+    # BM25 finds an exact part number; hybrid keeps it first
+    assert store.query("XJ-4471", k=1, retrieval=RetrievalConfig(mode="bm25"))[0]["page"] == 3
+    assert store.query("XJ-4471", k=1)[0]["page"] == 3
+    # BM25 follows the filters too
+    assert store.query("seal", product="other", retrieval=RetrievalConfig(mode="bm25")) == []
+
+
+def test_bm25_index_follows_reingest_and_delete(store, tmp_path):
+    from stores.manual_store import RetrievalConfig
+
+    bm25 = RetrievalConfig(mode="bm25")
+    _generic_pdf(tmp_path / "pump.pdf", PUMP_PAGES)
+    store.ingest_pdf(tmp_path / "pump.pdf", product="pump")
+    assert store.query("XJ-4471", k=1, retrieval=bm25)[0]["page"] == 3
+    # same file name, same number of chunks, new text: the index must not keep the old one
+    new = [p.replace("XJ-4471", "KV-9090") for p in PUMP_PAGES]
+    (tmp_path / "v2").mkdir()
+    _generic_pdf(tmp_path / "v2" / "pump.pdf", new)
+    store.ingest_pdf(tmp_path / "v2" / "pump.pdf", product="pump")
+    assert store.query("XJ-4471", k=3, retrieval=bm25) == []
+    assert store.query("KV-9090", k=1, retrieval=bm25)[0]["page"] == 3
+    store.delete_document("pump.pdf")
+    assert store.query("KV-9090", k=3, retrieval=bm25) == []
+
+
+# ----------------------------------------------------------------------------- caps (issue 16)
+def test_chunk_and_time_caps(store, en_pdf, tmp_path):
+    from stores.manual_store import IngestLimits, IngestTimeoutError, ManualLimitError, TooManyChunksError
+
+    store.ingest_pdf(en_pdf)
+    before, n = store.list_documents(), store.count()
+    capped = ManualStore(store.settings, embedder=store.embedder, limits=IngestLimits(max_chunks=3))
+    with pytest.raises(TooManyChunksError, match="more than 3 text chunks"):
+        capped.ingest_pdf(en_pdf)
+    slow = ManualStore(store.settings, embedder=store.embedder, limits=IngestLimits(max_seconds=0))
+    with pytest.raises(IngestTimeoutError, match="0 s ingestion limit") as err:
+        slow.ingest_pdf(en_pdf)
+    assert isinstance(err.value, ManualLimitError) and isinstance(err.value, ValueError)
+    assert store.list_documents() == before and store.count() == n  # the stored version is untouched
+
+
+_MEMORY_SCRIPT = """
+import dataclasses, json, pathlib, resource, shutil, sys
+sys.path.insert(0, {repo!r})
+from core.settings import Settings
+from stores.manual_store import ManualLimitError, ManualStore, extract_chunks
+
+def peak_mib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+store = ManualStore(dataclasses.replace(Settings.from_env(), state_dir=pathlib.Path({state!r})))
+store.files_dir.mkdir(parents=True, exist_ok=True)
+shutil.copy({huge!r}, store.files_dir / "huge.pdf")
+out = {{"base_mib": peak_mib()}}
+try:
+    extract_chunks({many!r})
+except ManualLimitError as exc:
+    out["pages_error"] = str(exc)
+out["chunks_of_huge_page"] = len(extract_chunks({huge!r})[0])  # text of a huge page: no pixels involved
+try:
+    store.render_page("huge.pdf", 1)
+except ManualLimitError as exc:
+    out["preview_error"] = str(exc)
+out["peak_mib"] = peak_mib()
+print(json.dumps(out))
+"""
+
+
+def test_many_pages_and_huge_page_fail_clearly_with_bounded_memory(tmp_path):
+    """2001 pages: refused before any page is read. A 14400 pt square page (the PDF maximum) would be a
+    207-megapixel, 622 MB RGB preview at zoom 1: refused before rendering. Peak RSS of a real process is checked."""
+    import json
+    import subprocess
+    import sys
+
+    many = pymupdf.open()
+    for _ in range(2001):
+        many.new_page(width=200, height=200)
+    many.save(tmp_path / "many.pdf")
+    many.close()
+    huge = pymupdf.open()
+    huge.new_page(width=14400, height=14400).insert_text((72, 72), "Huge poster page: torque table", fontsize=40)
+    huge.save(tmp_path / "huge.pdf")
+    huge.close()
+    code = _MEMORY_SCRIPT.format(repo=str(Path(__file__).resolve().parents[2]), state=str(tmp_path / "state"),
+                                 many=str(tmp_path / "many.pdf"), huge=str(tmp_path / "huge.pdf"))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "many.pdf has 2001 pages; at most 2000 pages per PDF" in out["pages_error"]
+    assert "over the 16,000,000 pixel preview limit" in out["preview_error"] and "14400x14400" in out["preview_error"]
+    assert out["chunks_of_huge_page"] >= 1
+    assert out["peak_mib"] - out["base_mib"] < 150, out  # an uncapped render alone needs ~600 MiB
+
+
+# ----------------------------------------------------------------------------- Chroma server (issue 16)
+@pytest.fixture()
+def chroma_server(tmp_path):
+    """A real ``chroma run`` server on 127.0.0.1 (:class:`tests.chroma_server.ChromaServer`), stopped afterwards."""
+    server = ChromaServer(tmp_path / "chroma-server")
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+def _settings_with_chroma_url(state_dir: Path, url: str) -> Settings:
+    """Settings pointing at a Chroma server (``chroma_url``; a subclass while core.settings lacks the field)."""
+    base = dataclasses.replace(Settings.from_env(), state_dir=state_dir)
+    if "chroma_url" in {f.name for f in dataclasses.fields(Settings)}:
+        return dataclasses.replace(base, chroma_url=url)
+
+    @dataclasses.dataclass(frozen=True)
+    class ServerSettings(Settings):
+        chroma_url: str = ""
+
+    values = {f.name: getattr(base, f.name) for f in dataclasses.fields(base) if f.name != "model_resolution"}
+    return ServerSettings(**values, chroma_url=url)
+
+
+def test_chroma_server_second_replica_sees_first_ones_manual(chroma_server, tmp_path, en_pdf):
+    from stores.manual_store import RetrievalConfig
+
+    first = ManualStore(_settings_with_chroma_url(tmp_path / "replica1", chroma_server))
+    second = ManualStore(_settings_with_chroma_url(tmp_path / "replica2", chroma_server), embedder=first.embedder)
+    assert first.backend == f"chroma-server {chroma_server}"
+    assert second.list_documents() == [] and second.query("crack", k=2) == []
+    info = first.ingest_pdf(en_pdf)
+    # nothing on the local disk of either replica: the chunks live on the server
+    assert not (tmp_path / "replica1" / "chroma").exists() and not (tmp_path / "replica2" / "chroma").exists()
+    docs = second.list_documents()
+    assert [d["source"] for d in docs] == ["brick_manual_en.pdf"] and docs[0]["chunks"] == info["chunks"]
+    top = second.query("why does the brick crack in the kiln", product="brick", section="cause", k=1)[0]
+    assert (top["source"], top["page"], top["defect"]) == ("brick_manual_en.pdf", 2, "crack")
+    # the second replica's BM25 index is built from the server and follows the first one's writes
+    bm25 = RetrievalConfig(mode="bm25")
+    assert second.query("drip trays", k=1, retrieval=bm25)[0]["page"] == 3
+    _generic_pdf(tmp_path / "pump.pdf", PUMP_PAGES)
+    first.ingest_pdf(tmp_path / "pump.pdf", product="pump")
+    assert second.query("XJ-4471", k=1, retrieval=bm25)[0]["source"] == "pump.pdf"
+    assert first.delete_document("pump.pdf") > 0
+    assert second.query("XJ-4471", k=3, retrieval=bm25) == []
+    # our embedding function is the collection's (chromadb's default ONNX model is never used)
+    col = second._collection("en", create=False)
+    assert col.configuration_json["embedding_function"]["name"] == "dra_text_embedder"
+
+
+def test_chroma_server_recover_spares_another_replicas_ingestion(chroma_server, tmp_path, en_pdf):
+    """On a shared server a starting replica must not drop the pending chunks of an ingestion running elsewhere;
+    pending chunks older than 1.5 x the ingestion time cap are from a dead writer and go."""
+    import time
+
+    first = ManualStore(_settings_with_chroma_url(tmp_path / "replica1", chroma_server))
+    first.ingest_pdf(en_pdf)
+    n = first.count()
+    col = first._collection("en")
+    got = col.get(include=["documents", "metadatas"], limit=2)
+    running, dead = time.time_ns(), 1
+    col.add(ids=[f"{i}-running" for i in got["ids"]], documents=got["documents"],
+            metadatas=[{**m, "gen": running, "pending": True} for m in got["metadatas"]])
+    col.add(ids=[f"{i}-dead" for i in got["ids"]], documents=got["documents"],
+            metadatas=[{**m, "gen": dead, "pending": True} for m in got["metadatas"]])
+    second = ManualStore(_settings_with_chroma_url(tmp_path / "replica2", chroma_server), embedder=first.embedder)
+    assert second.recover() == {"pending_removed": 2, "stale_removed": 0}
+    assert second.count() == n + 2  # the running ingestion's chunks are still there ...
+    assert second.list_documents() == first.list_documents()  # ... and invisible to readers
+    assert all(h["text"] for h in second.query("crack", k=3))
+
+
+def test_section_titles_from_outline_and_navigation_pages_skipped(store, tmp_path):
+    from stores.manual_store import RetrievalConfig, is_navigation_page
+
+    contents = "\n".join(f"{i}.{j} Topic number {i}{j} . . . . . . . . . . . {10 * i + j}"
+                         for i in range(1, 4) for j in range(1, 5))
+    assert is_navigation_page(contents) and not is_navigation_page(PUMP_PAGES[1])
+    path = _generic_pdf(tmp_path / "pump.pdf", [contents + "\nSeal replacement . . . . . . . 3"] + PUMP_PAGES)
+    doc = pymupdf.open(path)
+    doc.set_toc([[1, "Contents", 1], [1, "Pump service", 2], [2, "Mounting the pump", 2],
+                 [2, "Replacing the mechanical seal", 3], [2, "Spare parts", 4]])
+    doc.saveIncr()
+    doc.close()
+    chunks, _ = extract_chunks(path)
+    seal = [c for c in chunks if c["page"] == 3]
+    assert seal and all(c["text"].startswith("Pump service › Replacing the mechanical seal\n") for c in seal)
+    assert all(c.get("nav") for c in chunks if c["page"] == 1) and not any(c.get("nav") for c in seal)
+    assert extract_chunks(path, section_titles=False)[0][2]["text"].startswith("Seal replacement.")
+    store.ingest_pdf(path, product="pump")
+    for mode in ("hybrid", "bm25", "dense"):  # the contents page names "seal replacement" but answers nothing
+        pages = [h["page"] for h in store.query("seal replacement", k=4, retrieval=RetrievalConfig(mode=mode))]
+        assert 1 not in pages and pages[0] == 3, (mode, pages)
+    with_nav = store.query("seal replacement", k=4, retrieval=RetrievalConfig(mode="bm25", skip_navigation=False))
+    assert 1 in [h["page"] for h in with_nav]
