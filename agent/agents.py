@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
+from PIL import Image
 from rich.console import Console
 from smolagents import Model, ToolCallingAgent
 from smolagents.agents import ToolOutput, populate_template
@@ -96,6 +97,26 @@ def load_prompts(path: Path = PROMPTS_PATH) -> tuple[dict, dict]:
     return base, extra
 
 
+def known_facts(ctx: "RunContext") -> str:
+    """What the conversation already knows, in one line for the turn message (a small model then does not
+    call tools again for it): the photo's verdict and defect type, the passages retrieved so far."""
+    parts = []
+    insp = ctx.inspection or {}
+    if ctx.has_photo and not ctx.new_photo and insp:
+        verdict = "ANOMALOUS" if insp.get("is_anomalous") else "NORMAL"
+        parts.append(f"photo {insp.get('product')} {verdict} (score {float(insp['score']):.2f} vs "
+                     f"{float(insp['threshold']):.2f})")
+    if ctx.has_photo and not ctx.new_photo and ctx.search:
+        parts.append(f"defect type {ctx.defect_type}")
+    if ctx.passages:
+        groups: dict[str, list[str]] = {}
+        for p in ctx.passages:
+            what = " ".join(x for x in (p.get("product"), p.get("defect")) if x) or p["source"]
+            groups.setdefault(what, []).append(f"{p['label']} {p.get('section') or ''}".strip())
+        parts.append("passages " + "; ".join(f"{k}: {', '.join(v)}" for k, v in groups.items()))
+    return "; ".join(parts)
+
+
 class _PromptTool:
     """Name and description of a tool class for the system prompt."""
 
@@ -117,8 +138,10 @@ def _text(content) -> str:
     return str(content or "")
 
 
-def _message(role: str, text: str) -> ChatMessage:
-    return ChatMessage(role=MessageRole(role), content=[{"type": "text", "text": text}])
+def _message(role: str, text: str, images: list | None = None) -> ChatMessage:
+    """A smolagents message: image parts (PIL images) first, then the text."""
+    parts = [{"type": "image", "image": im} for im in images or []]
+    return ChatMessage(role=MessageRole(role), content=parts + [{"type": "text", "text": text}])
 
 
 def _error_text(error) -> str:
@@ -143,20 +166,28 @@ class _ChatToolCallingAgent(ToolCallingAgent):
     """ToolCallingAgent of one turn: the conversation in its messages, a constant system prompt, and
     an error instead of a free-text answer at max steps (the fallback is better and faster)."""
 
-    def __init__(self, *args, history: list[dict], turn_text: str, system_text: str, **kwargs):
+    def __init__(self, *args, history: list[dict], turn_text: str, system_text: str, photo: list | None = None,
+                 **kwargs):
         self._history, self._turn_text, self._system_text = history, turn_text, system_text
+        self._photo = list(photo or [])
         super().__init__(*args, **kwargs)
 
     def initialize_system_prompt(self) -> str:
         return self._system_text
 
     def write_memory_to_messages(self, summary_mode: bool = False) -> list[ChatMessage]:
+        """System prompt, the conversation, this turn's message (with the photo for a model that sees
+        images) and this turn's steps (an observation carries the overlay image once, see
+        :func:`_overlay_callback`)."""
         msgs = [_message("system", self._system_text)]
         msgs += [_message(m["role"], m["content"]) for m in self._history]
-        msgs.append(_message("user", self._turn_text))
+        msgs.append(_message("user", self._turn_text, images=self._photo))
         for step in self.memory.steps:
             if isinstance(step, ActionStep):
-                msgs += [_message(m["role"], m["content"]) for m in step_messages(step)]
+                parts = step_messages(step)
+                for i, m in enumerate(parts):
+                    images = step.observations_images if m["content"].startswith("Observation:") else None
+                    msgs.append(_message(m["role"], m["content"], images=images))
         return msgs
 
     def _handle_max_steps_reached(self, task: str) -> Any:
@@ -307,7 +338,7 @@ class DefectAgent:
         return populate_template(self.extra_prompts["turn"], variables={
             "photo": photo, "photo_name": Path(ctx.image_path).name if ctx.image_path else None,
             "product": ctx.product, "product_source": ctx.product_source, "question": ctx.question,
-            "answer_lang": ctx.lang}).strip()
+            "answer_lang": ctx.lang, "known": known_facts(ctx)}).strip()
 
     # backwards-compatible name of the one-shot task text
     task_text = turn_text
@@ -412,7 +443,8 @@ class DefectAgent:
             tools=tools, model=turn_model, prompt_templates=self.prompt_templates, max_steps=settings.agent_max_steps,
             final_answer_checks=[turn_check], stream_outputs=True, max_tool_threads=1,
             logger=AgentLogger(level=LogLevel.OFF, console=Console(file=io.StringIO(), quiet=True)),
-            history=history, turn_text=turn_text, system_text=self.system_text,
+            history=history, turn_text=turn_text, system_text=self.system_text, photo=_task_images(ctx, model),
+            step_callbacks=[_overlay_callback(ctx)] if getattr(model, "accepts_images", False) else None,
         )
         pending: dict[str, tuple[ToolCall, float]] = {}
         turn_named = step_named = step_calls = 0
@@ -543,6 +575,30 @@ class DefectAgent:
         for i, s in enumerate(action_steps):
             msgs += step_messages(s, final=i == len(action_steps) - 1)
         run["messages"] = msgs
+
+
+def _task_images(ctx, model) -> list | None:
+    """The conversation's photo as a PIL image on the turn message, for models that see images
+    (``accepts_images``: the Qwen2-VL backend); None otherwise."""
+    if not getattr(model, "accepts_images", False) or getattr(ctx, "image", None) is None:
+        return None
+    return [Image.fromarray(ctx.image).convert("RGB")]
+
+
+def _overlay_callback(ctx):
+    """smolagents step callback: after the anomaly-scoring step, attach the overlay PNG to that
+    step's observation images, so a vision model sees it once (in that step's messages only)."""
+    sent: set[str] = set()
+
+    def attach_overlay(step, agent=None) -> None:
+        overlay = (getattr(ctx, "inspection", None) or {}).get("overlay")
+        if not isinstance(step, ActionStep) or not overlay or overlay in sent or not Path(overlay).is_file():
+            return
+        with Image.open(overlay) as im:
+            step.observations_images = [*(step.observations_images or []), im.convert("RGB")]
+        sent.add(overlay)
+
+    return attach_overlay
 
 
 _DEFAULT_AGENT: DefectAgent | None = None

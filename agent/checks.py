@@ -178,6 +178,20 @@ def complete_sources(answer: str) -> str:
 
 _HANGUL = re.compile(r"[\uac00-\ud7a3]")
 _LABEL = re.compile(r"\[(P\d+)\]")
+#: words a verdict uses for a normal part / a defective one (English and Korean)
+NORMAL_WORDS = ("normal", " ok", "okay", "no defect", "fine", "good", "정상", "문제가 없", "문제 없", "이상이 없",
+                "이상 없", "결함이 없", "결함 없")
+DEFECT_WORDS = ("anomal", "defect", "not ok", "reject", "scratch", "crack", "hole", "stain", "contamination",
+                "이상", "불량", "결함", "스크래치", "균열", "구멍", "얼룩", "이물질")
+#: a reply about what the assistant does names these; an off-topic reply says what it helps with
+CAPABILITY_WORDS = ("photo", "manual", "similar", "image", "defect", "사진", "매뉴얼", "유사", "이미지", "결함")
+DOMAIN_WORDS = ("part", "defect", "manual", "부품", "결함", "매뉴얼")
+
+
+def says_any(text: str, words) -> bool:
+    """The text contains one of ``words`` (case-insensitive; a leading space in a word marks a word start)."""
+    low = f" {(text or '').lower()}"
+    return any(w in low for w in words)
 
 
 def required_tools(kind: str, ctx: Any) -> list[str]:
@@ -221,7 +235,10 @@ def check_turn(raw: Any, answer: str, ctx: Any, kind: str, form: str) -> list[st
 
     Checks: non-empty; labels and citations only of passages retrieved in this conversation;
     a response manual passes :func:`check_answer`; the evidence :func:`required_tools` names;
-    a manual question answered with at least one citation; a Korean message answered in Korean.
+    a manual question answered with at least one citation; a verdict states the scored verdict
+    (:data:`NORMAL_WORDS` / :data:`DEFECT_WORDS`); similar cases are named by their defect types; a
+    capabilities reply says what the assistant does,
+    an off-topic reply what it helps with; a Korean message answered in Korean.
     """
     if not isinstance(raw, str) or not raw.strip():
         return ["the answer is empty"]
@@ -239,10 +256,25 @@ def check_turn(raw: Any, answer: str, ctx: Any, kind: str, form: str) -> list[st
     if form == "manual":
         problems += check_answer(answer, ctx)
     missing = required_tools(kind, ctx)
+    insp = getattr(ctx, "inspection", None) or {}
     if missing:
         problems.append("the user's message needs " + ", ".join(missing) + ": call it before answering")
     elif kind == "manual_question" and getattr(ctx, "manual_hits", None) and not find_citations(answer):
         problems.append("cite the manual passages you used with their labels, e.g. [P1]")
+    if kind == "verdict" and insp and not missing:
+        verdict_words = DEFECT_WORDS if insp.get("is_anomalous") else NORMAL_WORDS
+        if not says_any(raw, verdict_words):
+            problems.append("state the verdict: the part is " + ("ANOMALOUS (a defect was found)"
+                                                                 if insp.get("is_anomalous") else "NORMAL (no defect)"))
+    search = getattr(ctx, "search", None) or {}
+    type_names = [n for d in {h.get("defect_type") for h in search.get("hits") or []} for n in _names(d, "defect")]
+    if kind == "similar" and type_names and not says_any(raw, type_names):
+        problems.append(f"name the defect types of the similar past defects (majority: {search.get('defect_type')})")
+    if kind == "capabilities" and not says_any(raw, CAPABILITY_WORDS):
+        problems.append("say what you do: score photos of parts for defects, find similar past defects, answer "
+                        "from the manuals")
+    if kind == "offtopic" and not says_any(raw, DOMAIN_WORDS):
+        problems.append("say that you only help with parts, their defects and the manuals")
     if getattr(ctx, "lang", "en") == "ko" and not _HANGUL.search(raw):
         problems.append("the user wrote in Korean: answer in Korean")
     return problems

@@ -26,7 +26,15 @@ from pathlib import Path
 import yaml
 
 from agent.ask import ask, open_conversation, start_run, start_turn
-from agent.checks import SECTIONS, check_answer, find_citations
+from agent.checks import (
+    CAPABILITY_WORDS,
+    DEFECT_WORDS,
+    DOMAIN_WORDS,
+    NORMAL_WORDS,
+    SECTIONS,
+    check_answer,
+    find_citations,
+)
 from core import catalog
 from data.build import load_manifest
 from services.container import Services
@@ -43,11 +51,7 @@ KIND_NEEDS = {
     "capabilities": [],
     "offtopic": [],
 }
-NORMAL_WORDS = ("normal", " ok", "okay", "no defect", "fine", "good", "정상", "문제가 없", "문제 없", "이상이 없",
-                "이상 없", "결함이 없", "결함 없")
-DEFECT_WORDS = ("anomal", "defect", "not ok", "reject", "이상", "불량", "결함")
-OFFTOPIC_WORDS = ("part", "defect", "manual", "부품", "결함", "매뉴얼")
-CAPABILITY_WORDS = ("photo", "manual", "similar", "image", "사진", "매뉴얼", "유사", "이미지")
+OFFTOPIC_WORDS = DOMAIN_WORDS
 _HANGUL = re.compile(r"[\uac00-\ud7a3]")
 
 

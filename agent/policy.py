@@ -199,8 +199,10 @@ def answer_form(ctx) -> str:
 
     ``"manual"``: the photo scored ANOMALOUS, its defect type is known, this turn called manual
     retrieval and scoring or similar-defect search, and passages of that defect were retrieved: the
-    response manual. ``"cited"``: this turn retrieved manual passages (otherwise): one to three items
-    ``- <text> [P<n>]``, like the passage lines of the observation. ``"text"``: anything else.
+    response manual. ``"cited"``: this turn retrieved manual passages (otherwise, and the photo, if
+    scored, is not a normal part): one to three items ``- <text> [P<n>]``, like the passage lines of
+    the observation. ``"text"``: anything else (a normal part gets a short verdict, which may still cite
+    labels, never defect items).
     """
     insp = ctx.inspection or {}
     called = set(ctx.tool_calls)
@@ -209,6 +211,8 @@ def answer_form(ctx) -> str:
             and called & {"anomaly_scoring", "similar_defect_search"}
             and any(h.get("defect") == ctx.defect_type for h in ctx.manual_hits)):
         return "manual"
+    if ctx.has_photo and insp and not insp.get("is_anomalous"):
+        return "text"
     return "cited" if retrieved else "text"
 
 

@@ -136,6 +136,11 @@ def test_turn_checks_by_kind():
     assert "needs anomaly_scoring" in check_turn("It is fine.", "It is fine.", fresh, "verdict", "text")[0]
     text = _ctx(photo=False, question="What causes cracks?")
     assert required_tools("manual_question", text) == ["manual_retrieval"]
-    assert check_turn("Hello there.", "Hello there.", _ctx(photo=False), "offtopic", "text") == []
+    reply = "I can only help with parts, their defects and the manuals."
+    assert check_turn(reply, reply, _ctx(photo=False), "offtopic", "text") == []
+    assert check_turn("Hello there.", "Hello there.", _ctx(photo=False), "offtopic", "text") == [
+        "say that you only help with parts, their defects and the manuals"]
     ko = _ctx(photo=False, question="안녕")
-    assert check_turn("Hello.", "Hello.", ko, "capabilities", "text") == ["the user wrote in Korean: answer in Korean"]
+    said = "I score photos of parts for defects and answer from the manuals."
+    assert check_turn(said, said, ko, "capabilities", "text") == ["the user wrote in Korean: answer in Korean"]
+    assert check_turn("Hello.", "Hello.", ko, "capabilities", "text")[0].startswith("say what you do")
