@@ -14,8 +14,8 @@ exits non-zero with ``{"error": ...}`` on bad input. ``inspect`` and
     python cli.py register IMAGE --product P --defect D [--note N]
     python cli.py relabel ID [--product P] [--defect D] [--note N]
     python cli.py delete ID
-    python cli.py eval anomaly [--product P]
-    python cli.py eval retrieval
+    python cli.py eval anomaly [--product P] [--split val|unseen]
+    python cli.py eval retrieval [--split val|unseen]
     python cli.py eval ask [--per-product N]
     python cli.py eval chat [--half dev|report|all] [--only ID...]
 """
@@ -141,7 +141,7 @@ def cmd_ingest(args) -> dict:
     for path in _expand(args.pdfs):
         if not Path(path).is_file():
             raise CliError(f"file not found: {path}")
-        res = ingest_manual(_services(), path, product=args.product)
+        res = ingest_manual(_services(), path, product=args.product, replace_shipped=args.replace_shipped)
         docs += res["documents"]
         pages += res["pages"]
         chunks += res["chunks"]
@@ -180,13 +180,24 @@ def cmd_eval(args) -> dict:
         else:
             products = services.banks.products()
         limit = args.small if args.small and args.small > 0 else None
-        rows = {p: evaluate_anomaly(services, p, limit=limit) for p in products}
-        keys = ("image_auroc", "pixel_auroc", "f1", "fpr")
+        try:
+            rows = {p: evaluate_anomaly(services, p, limit=limit, split=args.split) for p in products}
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
+        keys = ("image_auroc", "pixel_auroc", "f1", "fpr", "recall", "uncertain_rate")
         mean = {k: round(statistics.mean(r[k] for r in rows.values()), 4) for k in keys
                 if rows and all(r.get(k) is not None for r in rows.values())}
-        return {"products": rows, "mean": mean, "limit_per_class": limit}
+        types = sorted({t for r in rows.values() for t in r["per_type_image_auroc"]})
+        per_type = {t: round(statistics.mean(r["per_type_image_auroc"][t] for r in rows.values()
+                                             if r["per_type_image_auroc"].get(t) is not None), 4)
+                    for t in types if any(r["per_type_image_auroc"].get(t) is not None for r in rows.values())}
+        return {"split": args.split, "products": rows, "mean": mean, "per_type_mean": per_type,
+                "limit_per_class": limit}
     if args.what == "retrieval":
-        return evaluate_retrieval(services)
+        try:
+            return evaluate_retrieval(services, split=args.split)
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
     if args.what == "ask":
         return evaluate_ask(services, per_product=args.per_product)
     if args.what == "chat":
@@ -247,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("ingest", "add PDF manuals to the manual store")
     sp.add_argument("pdfs", nargs="+")
     sp.add_argument("--product")
+    sp.add_argument("--replace-shipped", action="store_true",
+                    help="replace a shipped manual of the same file name (refused without it)")
     sp.set_defaults(func=cmd_ingest)
 
     sp = add("manual", "query the manual store")
@@ -265,8 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--product", help="product id (default: inferred from the nearest gallery images)")
     sp.set_defaults(func=cmd_ask)
 
-    sp = add("eval", "evaluations on the project's own validation split")
+    sp = add("eval", "evaluations on the tuning split (val) or the unseen split")
     sp.add_argument("what", choices=["anomaly", "retrieval", "ask", "chat"])
+    sp.add_argument("--split", choices=["val", "unseen"], default="val",
+                    help="eval anomaly / retrieval: val = the tuning split (settings are chosen here); unseen = "
+                         "kept out of every fit, bank, gallery, metric and threshold, a second defect generator")
     sp.add_argument("--product")
     sp.add_argument("--per-product", type=int, default=2, help="eval ask: photos per product")
     sp.add_argument("--products", nargs="+", help="eval anomaly: only these products")

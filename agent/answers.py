@@ -103,9 +103,27 @@ def summary_line(ctx: Any, lang: str = "en") -> str:
         else:
             parts.append(f"판정: **정상 (NORMAL)**: 이상 점수 {score:.2f}가 임계값 {thr:.2f}보다 낮습니다." if ko
                          else f"Verdict: **NORMAL**: anomaly score {score:.2f} is below the threshold {thr:.2f}.")
+        note = uncertainty_note(insp, lang)
+        if note:
+            parts.append(note)
     else:
         parts.append("판정: 알 수 없음 (이상 점수 계산 실패)." if ko else "Verdict: unknown (anomaly scoring failed).")
     return " ".join(parts)
+
+
+def uncertainty_note(insp: dict, lang: str = "en") -> str:
+    """A sentence for a verdict inside the bank's uncertain band (``insp["uncertain"]``), else ``""``.
+
+    ``insp["margin"]`` is ``(score - threshold) / normal spread`` (:meth:`models.patchcore.model.PatchCore.verdict`).
+    """
+    if not insp.get("uncertain"):
+        return ""
+    m = float(insp.get("margin") or 0.0)
+    if lang == "ko":
+        return (f"**불확실**: 점수가 임계값에서 정상 분산의 {abs(m):.1f}배 이내입니다. 초점, 노출, 배율이 조금만 "
+                "바뀌어도 판정이 달라질 수 있으니 다시 촬영하거나 육안으로 확인하세요.")
+    return (f"**Uncertain**: the score is within {abs(m):.1f} normal spreads of the threshold; a small change of "
+            "focus, exposure or zoom could flip the verdict, so re-take the photo or check the part by eye.")
 
 
 def location_lines(ctx: Any, lang: str = "en") -> list[str]:

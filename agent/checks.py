@@ -261,7 +261,8 @@ def check_turn(raw: Any, answer: str, ctx: Any, kind: str, form: str) -> list[st
         problems.append("the user's message needs " + ", ".join(missing) + ": call it before answering")
     elif kind == "manual_question" and getattr(ctx, "manual_hits", None) and not find_citations(answer):
         problems.append("cite the manual passages you used with their labels, e.g. [P1]")
-    if kind == "verdict" and insp and not missing:
+    # a verdict states it; a photo sent for analysis that scored NORMAL gets a short verdict, never a manual
+    if insp and not missing and (kind == "verdict" or (kind == "manual" and not insp.get("is_anomalous"))):
         verdict_words = DEFECT_WORDS if insp.get("is_anomalous") else NORMAL_WORDS
         if not says_any(raw, verdict_words):
             problems.append("state the verdict: the part is " + ("ANOMALOUS (a defect was found)"

@@ -176,7 +176,8 @@ class Conversation:
                          product_confidence=conf, question=q, ui_lang=ui_lang, new_photo=new_photo, writes=writes,
                          inspection=facts.get("inspection"), search=facts.get("search"),
                          defect_type=facts.get("defect_type"), passages=list(s.get("passages") or []),
-                         topic=dict(facts.get("topic") or {}))
+                         topic=dict(facts.get("topic") or {}),
+                         out_dir=self.services.runs.new_run("chat"))  # pruned with the app's other runs
         amap = (ctx.inspection or {}).get("anomaly_map")
         if amap and Path(amap).is_file():
             try:

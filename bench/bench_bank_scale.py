@@ -83,7 +83,9 @@ def run_one(args) -> dict:
     if args.augment:
         overrides["augment"] = args.augment
     with tempfile.TemporaryDirectory(prefix="bank_scale_") as tmp:
-        svc = Services(Settings.from_env(state_dir=Path(tmp)))
+        # the coreset's scaling with N normals: no acquisition copies, no second (calibration) fold
+        svc = Services(Settings.from_env(state_dir=Path(tmp), patchcore_acquisition_copies=0,
+                                         patchcore_cross_fit=False))
         cfg = fit_config(svc, args.product, **overrides)
         # warm the backbone so its load is not counted as fit memory / time
         new_model(backbone_spec(svc.settings.patchcore_backbone, cfg.blocks), cfg, svc.banks.runtime)

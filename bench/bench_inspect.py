@@ -86,7 +86,7 @@ def run(args) -> dict:
     from anomalib.models.image.patchcore.torch_model import PatchcoreModel
 
     from core.settings import Settings
-    from models.patchcore.model import backbone_spec, build_model, preprocess
+    from models.patchcore.model import backbone_spec, build_model, prepare
     from services.container import Services
     from services.lock import MODEL_LOCK
     from services.products import fit_bank, fit_config
@@ -144,7 +144,7 @@ def run(args) -> dict:
 
         def same_forward(im):
             with torch.inference_mode():
-                return same(preprocess([im], cfg.image_size, spec.mean, spec.std))
+                return same(prepare(im, cfg, spec))
 
         same_ms = _time(same_forward, val)
         same_out = [same_forward(im) for im in val]
@@ -215,7 +215,8 @@ def main() -> None:
     ap.add_argument("--product", default="brick")
     ap.add_argument("--n", type=int, default=30, help="timed images")
     ap.add_argument("--train", type=int, default=80, help="training images (both banks)")
-    ap.add_argument("--image-size", type=int, default=0, help="override the input size (0: product config / 256)")
+    ap.add_argument("--image-size", type=int, default=0,
+                    help="override the input size (0: the product's config: native scale)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--small", action="store_true", help="CI mode: 4 train images, 3 timed, 64 px")
     args = ap.parse_args()

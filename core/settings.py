@@ -110,6 +110,13 @@ ENV_VARS: dict[str, str] = {
     "session_queue_limit": "DRA_SESSION_QUEUE_LIMIT",
     "event_time_limit_s": "DRA_EVENT_TIME_LIMIT_S",
     "build_on_start": "DRA_BUILD_ON_START",
+    # robustness (issue 15)
+    "patchcore_target_fpr": "DRA_PATCHCORE_TARGET_FPR",
+    "patchcore_uncertain_band": "DRA_PATCHCORE_UNCERTAIN_BAND",
+    "patchcore_pixel_scale": "DRA_PATCHCORE_PIXEL_SCALE",
+    "patchcore_acquisition_copies": "DRA_PATCHCORE_ACQUISITION_COPIES",
+    "patchcore_calibration_copies": "DRA_PATCHCORE_CALIBRATION_COPIES",
+    "patchcore_cross_fit": "DRA_PATCHCORE_CROSS_FIT",
 }
 #: secrets: never printed, logged or returned by :meth:`Settings.as_dict`
 SECRET_FIELDS = ("operator_password", "openai_api_key", "milvus_token")
@@ -183,7 +190,7 @@ class Settings:
     image_global_dim: int = 512
     # similar-defect search: defects per type synthesized on each product's val normals to train
     # the defect metric at index build (0 = gallery only)
-    synth_per_type: int = 600
+    synth_per_type: int = 90
     search_k: int = 5
     # similar-defect search: fused score = (1 - w) * image cosine + w * caption cosine
     search_text_weight: float = 0.5
@@ -228,6 +235,22 @@ class Settings:
     event_time_limit_s: float = 600.0
     # python app.py builds a missing state before serving ("1") or only serves what is there ("0")
     build_on_start: bool = True
+    # robustness (issue 15)
+    # false-positive rate the image threshold aims at on calibration normals (normals the bank does not
+    # contain, under the acquisition changes); the verdict's margin is in units of their score spread
+    patchcore_target_fpr: float = 0.02
+    # a verdict within this many normal spreads of the threshold is reported as uncertain
+    patchcore_uncertain_band: float = 1.0
+    # model pixels per photo pixel for fits (0 = the product's: 1.0, the camera's native scale)
+    patchcore_pixel_scale: float = 0.0
+    # acquisition-changed copies of each training normal added to the memory bank (scale +-20 %, blur,
+    # sharpening, exposure, gamma, gray, JPEG, noise; data.acquisition)
+    patchcore_acquisition_copies: int = 1
+    # acquisition-changed copies of each calibration normal scored for the threshold (besides the normal)
+    patchcore_calibration_copies: int = 3
+    # two-fold calibration: the bank holds the train and the calibration normals, the threshold comes from
+    # out-of-fold scores (each fold's bank on the other fold's normals); 0 = calibration normals stay out of it
+    patchcore_cross_fit: bool = True
     model_resolution: ModelResolution = field(default=None, compare=False, repr=False)  # type: ignore[assignment]
 
     @classmethod

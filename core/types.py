@@ -53,6 +53,10 @@ class InspectionResult:
         elapsed_ms: wall time spent on this image (ms).
         pixel_threshold: the calibrated pixel threshold used for ``mask``.
         color_scale: fixed per-product ``(vmin, vmax)`` for heat maps.
+        margin: ``(score - threshold) / normal spread``: how far above (> 0) or below (< 0) the
+            threshold, in units of the spread of the calibration normals' scores (NaN: unknown).
+        uncertain: True when ``|margin|`` is within the bank's uncertain band (the verdict could
+            flip under a small change of focus, exposure or zoom).
     """
 
     product: str
@@ -67,6 +71,8 @@ class InspectionResult:
     elapsed_ms: float
     pixel_threshold: float = float("nan")
     color_scale: tuple[float, float] | None = None
+    margin: float = float("nan")
+    uncertain: bool = False
 
     def summary(self) -> dict:
         """JSON-ready fields (no arrays): product, score, threshold, is_anomalous, regions, ..."""
@@ -75,6 +81,8 @@ class InspectionResult:
             "score": _r(self.score),
             "threshold": _r(self.threshold),
             "is_anomalous": bool(self.is_anomalous),
+            "margin": _r(self.margin, 3) if self.margin == self.margin else None,
+            "uncertain": bool(self.uncertain),
             "regions": [r.to_json() for r in self.regions],
             "nearest_normal": self.nearest_normal,
             "model": self.model,
@@ -93,6 +101,10 @@ class BankMeta:
         image_size: model input size (pixels); tta: test-time views key; tta_views: their count.
         symmetry: the symmetry chosen at fit time (``none`` / ``mirror`` / ``flips`` / ``turns``) or None.
         fitted_at: ISO time of the fit.
+        pixel_scale: model pixels per photo pixel (1.0: photos scored at the camera's native
+            scale); None for a bank that resizes every photo to ``image_size`` (before issue 15).
+        target_fpr: the false-positive rate the threshold was calibrated for (None: older rule).
+        normal_spread: spread of the calibration normals' scores (the margin's unit) or None.
         raw: the whole meta.json (thresholds' rules, validation scores, training paths, ...).
     """
 
@@ -105,6 +117,9 @@ class BankMeta:
     tta_views: int
     symmetry: str | None
     fitted_at: str | None
+    pixel_scale: float | None = None
+    target_fpr: float | None = None
+    normal_spread: float | None = None
     raw: dict = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -113,7 +128,9 @@ class BankMeta:
         return cls(product=str(meta["product"]), model=str(meta["model"]), threshold=float(meta["threshold"]),
                    pixel_threshold=float(meta["pixel_threshold"]), image_size=int(meta["image_size"]),
                    tta=str(meta.get("tta", "none")), tta_views=int(meta.get("tta_views", 1)),
-                   symmetry=meta.get("symmetry"), fitted_at=meta.get("fitted_at"), raw=dict(meta))
+                   symmetry=meta.get("symmetry"), fitted_at=meta.get("fitted_at"),
+                   pixel_scale=(float(meta.get("pixel_scale", 1.0)) if int(meta["image_size"]) == 0 else None),
+                   target_fpr=meta.get("target_fpr"), normal_spread=meta.get("normal_spread"), raw=dict(meta))
 
 
 @dataclass
@@ -124,6 +141,8 @@ class InspectionReport:
         product: product id; product_source: ``user`` | ``inferred`` | ``model``;
         product_confidence: vote share of the inferred product 0..1 (None when given).
         score, threshold, is_anomalous: the verdict (see :class:`InspectionResult`).
+        margin: ``(score - threshold) / normal spread`` (None: unknown); uncertain: the verdict lies
+            within the bank's uncertain band of the threshold.
         regions: defect regions; model: PatchCore model label; elapsed_ms: wall time (ms).
         width, height: input size in pixels; image_sha256: content hash of the decoded pixels.
         artifacts: ``{"anomaly_map" (.npy float32 H x W), "mask", "heatmap", "overlay",
@@ -145,6 +164,8 @@ class InspectionReport:
     image_sha256: str
     artifacts: dict[str, str | None] = field(default_factory=dict)
     result: InspectionResult | None = field(default=None, repr=False)
+    margin: float | None = None
+    uncertain: bool = False
 
     @property
     def verdict(self) -> str:
@@ -158,6 +179,7 @@ class InspectionReport:
             "product_confidence": _r(self.product_confidence, 3),
             "score": _r(self.score), "threshold": _r(self.threshold),
             "is_anomalous": bool(self.is_anomalous), "verdict": self.verdict,
+            "margin": _r(self.margin, 3), "uncertain": bool(self.uncertain),
             "regions": [r.to_json() for r in self.regions], "model": self.model,
             "elapsed_ms": _r(self.elapsed_ms, 1), "image_sha256": self.image_sha256,
             "width": int(self.width), "height": int(self.height),

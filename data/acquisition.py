@@ -8,7 +8,8 @@ are re-encoded as JPEG, and sensor noise varies. This module reproduces those
 changes so a held-out evaluation can measure robustness to them.
 
 Public API: :data:`ACQUISITION_CHANGES`, :func:`apply_change`,
-:func:`random_acquisition`, :func:`to_gray`, :func:`rescale`,
+:func:`random_acquisition`, :func:`acquire` (the same with a defect mask carried along),
+:func:`to_gray`, :func:`rescale`,
 :func:`crop_native`. Only numpy, scipy and Pillow are used; nothing happens on
 import. Every function returns a new array and never modifies its input; every
 random choice comes from the ``numpy.random.Generator`` passed in, so a result
@@ -250,7 +251,35 @@ def random_acquisition(rgb: np.ndarray, rng: np.random.Generator, *, n_changes: 
     Raises:
         ValueError: bad image, bad ``n_changes``, or unknown / repeated names in ``changes``.
     """
+    out, _, applied = acquire(rgb, rng, n_changes=n_changes, changes=changes)
+    return out, applied
+
+
+def acquire(rgb: np.ndarray, rng: np.random.Generator, *, mask: np.ndarray | None = None,
+            n_changes: tuple[int, int] = (1, 3),
+            changes: tuple[str, ...] | list[str] = ACQUISITION_CHANGES) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
+    """:func:`random_acquisition` that also carries a defect mask through the geometric change.
+
+    Same draws from ``rng`` as :func:`random_acquisition` (same image for the same state).
+    When ``scale`` is applied, the mask is resized to the new image size (bilinear on the
+    0/1 mask, kept where >= 0.5; where that would empty it, where > 0); the photometric
+    changes leave it as it is.
+
+    Args:
+        rgb: ``(H, W, 3)`` uint8 (not modified).
+        rng: generator for every choice.
+        mask: ``(H, W)`` bool (or 0 / non-zero) defect mask, or None.
+        n_changes, changes: as :func:`random_acquisition`.
+
+    Returns:
+        ``(image (H', W', 3) uint8, mask (H', W') bool or None, names applied in order)``.
+
+    Raises:
+        ValueError: bad image, mask of another shape, bad ``n_changes``, unknown / repeated names.
+    """
     _check_rgb(rgb)
+    if mask is not None and np.asarray(mask).shape != rgb.shape[:2]:
+        raise ValueError(f"mask shape {np.asarray(mask).shape} does not match the image {rgb.shape[:2]}")
     try:
         lo, hi = (int(v) for v in n_changes)
     except (TypeError, ValueError):
@@ -267,6 +296,11 @@ def random_acquisition(rgb: np.ndarray, rng: np.random.Generator, *, n_changes: 
     picked = {names[i] for i in rng.choice(len(names), size=n, replace=False)} if n else set()
     applied = [c for c in _PIPELINE_ORDER if c in picked]
     out = rgb.copy()
+    m = None if mask is None else np.asarray(mask).astype(bool)
     for c in applied:
         out = apply_change(out, c, rng)
-    return out, applied
+        if c == "scale" and m is not None and m.shape != out.shape[:2]:
+            small = Image.fromarray(m.astype(np.float32)).resize((out.shape[1], out.shape[0]), Image.BILINEAR)
+            arr = np.asarray(small)
+            m = arr >= 0.5 if (arr >= 0.5).any() else arr > 0
+    return out, m, applied

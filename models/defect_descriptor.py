@@ -75,9 +75,10 @@ import numpy as np
 import torch
 from torch.nn import functional as F  # noqa: N812
 
-from models.backbones import LITE0_BLOCKS, load_lite0, to_tensor
+from models.backbones import LITE0_BLOCKS, load_lite0_onnx, to_tensor
 
-SIZE = 256  # working resolution (pixels, square)
+SIZE = 256  # working resolution (pixels, square) when DescriptorConfig.native is off
+MAX_SIDE = 512  # native-scale working resolution: longer sides are scaled down to this
 EPS = 1e-6
 
 
@@ -93,6 +94,9 @@ class DescriptorConfig:
         fine_k: fine-structure pixels are ``|highpass| > fine_k * robust sigma``.
         use_deep / use_stats: feature groups to include.
         deep_weight / stats_weight: group weights after standardisation.
+        native: describe at the photo's own scale (sides capped at ``MAX_SIDE``; issue 15) instead
+            of resizing every photo to ``SIZE`` x ``SIZE`` (which magnified small photos: a 128 px
+            defect looked twice as wide as the same defect in a 256 px crop).
     """
 
     blocks: tuple[int, ...] = (2, 4, 7)
@@ -106,6 +110,7 @@ class DescriptorConfig:
     use_tail_weighted: bool = False
     deep_weight: float = 1.0
     stats_weight: float = 1.0
+    native: bool = True
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -135,12 +140,24 @@ def _relative_map(anomaly_map: np.ndarray) -> np.ndarray:
     return np.clip((a - med) / max(peak - med, EPS), 0.0, 1.0)
 
 
-def _resize(x: np.ndarray, size: int, order: int = 1) -> np.ndarray:
+def _resize(x: np.ndarray, size, order: int = 1) -> np.ndarray:
+    """``x`` (``(H, W)`` or ``(H, W, C)``) resized to ``size`` (int: square; or ``(h, w)``), float32."""
     from skimage.transform import resize
 
-    if x.shape[:2] == (size, size):
-        return x
-    return resize(x, (size, size) + x.shape[2:], order=order, preserve_range=True, anti_aliasing=order > 0).astype(np.float32)
+    hw = (size, size) if isinstance(size, (int, np.integer)) else tuple(int(v) for v in size)
+    if x.shape[:2] == hw:
+        return np.asarray(x, np.float32)
+    return resize(x, hw + x.shape[2:], order=order, preserve_range=True, anti_aliasing=order > 0).astype(np.float32)
+
+
+def work_shape(shape: tuple[int, ...], cfg: "DescriptorConfig") -> tuple[int, int]:
+    """``(h, w)`` at which a photo of ``shape`` is described: native (longer side capped at
+    ``MAX_SIDE``) or the square ``SIZE`` when ``cfg.native`` is off."""
+    if not cfg.native:
+        return SIZE, SIZE
+    h, w = int(shape[0]), int(shape[1])
+    f = min(1.0, MAX_SIDE / max(h, w))
+    return max(32, int(round(h * f))), max(32, int(round(w * f)))
 
 
 def _shape_stats(mask: np.ndarray) -> tuple[float, float, float, float, float]:
@@ -176,8 +193,9 @@ def region_stats(rgb: np.ndarray, anomaly_map: np.ndarray, cfg: DescriptorConfig
     from skimage.color import rgb2lab
     from skimage.morphology import skeletonize
 
-    img = _resize(np.asarray(rgb, np.float32) / 255.0, SIZE)
-    rel = _resize(_relative_map(anomaly_map), SIZE)
+    hw = work_shape(np.shape(rgb), cfg)
+    img = _resize(np.asarray(rgb, np.float32) / 255.0, hw)
+    rel = _resize(_relative_map(anomaly_map), hw)
     lab = rgb2lab(np.clip(img, 0, 1)).astype(np.float32)
     L = lab[..., 0]
     region = rel >= cfg.region_quantile
@@ -236,21 +254,27 @@ class DeepPooler:
     Output: float32 ``(N, sum C_b)``.
     """
 
-    def __init__(self, blocks: tuple[int, ...] = (2, 4, 7), pretrained: bool = True):
+    def __init__(self, blocks: tuple[int, ...] = (2, 4, 7), pretrained: bool = True, native: bool = True):
         self.blocks = tuple(sorted(blocks))
-        self._net = load_lite0(blocks=self.blocks, pretrained=pretrained, with_head=False)
+        self.native = native
+        # EfficientNet-Lite0 in ONNX Runtime (same block outputs as the eager module up to float32 rounding)
+        self._net = load_lite0_onnx(self.blocks, pretrained=pretrained)
         self._lock = threading.Lock()
 
     def __call__(self, images: list[np.ndarray], maps: list[np.ndarray]) -> np.ndarray:
         out = []
+        cfg = DescriptorConfig(native=self.native)
         with self._lock, torch.inference_mode():
-            for i in range(0, len(images), 16):
-                x = to_tensor(list(images[i:i + 16]), SIZE)
+            for im, m in zip(images, maps):  # one photo at a time: native sizes differ
+                hw = work_shape(np.shape(im), cfg)
+                x = to_tensor(np.asarray(im), None)
+                if tuple(x.shape[-2:]) != hw:
+                    x = F.interpolate(x, size=hw, mode="bilinear", antialias=True, align_corners=False)
                 feats = self._net(x)
-                rel = torch.from_numpy(np.stack([_resize(_relative_map(m), SIZE) for m in maps[i:i + 16]]))[:, None]
+                rel = torch.from_numpy(_resize(_relative_map(m), hw))[None, None]
                 parts = []
                 for b in self.blocks:
-                    f = feats[f"block{b}"]
+                    f = feats[f"_blocks.{b}"]
                     w = F.interpolate(rel, size=f.shape[-2:], mode="area") ** 2
                     r = 1.0 - w
                     pin = (f * w).sum((2, 3)) / (w.sum((2, 3)) + EPS)
@@ -269,7 +293,8 @@ class DefectDescriber:
 
     def __init__(self, cfg: DescriptorConfig | None = None, pretrained: bool = True):
         self.cfg = cfg or DescriptorConfig()
-        self._pool = DeepPooler(self.cfg.blocks, pretrained=pretrained) if self.cfg.use_deep else None
+        self._pool = DeepPooler(self.cfg.blocks, pretrained=pretrained, native=self.cfg.native) \
+            if self.cfg.use_deep else None
 
     @property
     def dim(self) -> int:

@@ -117,7 +117,8 @@ class Lite0Embedder:
         out = []
         with self._lock, torch.inference_mode():
             for i in range(0, len(images), self.batch_size):
-                batch = to_tensor(list(images[i : i + self.batch_size]), self.size)
+                # one resize per image: photos of a batch may have different sizes (native-scale photos)
+                batch = torch.cat([to_tensor(im, self.size) for im in images[i : i + self.batch_size]])
                 out.append(self._net(batch)["pooled"].float().numpy())
         return np.concatenate(out).astype(np.float32)
 

@@ -18,7 +18,8 @@ import numpy as np
 
 from core.imageio import content_hash, load_rgb
 from core.settings import DEFECT_TYPES, PRODUCTS
-from data import synth
+from data import synth, synth_alt
+from data.acquisition import random_acquisition
 from data.build import build_sample_data, load_manifest
 from models.embedders import DefectAwareEmbedder
 from services.container import Services
@@ -32,15 +33,25 @@ def _noop(_f: float, _m: str) -> None:
     return None
 
 
+def data_version(manifest: dict) -> str:
+    """What a bank fitted from the sample data depends on: ``"<manifest version>/<seed>"``."""
+    return f"{manifest.get('version')}/{manifest.get('seed')}"
+
+
 def fit_from_manifest(services: Services, product: str, data_dir: Path | None = None,
                       progress: Progress | None = None) -> dict:
-    """Fit ``product`` from the sample data's manifest (train normals; val normals + defects).
+    """Fit ``product`` from the sample data's manifest: train normals (bank region) in the bank, val
+    normals (tune region) as calibration normals, val defects reported.
+
+    The bank's meta.json records the sample data's version (:func:`data_version`): a build after the
+    data changed refits it.
 
     Raises:
         FileNotFoundError: no manifest. ValueError: no train items for the product.
     """
     data_dir = Path(data_dir or services.settings.data_dir)
-    items = [it for it in load_manifest(data_dir)["items"] if it.get("product") == product]
+    manifest = load_manifest(data_dir)
+    items = [it for it in manifest["items"] if it.get("product") == product]
     train = [it for it in items if it.get("split") == "train" and it.get("label") == "good"]
     if not train:
         raise ValueError(f"manifest in {data_dir} has no train images for product {product!r}")
@@ -50,17 +61,28 @@ def fit_from_manifest(services: Services, product: str, data_dir: Path | None = 
     return fit_bank(services, product, [load_rgb(p) for p in paths],
                     [load_rgb(data_dir / it["image"]) for it in val_good],
                     [load_rgb(data_dir / it["image"]) for it in val_bad] or None,
-                    train_paths=paths, progress=progress)
+                    train_paths=paths, progress=progress, record={"data_version": data_version(manifest)})
+
+
+#: generators that draw the defect metric's training defects (data.holdout_synth is evaluation-only)
+TRAINING_GENERATORS = ("data.synth", "data.synth_alt")
+#: acquisition changes of the metric's training defects (how many, from data.acquisition's list)
+TRAINING_N_CHANGES = (0, 2)
 
 
 def synthesize_training_defects(normals: list[np.ndarray], product: str, per_type: int,
                                 seed: int = 777) -> tuple[list[np.ndarray], list[str]]:
-    """Extra labelled defects for fitting the defect metric: the project's synthesiser on normal images.
+    """Extra labelled defects for fitting the defect metric: two independent generators on normal images.
 
-    Draws each defect type of :data:`core.settings.DEFECT_TYPES` with
-    :func:`data.synth.synthesize` onto ``per_type`` normal images (cycled), with generators
-    seeded by ``(seed, product, type, i)`` (deterministic). Only the metric sees these
-    images; they are never indexed or shown.
+    Draws ``per_type`` defects of each type of :data:`core.settings.DEFECT_TYPES` onto the
+    normal images (cycled), alternating between the data builder's generator
+    (:func:`data.synth.synthesize`) and a second, independently written one
+    (:func:`data.synth_alt.draw`), each followed by 0-2 acquisition changes
+    (:func:`data.acquisition.random_acquisition`: scale, blur, sharpening, exposure, gamma,
+    gray, JPEG, noise): the metric learns what a defect type looks like rather than one
+    drawing routine or one camera (issue 15). Generators are seeded by
+    ``(seed, product, type, i)`` (deterministic). Only the metric sees these images; they are
+    never indexed or shown. The evaluation generator (:mod:`data.holdout_synth`) is never used.
 
     Returns:
         ``(images, defect_types)``: RGB uint8 ``(H, W, 3)`` images and their labels.
@@ -72,20 +94,28 @@ def synthesize_training_defects(normals: list[np.ndarray], product: str, per_typ
     for ti, defect in enumerate(DEFECT_TYPES):
         for i in range(per_type):
             rng = np.random.default_rng([seed, pseed, ti, i])
-            images.append(synth.synthesize(defect, normals[i % len(normals)], rng, product).image)
+            clean = normals[i % len(normals)]
+            if i % 2 == 0:
+                img = synth.synthesize(defect, clean, rng, product).image
+            else:
+                img, _ = synth_alt.draw(clean, defect, rng)
+            img, _ = random_acquisition(img, rng, n_changes=TRAINING_N_CHANGES)
+            images.append(img)
             labels.append(defect)
     return images, labels
 
 
 def gallery_fingerprint(services: Services, normals: dict, gallery: list[dict], synth_per_type: int) -> str:
-    """sha256 of what a gallery build depends on: normals, gallery images, model, descriptor, banks, synth count."""
+    """sha256 of what a gallery build depends on: normals, gallery images, model, descriptor, banks, synth count
+    and the metric's training generators."""
     index = services.image_index
     banks = {}
     for p in sorted({g["product"] for g in gallery}):
         if p in services.banks.products():
             banks[p] = services.banks.read_meta(p).get("fitted_at")
     return hashlib.sha256(json.dumps([normals, [g["image"] for g in gallery], index.model,
-                                      index.descriptor_config.to_dict(), banks, synth_per_type],
+                                      index.descriptor_config.to_dict(), banks, synth_per_type,
+                                      list(TRAINING_GENERATORS), list(TRAINING_N_CHANGES)],
                                      sort_keys=True).encode()).hexdigest()
 
 
@@ -200,6 +230,15 @@ def build_manuals(services: Services, data_dir: Path | None = None, progress: Pr
     return total
 
 
+def _bank_matches(services: Services, product: str, manifest: dict) -> bool:
+    """A bank fitted on this sample data version (banks of older data versions, or fitted before the
+    version was recorded, are refitted by :func:`build_state`)."""
+    try:
+        return services.banks.read_meta(product).get("data_version") == data_version(manifest)
+    except (OSError, ValueError, KeyError):
+        return False
+
+
 def build_state(services: Services, force: bool = False, progress: Progress | None = None) -> dict:
     """Build sample data and all stores under ``services.settings.state_dir``.
 
@@ -223,7 +262,7 @@ def build_state(services: Services, force: bool = False, progress: Progress | No
     fitted = set(services.banks.products())
     summary["patchcore"] = {}
     for i, product in enumerate(products):
-        if product in fitted and not force:
+        if product in fitted and not force and _bank_matches(services, product, manifest):
             summary["patchcore"][product] = "present"
             continue
         base = 0.25 + 0.5 * i / len(products)

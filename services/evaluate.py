@@ -2,6 +2,13 @@
 
 ``cli.py eval anomaly`` / ``eval retrieval`` print these; the agent's evaluation
 (``eval ask``) lives in :mod:`agent.evaluate` (it runs the agent).
+
+Two splits (:data:`SPLITS`, issue 15): ``val`` is the tuning split (the data builder's own
+defect generator on crops of the ``tune`` region; settings are chosen here and its normals
+calibrate the thresholds); ``unseen`` is kept out of every fit, bank, gallery, metric and
+threshold: the ``unseen`` region's native-scale photos (128 px tall, half gray), defects
+drawn by the second generator (:mod:`data.holdout_synth`), the acquisition changes on
+normals and defects (:mod:`data.build`).
 """
 
 from __future__ import annotations
@@ -17,39 +24,55 @@ from models.patchcore.calibration import binary_metrics
 from services.container import Services
 from services.lock import MODEL_LOCK
 
+#: evaluation splits of the sample data (manifest ``split`` values)
+SPLITS = ("val", "unseen")
+
+
+def _check_split(split: str) -> str:
+    if split not in SPLITS:
+        raise ValueError(f"unknown evaluation split {split!r}; expected one of {', '.join(SPLITS)}")
+    return split
+
 
 def evaluate_anomaly(services: Services, product: str, data_dir: Path | None = None,
-                     limit: int | None = None) -> dict:
-    """Image AUROC, pixel AUROC, per-defect-type image AUROC, F1 and FPR on the val split.
+                     limit: int | None = None, split: str = "val") -> dict:
+    """Image AUROC, pixel AUROC, per-defect-type image AUROC, F1, FPR and recall on one split.
 
-    AUROCs by sklearn's ``roc_auc_score``. Pixel AUROC pools every pixel of every val image
-    at its own resolution (anomaly maps are resized to the input; normal images count as
+    AUROCs by sklearn's ``roc_auc_score``. Pixel AUROC pools every pixel of every image of the
+    split at its own resolution (anomaly maps at the input's size; normal images count as
     all-negative), masks from the manifest (non-zero = defect). Per-defect-type image AUROC:
-    the images of one defect type against all normal val images. F1 / precision / recall /
-    FPR: image verdicts at the bank's calibrated threshold.
+    the images of one defect type against all normal images. F1 / precision / recall / FPR:
+    image verdicts at the bank's calibrated threshold (each photo's size-adjusted one,
+    :meth:`models.patchcore.model.PatchCore.threshold_for`; ``threshold`` reports the reference
+    one); ``uncertain_rate``: share of verdicts
+    within the bank's uncertain band; ``gray``: FPR / recall / image AUROC of the gray photos
+    alone (three equal channels: a monochrome camera), when the split has any.
 
     Args:
         product: product with a fitted bank.
         data_dir: folder of ``manifest.json`` (default ``settings.data_dir``).
         limit: evaluate only the first ``limit`` normal and the first ``limit`` images of
             each defect type (a fast CI mode; None = all).
+        split: ``val`` (tuning split) or ``unseen`` (:data:`SPLITS`).
 
     Returns:
-        ``{"image_auroc", "pixel_auroc", "per_type_image_auroc": {type: auroc}, "n_normal",
-        "n_defect", "threshold", "f1", "precision", "recall", "fpr", "pixel_threshold",
-        "ms_per_image", "model"}`` (AUROCs are None when a class is missing).
+        ``{"split", "image_auroc", "pixel_auroc", "per_type_image_auroc": {type: auroc}, "n_normal",
+        "n_defect", "threshold", "f1", "precision", "recall", "fpr", "uncertain_rate", "gray",
+        "pixel_threshold", "ms_per_image", "model"}`` (AUROCs are None when a class is missing).
 
     Raises:
-        FileNotFoundError: no manifest; ValueError: no val images for the product;
-        stores.banks.BankNotFoundError: no bank.
+        FileNotFoundError: no manifest; ValueError: unknown split, no images of the split for the
+        product; stores.banks.BankNotFoundError: no bank.
     """
     from sklearn.metrics import roc_auc_score
 
     data_dir = Path(data_dir or services.settings.data_dir)
+    _check_split(split)
     items = [it for it in load_manifest(data_dir)["items"]
-             if it.get("product") == product and it.get("split") == "val"]
+             if it.get("product") == product and it.get("split") == split]
     if not items:
-        raise ValueError(f"manifest in {data_dir} has no val images for product {product!r}")
+        raise ValueError(f"manifest in {data_dir} has no {split} images for product {product!r} "
+                         "(rebuild the sample data: python cli.py build)")
     if limit is not None:
         counts: dict[str, int] = {}
         kept = []
@@ -82,23 +105,35 @@ def evaluate_anomaly(services: Services, product: str, data_dir: Path | None = N
     for t in sorted({t for t in types if t}):
         sel = np.array([tt is None or tt == t for tt in types])
         per_type[t] = float(roc_auc_score(labels[sel], scores[sel])) if (~labels[sel]).any() else None
+    uncertain = np.array([r.uncertain for r in results])
+    gray = np.array([bool(np.array_equal(im[..., 0], im[..., 1]) and np.array_equal(im[..., 1], im[..., 2]))
+                     for im in images])
     out = {
+        "split": split,
         "image_auroc": float(roc_auc_score(labels, scores)) if both else None,
         "per_type_image_auroc": per_type,
         "pixel_auroc": float(roc_auc_score(px_l, np.concatenate(px_scores))) if px_l.any() and (~px_l).any() else None,
         "n_normal": int((~labels).sum()),
         "n_defect": int(labels.sum()),
-        "threshold": results[0].threshold,
+        "threshold": float(bank.meta["threshold"]),
         "pixel_threshold": results[0].pixel_threshold,
         "ms_per_image": round(ms, 1),
         "model": results[0].model,
     }
-    out.update(binary_metrics(labels, scores, results[0].threshold))
+    # each photo's own (size-adjusted) threshold decides its verdict
+    over = scores - np.array([r.threshold for r in results])
+    out.update(binary_metrics(labels, over, 0.0))
+    out["uncertain_rate"] = float(uncertain.mean())
+    if gray.any():
+        g = binary_metrics(labels[gray], over[gray], 0.0)
+        g_both = labels[gray].any() and (~labels[gray]).any()
+        out["gray"] = {"n": int(gray.sum()), "fpr": g["fpr"], "recall": g["recall"],
+                       "image_auroc": float(roc_auc_score(labels[gray], scores[gray])) if g_both else None}
     return out
 
 
-def evaluate_retrieval(services: Services, data_dir: Path | None = None, k: int = 10) -> dict:
-    """Similar-defect retrieval quality with the manifest's val defects as queries.
+def evaluate_retrieval(services: Services, data_dir: Path | None = None, k: int = 10, split: str = "val") -> dict:
+    """Similar-defect retrieval quality with the manifest's defects of one split as queries.
 
     Queries are never in the gallery and go through :meth:`stores.image_index.ImageIndex.search` exactly as a
     user's image does (product inferred, PatchCore map predicted, no ground-truth
@@ -107,16 +142,23 @@ def evaluate_retrieval(services: Services, data_dir: Path | None = None, k: int 
     type within the top 10, else 0), product accuracy of the top hit; overall, per
     product and per type; mean wall time per query (ms, PatchCore included).
 
+    ``split``: ``val`` (the data builder's generator, the tuning split) or ``unseen`` (the second
+    generator, native-scale gray / colour photos with acquisition changes; :data:`SPLITS`).
+
     Returns:
-        ``{"recall_at_1", "recall_at_5", "mrr_at_10", "product_accuracy", "n_queries",
+        ``{"split", "recall_at_1", "recall_at_5", "mrr_at_10", "product_accuracy", "n_queries",
         "per_product": {p: {...}}, "recall_at_1_per_type", "ms_per_query", "model"}``
+
+    Raises:
+        ValueError: unknown split or no defects of the split in the manifest.
     """
     data_dir = Path(data_dir or services.settings.data_dir)
+    _check_split(split)
     index = services.image_index
     manifest = load_manifest(data_dir)
-    queries = [it for it in manifest["items"] if it["split"] == "val" and it["label"] == "defect"]
+    queries = [it for it in manifest["items"] if it["split"] == split and it["label"] == "defect"]
     if not queries:
-        raise ValueError("the manifest has no val defects to evaluate with")
+        raise ValueError(f"the manifest has no {split} defects to evaluate with (rebuild: python cli.py build)")
     rows = []
     t0 = time.perf_counter()
     for q in queries:
@@ -134,7 +176,7 @@ def evaluate_retrieval(services: Services, data_dir: Path | None = None, k: int 
                 "mrr_at_10": sum(1.0 / r[2] if r[2] else 0.0 for r in sel) / n,
                 "product_accuracy": sum(r[3] for r in sel) / n, "n_queries": n}
 
-    out = summary(rows)
+    out = {"split": split, **summary(rows)}
     out["per_product"] = {p: summary([r for r in rows if r[0] == p]) for p in sorted({r[0] for r in rows})}
     out["recall_at_1_per_type"] = {t: float(np.mean([r[2] == 1 for r in rows if r[1] == t]))
                                    for t in sorted({r[1] for r in rows})}

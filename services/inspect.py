@@ -55,8 +55,12 @@ def inspect_image(services: Services, image, product: str | None = None, *, out_
     Returns:
         :class:`core.types.InspectionReport` (``result`` holds the arrays).
 
+    The photo is scored at its own size times the product's pixel scale (``BankMeta.pixel_scale``;
+    1.0 = the camera's native pixels): a small photo is not magnified.
+
     Raises:
         core.imageio.InvalidImageError: not an image, truncated, too many pixels.
+        InputError: a photo too small for the model (a side below 64 px at the product's pixel scale).
         core.catalog.UnknownProductError: unknown product or no fitted bank for it.
         InputError: the product cannot be inferred (empty gallery).
     """
@@ -65,7 +69,10 @@ def inspect_image(services: Services, image, product: str | None = None, *, out_
     prod, source, conf = resolve_product(services, rgb, product)
     bank = services.banks.get(prod)
     with MODEL_LOCK.shared():
-        result = bank.predict([rgb])[0]
+        try:
+            result = bank.predict([rgb])[0]
+        except ValueError as exc:  # a photo too small for the model input at the product's pixel scale
+            raise InputError(str(exc)) from None
     files: dict[str, str | None] = {}
     if artifacts:
         files = write_inspection_artifacts(result, rgb, out_dir or services.runs.new_run("inspect"),
@@ -74,7 +81,8 @@ def inspect_image(services: Services, image, product: str | None = None, *, out_
         product=prod, product_source=source, product_confidence=conf, score=result.score,
         threshold=result.threshold, is_anomalous=result.is_anomalous, regions=result.regions,
         model=result.model, elapsed_ms=(time.perf_counter() - t0) * 1000.0, width=int(rgb.shape[1]),
-        height=int(rgb.shape[0]), image_sha256=content_hash(rgb), artifacts=files, result=result)
+        height=int(rgb.shape[0]), image_sha256=content_hash(rgb), artifacts=files, result=result,
+        margin=None if result.margin != result.margin else float(result.margin), uncertain=bool(result.uncertain))
 
 
 def inspect_images(services: Services, images: list, product: str | None = None, *,

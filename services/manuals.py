@@ -7,6 +7,8 @@ agent's manual-retrieval tool).
 
 from __future__ import annotations
 
+import json
+
 import shutil
 import time
 import uuid
@@ -109,8 +111,23 @@ def list_manuals(services: Services) -> list[dict]:
     return services.manuals.list_documents()
 
 
+def shipped_manuals(services: Services) -> set[str]:
+    """File names of the manuals the sample data ships (its manifest's ``manuals``); empty without a manifest."""
+    try:
+        manifest = json.loads((Path(services.settings.data_dir) / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return set()
+    return {Path(str(m.get("path", ""))).name for m in manifest.get("manuals") or [] if m.get("path")}
+
+
+def _guard_shipped(services: Services, name: str, replace_shipped: bool, verb: str) -> None:
+    if name in shipped_manuals(services) and not replace_shipped:
+        raise InputError(f"{name!r} is a shipped manual: upload it under another file name, or confirm "
+                         f"that you {verb} the shipped one (replace_shipped)")
+
+
 def ingest_manual(services: Services, pdf: str | Path, product: str | None = None, *, name: str | None = None,
-                  progress: Progress = None) -> dict:
+                  progress: Progress = None, replace_shipped: bool = False) -> dict:
     """Store a PDF under a safe name and ingest it into the manual store.
 
     The file is validated first (text extracted, page / chunk / time caps of
@@ -127,7 +144,8 @@ def ingest_manual(services: Services, pdf: str | Path, product: str | None = Non
         ``{"documents": 1, "pages", "chunks", "source", "product", "langs"}``.
 
     Raises:
-        InputError: not a file, not a PDF, encrypted, no text, a bad product id, or over a cap
+        InputError: a shipped manual's name (:func:`shipped_manuals`) without ``replace_shipped``;
+            not a file, not a PDF, encrypted, no text, a bad product id, or over a cap
             (too many pages or chunks, ingestion too slow: :class:`stores.manual_store.ManualLimitError`).
     """
     src = Path(pdf)
@@ -137,6 +155,7 @@ def ingest_manual(services: Services, pdf: str | Path, product: str | None = Non
     if prod is not None and not all(c.isalnum() or c in "-_" for c in prod):
         raise InputError("product id: letters, digits, '-' or '_'")
     stored_name = safe_pdf_name(name or src.name)
+    _guard_shipped(services, stored_name, replace_shipped, "replace")
     store = services.manuals
     try:
         store.check_pdf(src)  # validate (text, caps) before anything is copied or replaced
@@ -164,16 +183,18 @@ def ingest_manual(services: Services, pdf: str | Path, product: str | None = Non
     return res
 
 
-def delete_manual(services: Services, source: str) -> dict:
+def delete_manual(services: Services, source: str, *, replace_shipped: bool = False) -> dict:
     """Delete a stored manual's chunks and its uploaded copy; ``{"source", "removed_chunks"}``.
 
     Raises:
-        InputError: no name, or no stored manual of that name.
+        InputError: no name, no stored manual of that name, or a shipped manual without
+            ``replace_shipped`` (the operator's confirmation).
     """
     if not source or not str(source).strip():
         raise InputError("choose a manual to delete")
     store = services.manuals
     name = str(source).strip()
+    _guard_shipped(services, name, replace_shipped, "delete")
     removed = store.delete_document(name)
     if removed == 0:
         raise InputError(f"no stored manual named {name!r}")

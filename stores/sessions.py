@@ -122,7 +122,7 @@ class SessionStore:
     # ------------------------------------------------------------------ sessions
     @staticmethod
     def _decode_session(r) -> dict:
-        d = dict(r._mapping)
+        d = {str(k): v for k, v in r._mapping.items()}  # plain str keys (SQLAlchemy quoted_name)
         for col, key in _SESSION_JSON.items():
             raw = d.pop(col, None)
             d[key] = json.loads(raw) if raw else ({} if key == "facts" else [])
@@ -176,7 +176,7 @@ class SessionStore:
                                   SESSIONS.c.n_turns), SESSIONS, owner)
         stmt = stmt.order_by(SESSIONS.c.updated_at.desc()).limit(max(1, int(limit)))
         with self.engine.connect() as con:
-            return [dict(r._mapping) for r in con.execute(stmt)]
+            return [{str(k): v for k, v in r._mapping.items()} for r in con.execute(stmt)]
 
     def update(self, session_id: str, **fields) -> None:
         """Set session fields (any of :data:`STATE_FIELDS` and ``title``); ``facts`` / ``passages`` as objects.
@@ -224,7 +224,7 @@ class SessionStore:
     # ------------------------------------------------------------------ turns
     @staticmethod
     def _decode_turn(r) -> dict:
-        d = dict(r._mapping)
+        d = {str(k): v for k, v in r._mapping.items()}  # plain str keys (SQLAlchemy quoted_name)
         for col, key in _TURN_JSON.items():
             raw = d.pop(col, None)
             d[key] = json.loads(raw) if raw else ({} if key == "before" else [])

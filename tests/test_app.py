@@ -15,6 +15,8 @@ import socket
 from pathlib import Path
 
 import pytest
+
+from tests.flagged import flagged_first
 from PIL import Image
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -69,8 +71,10 @@ def serve_app(built_state: Path):
 
 
 def defect_items(built_state: Path, split: str = "val") -> list[dict]:
+    """Defect items of a split; val defects the product's bank flags come first (:mod:`tests.flagged`)."""
     manifest = json.loads((built_state / "data" / "manifest.json").read_text(encoding="utf-8"))
-    return [it for it in manifest["items"] if it["split"] == split and it["label"] == "defect"]
+    items = [it for it in manifest["items"] if it["split"] == split and it["label"] == "defect"]
+    return flagged_first(built_state, items) if split == "val" else items
 
 
 @pytest.fixture(scope="module")

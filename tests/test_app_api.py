@@ -377,6 +377,11 @@ def test_fit_product_from_zip_then_inspect_and_infer(client, api_state, tmp_path
     with pytest.raises(AppError, match="symmetry must be one of none, mirror, flips, turns"):
         client.predict("tile-c", [handle_file(str(archive))], "sideways", api_name="/fit_product")
     assert not (api_state / "banks" / "tile-c").exists()
+    # a shipped product is not refitted (one fit would make its defects score NORMAL) unless confirmed
+    fitted_at = json.loads((api_state / "banks" / "brick" / "meta.json").read_text())["fitted_at"]
+    with pytest.raises(AppError, match="shipped product"):
+        client.predict("brick", [handle_file(str(archive))], api_name="/fit_product")
+    assert json.loads((api_state / "banks" / "brick" / "meta.json").read_text())["fitted_at"] == fitted_at
 
 
 # ----------------------------------------------------------------------------- agent + history
@@ -389,7 +394,11 @@ def test_chat_korean_injection_history_export_and_inspect_not_blocked(client, ap
 
     # the hostile manual replaces the Korean brick manual, one page per defect type, so that whatever
     # defect type the search finds, the Korean question's retrieval returns hostile passages
-    client.predict("brick_manual_ko.pdf", api_name="/delete_manual")
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match="shipped manual"):  # shipped manuals need the operator's confirmation
+        client.predict("brick_manual_ko.pdf", api_name="/delete_manual")
+    client.predict("brick_manual_ko.pdf", "yes", api_name="/delete_manual")
     doc = pymupdf.open()
     for i, d in enumerate(taxonomy()["defect_types"], start=1):
         body = (f"{i}. {d['ko']} ({d['en']})\n원인\n{INJECTION} {d['ko']} 원인: 운반 중 충격.\n"

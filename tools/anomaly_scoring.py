@@ -52,7 +52,11 @@ def verdict_line(insp: dict) -> str:
     regions = insp.get("regions") or []
     reg = "; ".join(f"bbox {list(r['bbox'])} {100 * float(r['area_frac']):.1f}%" for r in regions[:2]) or "none"
     notes = []
-    if abs(score - thr) <= BORDERLINE * max(abs(thr), 1e-9):
+    margin = insp.get("margin")
+    if insp.get("uncertain"):
+        notes.append(f"uncertain: {float(margin):+.1f} normal spreads from the threshold, a small change of focus, "
+                     "exposure or zoom could flip the verdict")
+    elif margin is None and abs(score - thr) <= BORDERLINE * max(abs(thr), 1e-9):  # banks without a spread
         notes.append("borderline: within 5% of the threshold")
     if insp.get("is_anomalous") and not regions:
         notes.append("no region above the threshold")
@@ -67,7 +71,8 @@ class AnomalyScoringTool(Tool):
     """PatchCore scoring (Roth et al. 2022, via anomalib) of the conversation's photo.
 
     Observation: one line with product, score, threshold, verdict, up to two regions (bbox in
-    pixels, area %) and caveats (borderline score, anomalous without region, most of the photo
+    pixels, area %) and caveats (an uncertain verdict: within the bank's band of the threshold in units
+    of the normal spread; anomalous without region, most of the photo
     differing). Artifacts (anomaly map .npy, mask, heat map, overlay, side-by-side comparison)
     are written to ``ctx.out_dir`` and recorded in ``ctx.inspection``. A photo already scored in
     this conversation (same product) is not scored again: the earlier record is returned.

@@ -128,8 +128,8 @@ I18N = gr.I18n(
 )
 #: examples: (i18n key of the label, text, sample photo under the state's data/ or None)
 EXAMPLES = (
-    ("ex.analyse", "", "brick/val/crack/002.png"),
-    ("ex.ok", "Is this part OK?", "gravel/val/hole/002.png"),
+    ("ex.analyse", "", "brick/val/crack/001.png"),
+    ("ex.ok", "Is this part OK?", "gravel/val/good/004.png"),
     ("ex.similar", "Show me similar cases.", "grass/val/stain/002.png"),
     ("ex.text", "What causes cracks in brick panels?", None),
     ("ex.ko", "이 사진을 분석해 주세요.", "brick/val/scratch/002.png"),

@@ -95,9 +95,12 @@ def ui_inspect(image, product):
     r = do_inspect(image, product)
     regions = [[i + 1, *reg["bbox"], round(100 * reg["area_frac"], 2), round(reg["peak"], 3)]
                for i, reg in enumerate(r["regions"])]
-    verdict = (f"### {'🔴 ANOMALOUS' if r['is_anomalous'] else '🟢 NORMAL'}\n"
+    margin = f" · margin {r['margin']:+.1f} normal spreads" if r.get("margin") is not None else ""
+    unsure = (" (uncertain: near the threshold; re-take the photo or check by eye)" if r.get("uncertain") else "")
+    verdict = (f"### {'🔴 ANOMALOUS' if r['is_anomalous'] else '🟢 NORMAL'}{unsure}\n"
                f"**{r['product']}** ({r['product_source']}) · score **{r['score']}** vs threshold "
-               f"**{r['threshold']}** · {len(r['regions'])} region(s) · {r['elapsed_ms']:.0f} ms · `{r['model']}`")
+               f"**{r['threshold']}**{margin} · {len(r['regions'])} region(s) · {r['elapsed_ms']:.0f} ms · "
+               f"`{r['model']}`")
     return (verdict, _file(r["overlay"]), _file(r["heatmap"]), _file(r["comparison"]), regions,
             public_json(r))
 
@@ -176,17 +179,18 @@ def _manual_updates():
 
 
 @guarded
-def ui_ingest(pdf, product, progress=gr.Progress()):
+def ui_ingest(pdf, product, replace_shipped=False, progress=gr.Progress()):
     r = manuals_uc.ingest_manual(get_services(), check_upload(pdf, "PDF"),
                                  None if product in (None, "", AUTO) else product,
-                                 name=Path(str(getattr(pdf, "path", pdf) or "")).name, progress=_progress_cb(progress))
+                                 name=Path(str(getattr(pdf, "path", pdf) or "")).name, progress=_progress_cb(progress),
+                                 replace_shipped=bool(replace_shipped))
     msg = f"✅ Ingested **{r['source']}**: {r['pages']} pages, {r['chunks']} chunks, product `{r['product']}`"
     return (msg, *_manual_updates())
 
 
 @guarded
-def ui_delete_manual(source):
-    r = manuals_uc.delete_manual(get_services(), source)
+def ui_delete_manual(source, replace_shipped=False):
+    r = manuals_uc.delete_manual(get_services(), source, replace_shipped=bool(replace_shipped))
     return (f"🗑️ Deleted **{r['source']}** ({r['removed_chunks']} chunks)", *_manual_updates())
 
 
@@ -211,6 +215,8 @@ def build_manuals_tab(role: Role = OPERATOR) -> dict:
                     pdf = gr.File(label="PDF", file_types=[".pdf"], type="filepath", elem_id="manual-pdf")
                     product = gr.Dropdown([AUTO] + products(), value=AUTO,
                                           label="Product (auto: from the PDF metadata)", allow_custom_value=True)
+                    shipped = gr.Checkbox(False, label="Replace or delete a shipped manual of the same name",
+                                          elem_id="manual-replace-shipped")
                     ingest = gr.Button("Ingest", variant="primary", elem_id="manual-ingest")
                 status = gr.Markdown(elem_id="manual-status")
                 gr.Markdown("#### Stored manuals")
@@ -233,8 +239,9 @@ def build_manuals_tab(role: Role = OPERATOR) -> dict:
                 previews = gr.Gallery(label="Page previews", columns=2, height=520, elem_id="manual-previews")
                 raw = gr.JSON(label="Result", open=False)
         if role.writes:
-            ingest.click(ui_ingest, [pdf, product], [status, table, to_delete], api_visibility="private", **WRITE)
-            delete.click(ui_delete_manual, [to_delete], [status, table, to_delete], api_visibility="private",
+            ingest.click(ui_ingest, [pdf, product, shipped], [status, table, to_delete], api_visibility="private",
+                         **WRITE)
+            delete.click(ui_delete_manual, [to_delete, shipped], [status, table, to_delete], api_visibility="private",
                          **WRITE)
         for trigger in (ask.click, query.submit):
             trigger(ui_manual_query, [query, q_product, q_defect, q_section, q_k], [passages, previews, raw],
@@ -335,14 +342,31 @@ def build_gallery_tab(role: Role = OPERATOR) -> dict:
     return {"dropdowns": dropdowns}
 
 
+def _yes(value) -> bool:
+    """An API flag given as text: "yes" / "true" / "1" / "on" (any case) is True."""
+    return str(value or "").strip().lower() in ("yes", "true", "1", "on")
+
+
+def _scale(value) -> float | None:
+    """A pixel scale from the UI or the API ("" / None / 0: the default); InputError when not a number."""
+    if value in (None, ""):
+        return None
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"pixel scale must be a number, got {value!r}") from None
+    return v or None
+
+
 # ============================================================================ Products
 def _product_rows() -> list[list]:
     return products_uc.product_rows(get_services())
 
 
 @guarded
-def ui_fit(name, files, symmetry, progress=gr.Progress()):
-    r = products_uc.fit_product(get_services(), name, files, progress=_progress_cb(progress), symmetry=symmetry)
+def ui_fit(name, files, symmetry, pixel_scale=1.0, replace_shipped=False, progress=gr.Progress()):
+    r = products_uc.fit_product(get_services(), name, files, progress=_progress_cb(progress), symmetry=symmetry,
+                                pixel_scale=_scale(pixel_scale), replace_shipped=bool(replace_shipped))
     skipped = f" · skipped {len(r['skipped'])} file(s): {'; '.join(r['skipped'][:3])}" if r["skipped"] else ""
     msg = (f"✅ **{r['product']}** fitted on {r['n_train']} images ({r['n_val']} for calibration): bank "
            f"{r['bank_size']} patches, {r['views']} view(s) per inspection, threshold {r['threshold']:.3f}, "
@@ -368,6 +392,14 @@ def build_products_tab(role: Role = OPERATOR) -> dict:
                     value="none", label="The part looks the same when ...", elem_id="product-symmetry",
                     info="Only real symmetries: the bank also holds those views of the normals and each "
                          "inspection averages them (more accurate; one backbone pass per view).")
+                with gr.Row():
+                    pixel_scale = gr.Number(1.0, label="Pixel scale", minimum=0.05, maximum=4, step=0.05,
+                                            elem_id="product-pixel-scale",
+                                            info="Model pixels per photo pixel: 1 scores photos at the camera's "
+                                                 "native scale; 0.5 halves a high-resolution camera's photos. "
+                                                 "Recorded with the product; use the same camera set-up.")
+                    replace = gr.Checkbox(False, label="Replace a shipped product of the same id",
+                                          elem_id="product-replace-shipped")
                 fit = gr.Button("Fit PatchCore", variant="primary", elem_id="product-fit")
                 status = gr.Markdown(elem_id="product-status")
             with gr.Column(scale=2):
@@ -376,7 +408,8 @@ def build_products_tab(role: Role = OPERATOR) -> dict:
                                      elem_id="product-list")
                 raw = gr.JSON(label="Result", open=False)
         if role.writes:
-            fit.click(ui_fit, [name, files, symmetry], [status, table, raw], api_visibility="private", **WRITE)
+            fit.click(ui_fit, [name, files, symmetry, pixel_scale, replace], [status, table, raw],
+                      api_visibility="private", **WRITE)
     return {"table": table}
 
 
@@ -554,22 +587,26 @@ def register_api(role: Role = OPERATOR) -> None:
         return gallery_uc.delete_defect(get_services(), item_id)
 
     @guarded
-    def ingest_manual(pdf: str, product: str = "", progress=gr.Progress()):
-        """Add a PDF manual (operator)."""
+    def ingest_manual(pdf: str, product: str = "", replace_shipped: str = "", progress=gr.Progress()):
+        """Add a PDF manual (operator). replace_shipped: "yes" to replace a shipped manual of the same name."""
         res = manuals_uc.ingest_manual(get_services(), check_upload(pdf, "PDF"), product,
-                                       name=Path(str(pdf or "")).name, progress=_progress_cb(progress))
+                                       name=Path(str(pdf or "")).name, progress=_progress_cb(progress),
+                                       replace_shipped=_yes(replace_shipped))
         return {**res, "documents": manuals_uc.list_manuals(get_services())}
 
     @guarded
-    def delete_manual(source: str):
-        """Delete a stored manual (operator)."""
-        return manuals_uc.delete_manual(get_services(), source)
+    def delete_manual(source: str, replace_shipped: str = ""):
+        """Delete a stored manual (operator). replace_shipped: "yes" to delete a shipped manual."""
+        return manuals_uc.delete_manual(get_services(), source, replace_shipped=_yes(replace_shipped))
 
     @guarded
-    def fit_product(product: str, images: list[str], symmetry: str = "none", progress=gr.Progress()):
-        """Add a product from normal photos and fit its PatchCore bank (operator)."""
+    def fit_product(product: str, images: list[str], symmetry: str = "none", replace_shipped: str = "",
+                    pixel_scale: str = "", progress=gr.Progress()):
+        """Add a product from normal photos and fit its PatchCore bank (operator). replace_shipped: "yes" to
+        refit a shipped product; pixel_scale: model pixels per photo pixel ("" = 1.0, the camera's native scale)."""
         return products_uc.fit_product(get_services(), product, images, progress=_progress_cb(progress),
-                                       symmetry=symmetry)
+                                       symmetry=symmetry, replace_shipped=_yes(replace_shipped),
+                                       pixel_scale=_scale(pixel_scale))
 
     with gr.Group(visible=False):
         f_image = gr.File(label="image", type="filepath")
@@ -600,6 +637,6 @@ def register_api(role: Role = OPERATOR) -> None:
         ep(register_defect, [f_image, t[0], t[1], t[2]], out, **VISION)
         ep(relabel_defect, [t[0], t[1], t[2], t[3]], out, **VISION)
         ep(delete_defect, [t[0]], out, **VISION)
-        ep(ingest_manual, [f_pdf, t[0]], out, **WRITE)
-        ep(delete_manual, [t[0]], out, **WRITE)
-        ep(fit_product, [t[0], f_images, t[1]], out, **WRITE)
+        ep(ingest_manual, [f_pdf, t[0], t[1]], out, **WRITE)
+        ep(delete_manual, [t[0], t[1]], out, **WRITE)
+        ep(fit_product, [t[0], f_images, t[1], t[2], t[3]], out, **WRITE)

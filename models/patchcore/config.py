@@ -34,10 +34,21 @@ BATCH_SIZE = 2
 SEED = 0
 # coreset selection in a random projection of this many dims (None: exact features)
 CORESET_PROJ_DIM: int | None = None
+# the greedy coreset runs over a seeded random subset of at most this many patches (None: all);
+# it bounds the fit time when acquisition views multiply the bank's normals
+CORESET_CANDIDATES: int | None = 120_000
+# a verdict within this many normal-score spreads of the threshold is "uncertain"
+UNCERTAIN_BAND = 1.0
+# with cross-fitted calibration each fold's coreset keeps at most this many patches (the bank holds both:
+# 3,200 at most, about the 3,276 of the earlier single 1 % gravel bank, so gravel's 8 test-time views stay
+# within the latency budget)
+MAX_FOLD_BANK = 1600
 # pixel threshold: this quantile of all normal validation pixel scores
 PIXEL_QUANTILE = 0.999
 # image threshold without defects: mean + 3 sigma of normal val scores, at least max(normal) * margin
 NORMAL_MARGIN = 1.05
+# native-scale inputs: the smallest side (pixels, after the product's pixel scale) the backbone accepts
+MIN_INPUT_SIDE = 64
 # regions smaller than this fraction of the image are dropped (speckle)
 MIN_REGION_FRAC = 0.0005
 MAX_REGIONS = 10
@@ -53,7 +64,14 @@ class PatchCoreConfig:
     Attributes:
         blocks: EfficientNet-Lite0 block indices whose outputs form the patch
             features (``models.backbones.LITE0_BLOCKS``: block 4 = stride 8, 7 = stride 16).
-        image_size: square model input size in pixels (inputs are resized to it).
+        image_size: 0 (default): **native scale**: a photo is scored at its own size times
+            ``pixel_scale`` (PatchCore is convolutional; no photo is magnified to a fixed
+            size). > 0: the legacy square model input size (every input resized to it).
+        pixel_scale: model pixels per photo pixel at native scale (1.0: the camera's own
+            pixels; 0.5 halves a high-resolution camera's photos). Recorded per product.
+        input_norm: what the model sees of the colours: ``rgb`` (as they are) or ``gray``
+            (Rec. 601 luminance in all three channels: a colour and a monochrome camera give
+            the same features).
         pool_size: neighbourhood average pooling (odd; 3 = the paper's 3x3).
         coreset_ratio: fraction of training patches kept by the greedy coreset (0..1].
         augment: symmetry views of train normals added to the bank (``AUGMENTATIONS``).
@@ -66,7 +84,9 @@ class PatchCoreConfig:
     """
 
     blocks: tuple[int, ...] = (4, 7)
-    image_size: int = 256
+    image_size: int = 0
+    pixel_scale: float = 1.0
+    input_norm: str = "rgb"
     pool_size: int = 3
     coreset_ratio: float = 0.01
     augment: str = "none"
@@ -76,7 +96,8 @@ class PatchCoreConfig:
 
     def as_dict(self) -> dict:
         """JSON-ready dict (``blocks`` as a list)."""
-        return {"blocks": list(self.blocks), "image_size": self.image_size, "pool_size": self.pool_size,
+        return {"blocks": list(self.blocks), "image_size": self.image_size, "pixel_scale": self.pixel_scale,
+                "input_norm": self.input_norm, "pool_size": self.pool_size,
                 "coreset_ratio": self.coreset_ratio, "augment": self.augment, "sigma": self.sigma,
                 "reweight": self.reweight, "tta": self.tta}
 
@@ -153,8 +174,16 @@ def config_for(product: str, symmetry: str | None = None, **overrides) -> PatchC
     return replace(base, **over)
 
 
+#: what the model sees of the colours (:attr:`PatchCoreConfig.input_norm`)
+INPUT_NORMS = ("rgb", "gray")
+
+
 def check_views(over: dict) -> None:
-    """Raise ValueError if ``over["augment"]`` / ``over["tta"]`` is not an :data:`AUGMENTATIONS` key."""
+    """Raise ValueError for unknown ``augment`` / ``tta`` views, ``input_norm`` or a bad ``pixel_scale``."""
     for key in ("augment", "tta"):
         if key in over and over[key] not in AUGMENTATIONS:
             raise ValueError(f"unknown {key} views {over[key]!r}; choose from {sorted(AUGMENTATIONS)}")
+    if "input_norm" in over and over["input_norm"] not in INPUT_NORMS:
+        raise ValueError(f"unknown input_norm {over['input_norm']!r}; choose from {INPUT_NORMS}")
+    if "pixel_scale" in over and not 0.05 <= float(over["pixel_scale"]) <= 4.0:
+        raise ValueError(f"pixel_scale must be in [0.05, 4], got {over['pixel_scale']!r}")

@@ -43,10 +43,12 @@ from core.profiles import require_available
 from core.types import InspectionResult
 from models.backbones import LITE_MEAN, LITE_STD, load_lite0, load_lite0_onnx, to_tensor
 from models.patchcore.anomaly_map import SeparableGaussianBlur, _NoBlurMapGenerator, find_regions
-from models.patchcore.calibration import calibrate_threshold, pixel_calibration
-from models.patchcore.config import (AUGMENTATIONS, BATCH_SIZE, CORESET_PROJ_DIM, DEFAULT_LITE0_BLOCKS,
-                                     DEFAULT_POOL_SIZE, DEFAULT_SIGMA, IMAGENET_MEAN, IMAGENET_STD,
-                                     NUM_NEIGHBORS, PIXEL_QUANTILE, SEED, PatchCoreConfig)
+from models.patchcore.calibration import (calibrate_threshold, fpr_threshold, normal_spread, pixel_calibration,
+                                          size_slope, verdict_margin)
+from models.patchcore.config import (AUGMENTATIONS, BATCH_SIZE, CORESET_CANDIDATES, CORESET_PROJ_DIM,
+                                     DEFAULT_LITE0_BLOCKS, DEFAULT_POOL_SIZE, DEFAULT_SIGMA, IMAGENET_MEAN,
+                                     IMAGENET_STD, MAX_FOLD_BANK, MIN_INPUT_SIDE, NUM_NEIGHBORS, PIXEL_QUANTILE, SEED,
+                                     UNCERTAIN_BAND, PatchCoreConfig)
 from models.patchcore.coreset import greedy_coreset_indices
 
 FORMAT_VERSION = 1
@@ -287,7 +289,12 @@ def model_label(spec: BackboneSpec, cfg: PatchCoreConfig) -> str:
     """The model label stored in meta.json and reported with every result."""
     aug = "" if cfg.augment == "none" else f"/aug-{cfg.augment}"
     tta = "" if cfg.tta == "none" else f"/tta-{cfg.tta}"
-    return (f"patchcore/{spec.label}@{cfg.image_size}px/pool{cfg.pool_size}/coreset{cfg.coreset_ratio:g}"
+    if cfg.image_size > 0:
+        size = f"{cfg.image_size}px"
+    else:
+        size = "native" if cfg.pixel_scale == 1.0 else f"native-x{cfg.pixel_scale:g}"
+    gray = "/gray" if cfg.input_norm == "gray" else ""
+    return (f"patchcore/{spec.label}@{size}{gray}/pool{cfg.pool_size}/coreset{cfg.coreset_ratio:g}"
             f"{aug}{tta}")
 
 
@@ -302,76 +309,177 @@ def new_model(spec: BackboneSpec, cfg: PatchCoreConfig, rt: Runtime, guard: Buil
 
 
 def config_from_meta(meta: dict) -> PatchCoreConfig:
-    """The :class:`PatchCoreConfig` recorded in a bank's meta.json."""
+    """The :class:`PatchCoreConfig` recorded in a bank's meta.json (banks before native scale: fixed size)."""
     return PatchCoreConfig(blocks=tuple(meta.get("blocks") or PatchCoreConfig().blocks),
-                           image_size=int(meta["image_size"]), pool_size=int(meta.get("pool_size", 3)),
+                           image_size=int(meta["image_size"]), pixel_scale=float(meta.get("pixel_scale", 1.0)),
+                           input_norm=str(meta.get("input_norm", "rgb")), pool_size=int(meta.get("pool_size", 3)),
                            coreset_ratio=float(meta["coreset_ratio"]), augment=meta.get("augment", "none"),
                            sigma=float(meta.get("sigma", DEFAULT_SIGMA)),
                            reweight=bool(meta.get("reweight", True)), tta=meta.get("tta", "none"))
 
 
-def _forward(model, images: Sequence[np.ndarray], spec: BackboneSpec, size: int):
-    """Run anomalib's PatchcoreModel on images; returns (output, descriptors (B, C)).
+def model_input_size(height: int, width: int, cfg: PatchCoreConfig) -> tuple[int, int]:
+    """``(h, w)`` in pixels of the model input for a ``height x width`` photo under ``cfg``.
 
-    In training mode the output is the patch embedding ``(B*h*w, D)`` (also
-    appended to ``model.embedding_store``); in eval mode an ``InferenceBatch``.
+    Native scale (``image_size == 0``): ``round(side * pixel_scale)``; else the square
+    ``image_size``.
+    """
+    if cfg.image_size > 0:
+        return cfg.image_size, cfg.image_size
+    s = float(cfg.pixel_scale)
+    return max(1, int(round(height * s))), max(1, int(round(width * s)))
+
+
+def prepare(rgb: np.ndarray, cfg: PatchCoreConfig, spec: BackboneSpec) -> torch.Tensor:
+    """One RGB uint8 photo ``(H, W, 3)`` -> the normalised float32 model input ``(1, 3, h, w)``.
+
+    Steps: to 0..1; with ``cfg.input_norm == "gray"`` Rec. 601 luminance in all three
+    channels; resize (bilinear, antialiased) to :func:`model_input_size` (nothing at
+    native scale with ``pixel_scale`` 1); normalise with the backbone's mean / std.
+
+    Raises:
+        ValueError: the model input would have a side below ``MIN_INPUT_SIDE`` (64 px).
+    """
+    x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float() / 255.0
+    if cfg.input_norm == "gray":
+        x = (0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:]).repeat(1, 3, 1, 1)
+    h, w = model_input_size(x.shape[-2], x.shape[-1], cfg)
+    if min(h, w) < MIN_INPUT_SIDE:
+        raise ValueError(f"the photo is too small: {rgb.shape[0]}x{rgb.shape[1]} px gives a {h}x{w} px model input "
+                         f"(at least {MIN_INPUT_SIDE} px per side)")
+    if (h, w) != tuple(x.shape[-2:]):
+        x = F.interpolate(x, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+    mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def shape_groups(tensors: Sequence[torch.Tensor]) -> list[list[int]]:
+    """Indices of same-shaped tensors, in first-seen order, each group split into ``BATCH_SIZE`` chunks."""
+    groups: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault(tuple(t.shape), []).append(i)
+    return [idx[j:j + BATCH_SIZE] for idx in groups.values() for j in range(0, len(idx), BATCH_SIZE)]
+
+
+def _forward(model, images, spec: BackboneSpec, size: int | None = None):
+    """Run anomalib's PatchcoreModel on a batch; returns (output, descriptors (B, C)).
+
+    ``images`` is a normalised float32 batch ``(B, 3, h, w)``, or RGB uint8 arrays that are
+    resized to the square ``size`` (:func:`preprocess`, the fixed-size path). In training mode
+    the output is the patch embedding ``(B*h*w, D)`` (also appended to
+    ``model.embedding_store``); in eval mode an ``InferenceBatch`` whose anomaly map has
+    the batch's size.
     """
     captured: list[torch.Tensor] = []
 
     def hook(_module, _inp, out):
         captured.append(torch.cat([f.mean(dim=(2, 3)) for f in out.values()], dim=1))
 
+    x = images if isinstance(images, torch.Tensor) else preprocess(images, size, spec.mean, spec.std)
     handle = model.feature_extractor.register_forward_hook(hook)
     try:
         with torch.inference_mode():
-            out = model(preprocess(images, size, spec.mean, spec.std))
+            out = model(x)
     finally:
         handle.remove()
     return out, captured[0]
 
 
-def _forward_views(model, images: Sequence[np.ndarray], spec: BackboneSpec, size: int,
-                   views: Sequence[tuple[bool, int]]):
-    """Test-time symmetry views: score every view, turn the patch maps back, average.
+def _views_forward(model, x: torch.Tensor, views: Sequence[tuple[bool, int]]):
+    """Test-time symmetry views of a same-shaped batch ``x (B, 3, h, w)``: averaged patch-distance map.
 
-    The ``V`` views of the ``B`` preprocessed images (square ``size``) go through
-    anomalib's feature extractor (``BATCH_SIZE`` images per call), pooling and
-    embedding; faiss gives each patch its nearest memory-bank distance; each view's
-    ``(h, w)`` map is mapped back to the image's orientation and the ``V`` maps are
+    Each view (``np.rot90(transpose?(img), k)``) goes through anomalib's feature extractor,
+    pooling and embedding; faiss gives each patch its nearest memory-bank distance; the
+    view's ``(h', w')`` map is turned back to the image's orientation and the views are
     averaged. Image score: the maximum of the averaged map (Eq. 7 needs one nearest bank
-    patch per location, which an average of views does not have). The anomaly map is
-    anomalib's generator (blur, resize) applied to the averaged map. When the views form
-    a group (``hflip``, ``flips``, ``dihedral``), a turned or mirrored image gets the same
-    score and the turned map.
+    patch per location, which an average of views does not have). Non-square inputs run
+    one view at a time (a transposed view has the other shape).
 
     Returns:
-        ``(scores (B,) float32, anomaly maps (B, size, size) float32, descriptors (B, C))``;
-        descriptors are the global-pooled features of the identity view.
+        ``(scores (B,), averaged patch maps (B, h', w'), anomaly maps (B, h, w), descriptors (B, C))``,
+        float32; descriptors are the global-pooled features of the identity view.
     """
-    x = preprocess(images, size, spec.mean, spec.std)
     b = x.shape[0]
-    stacked = []
-    for transpose, k in views:
-        v = x.transpose(2, 3) if transpose else x
-        stacked.append(torch.rot90(v, k, dims=(2, 3)))
+    back, desc = [], None
     with torch.inference_mode():
-        x = torch.cat(stacked)
-        parts = [model.feature_extractor(x[i:i + BATCH_SIZE]) for i in range(0, x.shape[0], BATCH_SIZE)]
-        feats = {layer: torch.cat([p[layer] for p in parts]) for layer in parts[0]}
-        desc = torch.cat([f[:b].mean(dim=(2, 3)) for f in feats.values()], dim=1)
-        feats = {layer: model.feature_pooler(f) for layer, f in feats.items()}
-        emb = model.generate_embedding(feats)
-        _, _, h, w = emb.shape
-        dist, _ = model.nearest_neighbors(model.reshape_embedding(emb), n_neighbors=1)
-        pmaps = dist.reshape(len(views), b, h, w)
-        back = []
-        for j, (transpose, k) in enumerate(views):  # inverse of rot90(transpose?(img), k)
-            m = torch.rot90(pmaps[j], -k, dims=(1, 2))
+        for transpose, k in views:
+            v = x.transpose(2, 3) if transpose else x
+            v = torch.rot90(v, k, dims=(2, 3))
+            parts = [model.feature_extractor(v[i:i + BATCH_SIZE]) for i in range(0, b, BATCH_SIZE)]
+            feats = {layer: torch.cat([p[layer] for p in parts]) for layer in parts[0]}
+            if desc is None:  # the identity view comes first
+                desc = torch.cat([f.mean(dim=(2, 3)) for f in feats.values()], dim=1)
+            feats = {layer: model.feature_pooler(f) for layer, f in feats.items()}
+            emb = model.generate_embedding(feats)
+            _, _, h, w = emb.shape
+            dist, _ = model.nearest_neighbors(model.reshape_embedding(emb), n_neighbors=1)
+            m = torch.rot90(dist.reshape(b, h, w), -k, dims=(1, 2))  # inverse of rot90(transpose?(img), k)
             back.append(m.transpose(1, 2) if transpose else m)
-        mean = torch.stack(back).mean(dim=0)  # (B, h, w)
+        mean = torch.stack(back).mean(dim=0)  # (B, h', w')
         scores = mean.reshape(b, -1).amax(dim=1)
-        amap = model.anomaly_map_generator(mean[:, None], (size, size))[:, 0]
-    return scores.float(), amap.float(), desc
+        amap = model.anomaly_map_generator(mean[:, None], tuple(x.shape[-2:]))[:, 0]
+    return scores.float(), mean.float(), amap.float(), desc
+
+
+def _forward_views(model, images: Sequence[np.ndarray], spec: BackboneSpec, size: int,
+                   views: Sequence[tuple[bool, int]]):
+    """:func:`_views_forward` on RGB uint8 images resized to the square ``size`` (the fixed-size path).
+
+    Returns:
+        ``(scores (B,) float32, anomaly maps (B, size, size) float32, descriptors (B, C))``.
+    """
+    scores, _, amap, desc = _views_forward(model, preprocess(images, size, spec.mean, spec.std), views)
+    return scores, amap, desc
+
+
+def _coreset_bank(model, images: list[np.ndarray], n_desc: int, cfg: PatchCoreConfig, spec: BackboneSpec,
+                  cap: int | None, report: Progress) -> tuple[torch.Tensor, int, torch.Tensor, bool]:
+    """Patch embeddings of ``images`` in every bank view (``cfg.augment``), subsampled by the greedy coreset.
+
+    Returns:
+        ``(bank (M, D) float32, number of patches, descriptors (n_desc, C) of the first n_desc images,
+        whether the coreset ran over a random subset)``. ``M = int(patches * cfg.coreset_ratio)``,
+        at most ``cap`` (and at most ``CORESET_CANDIDATES``).
+
+    Raises:
+        ValueError: the ratio keeps no patch.
+    """
+    model.train()
+    model.feature_extractor.eval()  # BatchNorm keeps its running statistics
+    model.embedding_store.clear()
+    n_views = len(AUGMENTATIONS[cfg.augment])
+    total, done = len(images) * n_views, 0
+    descs: dict[int, torch.Tensor] = {}
+    for view in range(n_views):  # view 0 = the images themselves (their descriptors are kept)
+        xs = [prepare(augment_views(im, cfg.augment)[view] if view else im, cfg, spec) for im in images]
+        for idx in shape_groups(xs):
+            _, desc = _forward(model, torch.cat([xs[i] for i in idx]), spec)
+            if view == 0:
+                descs.update({i: d for i, d in zip(idx, desc) if i < n_desc})
+            done += len(idx)
+            report(0.6 * done / total, f"patch features {done}/{total}")
+    n_patches = sum(e.shape[0] for e in model.embedding_store)
+    n_select = int(n_patches * cfg.coreset_ratio)
+    if n_select < 1:
+        raise ValueError(f"coreset ratio {cfg.coreset_ratio} keeps no patch of {n_patches}")
+    if cap:
+        n_select = min(n_select, int(cap))
+    report(0.6, f"coreset subsampling {n_patches} patches x {cfg.coreset_ratio}")
+    # same steps as anomalib's PatchcoreModel.subsample_embedding, with the O(N) greedy coreset
+    embedding = torch.vstack(model.embedding_store)
+    model.embedding_store.clear()
+    sampled = bool(CORESET_CANDIDATES and n_patches > CORESET_CANDIDATES)
+    if sampled:  # the greedy coreset over a seeded random subset of the patches
+        gen = torch.Generator().manual_seed(SEED)
+        embedding = embedding[torch.randperm(n_patches, generator=gen)[:CORESET_CANDIDATES]]
+        n_select = min(n_select, int(CORESET_CANDIDATES))
+    picks = greedy_coreset_indices(embedding, n_select, seed=SEED, proj_dim=CORESET_PROJ_DIM,
+                                   progress=lambda f: report(0.6 + 0.4 * f, "coreset subsampling"))
+    bank = embedding[torch.as_tensor(picks)].contiguous()
+    desc = torch.stack([descs[i] for i in range(n_desc)]) if n_desc else torch.zeros(0, 0)
+    model.eval()
+    return bank, int(n_patches), desc, sampled
 
 
 class PatchCore:
@@ -429,26 +537,44 @@ class PatchCore:
     def fit(cls, product: str, train_images: list[np.ndarray], val_normal: list[np.ndarray],
             val_defect: list[np.ndarray] | None = None, *, cfg: PatchCoreConfig, rt: Runtime,
             train_paths: list[str | None] | None = None, symmetry: str | None = None,
-            progress: Progress | None = None, guard: BuildGuard | None = None) -> tuple["PatchCore", dict]:
+            bank_extra: list[np.ndarray] | None = None, target_fpr: float | None = None,
+            cross_fit: bool = False, uncertain_band: float = UNCERTAIN_BAND, progress: Progress | None = None,
+            guard: BuildGuard | None = None) -> tuple["PatchCore", dict]:
         """Build the memory bank of ``product`` from normal images and calibrate its thresholds.
 
         Args:
             product: product id (letters, digits, ``-``, ``_``).
-            train_images: normal RGB uint8 images ``(H, W, 3)`` (any sizes).
-            val_normal: normal validation images (>= 2) for calibration.
-            val_defect: defective validation images; with them the image threshold
-                maximises Youden's J (:func:`models.patchcore.calibration.calibrate_threshold`).
+            train_images: normal RGB uint8 images ``(H, W, 3)`` (any sizes; at native scale
+                they are used as they are, times ``cfg.pixel_scale``).
+            val_normal: normal calibration images (>= 2) the bank of ``train_images`` does not
+                contain, ideally under the acquisition changes a line sees. With ``cross_fit`` they
+                also form a second bank (see below).
+            val_defect: defective validation images (optional): reported (``image_auroc``)
+                and, without ``target_fpr``, used by the legacy Youden rule.
             cfg: the configuration (:func:`models.patchcore.config.config_for`).
             rt: backbone and runtime choices.
             train_paths: file path of each training image (for ``nearest_normal``).
             symmetry: the symmetry name the views came from (recorded only).
+            bank_extra: more normal images for the memory bank only (e.g. acquisition changes
+                of ``train_images``); not nearest-normal references.
+            target_fpr: the false-positive rate the image threshold aims at on the
+                calibration normals (:func:`models.patchcore.calibration.fpr_threshold`);
+                None: the legacy rule (:func:`models.patchcore.calibration.calibrate_threshold`).
+            cross_fit: two-fold calibration: the memory bank is bank A (``train_images`` +
+                ``bank_extra``) and bank B (``val_normal``), each a coreset of at most
+                ``MAX_FOLD_BANK`` patches, so the bank covers every normal given; the threshold comes
+                from out-of-fold scores only: bank A on ``val_normal``, bank B on as many of
+                ``train_images + bank_extra``. Without it the bank is bank A and the calibration
+                normals are scored by it.
+            uncertain_band: a verdict whose margin is within this many normal spreads of the
+                threshold is reported as uncertain (recorded in meta.json).
             progress: ``progress(fraction 0..1, message)``; the message of the coreset
                 step starts with ``"coreset subsampling"``.
             guard: held while the model is built (only then: feature extraction and the
                 coreset run outside it, so inspections go on during a fit).
 
-        Thresholds: image threshold by ``calibrate_threshold``; pixel threshold and colour
-        scale by :func:`models.patchcore.calibration.pixel_calibration`.
+        Thresholds: image threshold, normal score spread; pixel threshold and colour scale by
+        :func:`models.patchcore.calibration.pixel_calibration`.
 
         Returns:
             ``(patchcore, summary)`` with summary ``{"bank_size", "threshold",
@@ -456,7 +582,8 @@ class PatchCore:
 
         Raises:
             ValueError: bad product id, no training images, < 2 val normals, too few
-                patches for the coreset ratio, a train_paths list of the wrong length.
+                patches for the coreset ratio, a train_paths list of the wrong length, a
+                photo too small for the model input.
         """
         if not product or not all(c.isalnum() or c in "-_" for c in product):
             raise ValueError(f"invalid product id {product!r}: use letters, digits, '-' or '_'")
@@ -468,52 +595,68 @@ class PatchCore:
             raise ValueError("train_paths must have one entry per training image")
         report = progress or (lambda _f, _m: None)
         train_images = [load_rgb(im) for im in train_images]
+        extra = [load_rgb(im) for im in (bank_extra or [])]
         val_normal = [load_rgb(im) for im in val_normal]
         val_defect = [load_rgb(im) for im in (val_defect or [])]
 
         spec = backbone_spec(rt.backbone, cfg.blocks)
         model = new_model(spec, cfg, rt, guard)
-        model.train()
-        model.feature_extractor.eval()  # BatchNorm keeps its running statistics
-        descs = []
         n = len(train_images)
-        n_views = len(AUGMENTATIONS[cfg.augment])
-        total = n * n_views
-        done = 0
-        for view in range(n_views):  # view 0 = the images themselves (their descriptors are kept)
-            for i in range(0, n, BATCH_SIZE):
-                batch = [augment_views(im, cfg.augment)[view] if view else im for im in train_images[i:i + BATCH_SIZE]]
-                _, desc = _forward(model, batch, spec, cfg.image_size)
-                if view == 0:
-                    descs.append(desc)
-                done += len(batch)
-                report(0.5 * done / total, f"patch features {done}/{total}")
-        n_patches = sum(e.shape[0] for e in model.embedding_store)
-        if int(n_patches * cfg.coreset_ratio) < 1:
-            raise ValueError(f"coreset ratio {cfg.coreset_ratio} keeps no patch of {n_patches}")
-        report(0.5, f"coreset subsampling {n_patches} patches x {cfg.coreset_ratio}")
         t_core = time.perf_counter()
-        # same steps as anomalib's PatchcoreModel.subsample_embedding, with the O(N) greedy coreset
-        embedding = torch.vstack(model.embedding_store)
-        model.embedding_store.clear()
-        picks = greedy_coreset_indices(embedding, int(n_patches * cfg.coreset_ratio), seed=SEED,
-                                       proj_dim=CORESET_PROJ_DIM,
-                                       progress=lambda f: report(0.5 + 0.3 * f, "coreset subsampling"))
-        model.memory_bank = embedding[torch.as_tensor(picks)].contiguous()
-        del embedding
+        cap = MAX_FOLD_BANK if cross_fit else None
+        bank_a, n_a, descs, cand_a = _coreset_bank(model, train_images + extra, n, cfg, spec, cap,
+                                                   lambda f, m: report((0.45 if cross_fit else 0.75) * f, m))
+        folds = [bank_a]
+        n_patches, sampled = n_a, cand_a
+        if cross_fit:
+            bank_b, n_b, _, cand_b = _coreset_bank(model, val_normal, 0, cfg, spec, cap,
+                                                   lambda f, m: report(0.45 + 0.3 * f, f"calibration fold: {m}"))
+            folds.append(bank_b)
+            n_patches, sampled = n_a + n_b, cand_a or cand_b
         coreset_s = time.perf_counter() - t_core
         model.eval()
-        pc = cls(model, spec, {"image_size": cfg.image_size, "pool_size": cfg.pool_size, "tta": cfg.tta},
-                 torch.cat(descs), list(train_paths or [None] * n))
+        pc = cls(model, spec, {"image_size": cfg.image_size, "pixel_scale": cfg.pixel_scale,
+                               "input_norm": cfg.input_norm, "pool_size": cfg.pool_size, "tta": cfg.tta},
+                 descs, list(train_paths or [None] * n))
 
-        report(0.8, "calibrating thresholds on the validation split")
-        scores, maps, _ = pc.predict_maps(val_normal + val_defect)
-        scores = scores.numpy().astype(np.float64)
-        maps = maps.numpy()
-        nn_ = len(val_normal)
-        normal_scores, defect_scores = scores[:nn_], scores[nn_:]
-        threshold, rule = calibrate_threshold(normal_scores.tolist(), defect_scores.tolist())
-        pixel_threshold, vmin, vmax = pixel_calibration(maps[:nn_], maps[nn_:] if len(val_defect) else None)
+        report(0.8, "calibrating thresholds on the calibration normals")
+        # out-of-fold scores: bank A (train normals) scores the calibration normals; with cross-fitting
+        # bank B (the calibration normals) scores as many of the train normals and their copies
+        model.memory_bank = bank_a
+        scores_a, maps_a, _, pm_a = pc.predict_maps(val_normal, patch_maps=True)
+        normal_scores, normal_maps = scores_a.numpy().astype(np.float64), [m.numpy() for m in maps_a]
+        patch_maps = [m.numpy() for m in pm_a]
+        defect_scores, defect_maps = np.zeros(0), []
+        if val_defect:  # by bank A too: the same (out-of-fold) footing as the calibration normals
+            ds, dm, _ = pc.predict_maps(val_defect)
+            defect_scores, defect_maps = ds.numpy().astype(np.float64), [m.numpy() for m in dm]
+        if cross_fit:
+            model.memory_bank = folds[1]
+            side = (train_images + extra)[:len(val_normal)]
+            scores_b, maps_b, _, pm_b = pc.predict_maps(side, patch_maps=True)
+            normal_scores = np.r_[normal_scores, scores_b.numpy().astype(np.float64)]
+            normal_maps += [m.numpy() for m in maps_b]
+            patch_maps += [m.numpy() for m in pm_b]
+        model.memory_bank = torch.cat(folds).contiguous()
+        nn_ = len(normal_scores)
+        # the image score is a max over patches: it grows with the photo's area; calibrate at a reference
+        # area and move the threshold with ln(area) (size_slope from the calibration maps themselves)
+        areas = np.array([float(m.shape[0] * m.shape[1]) for m in normal_maps])
+        slope = size_slope(patch_maps) if target_fpr is not None else 0.0
+        ref_area = float(np.median(areas))
+        adjusted = normal_scores - slope * np.log(areas / ref_area)
+        if target_fpr is not None:
+            threshold, spread, rule = fpr_threshold(adjusted.tolist(), target_fpr)
+            if slope > 0:
+                rule += f"; at a reference area of {ref_area:.0f} px, + {slope:.3f} x ln(area / reference) per photo"
+        else:
+            threshold, rule = calibrate_threshold(normal_scores.tolist(), defect_scores.tolist())
+            spread = normal_spread(normal_scores.tolist())
+        if cross_fit:
+            rule += "; out-of-fold: bank of the train normals on the calibration normals and bank of the " \
+                    "calibration normals on as many train normals"
+        pixel_threshold, vmin, vmax = pixel_calibration(normal_maps, defect_maps if len(val_defect) else None)
+        scores = np.r_[normal_scores, defect_scores]
         summary = {"bank_size": int(model.memory_bank.shape[0]), "threshold": threshold,
                    "pixel_threshold": pixel_threshold, "coreset_s": round(coreset_s, 2)}
         if len(val_defect):
@@ -521,6 +664,10 @@ class PatchCore:
 
             labels = np.r_[np.zeros(nn_), np.ones(len(val_defect))]
             summary["image_auroc"] = float(roc_auc_score(labels, scores))
+            d_areas = np.array([float(m.shape[0] * m.shape[1]) for m in defect_maps])
+            summary["recall"] = float((defect_scores >= threshold + slope * np.log(d_areas / ref_area)).mean())
+        summary["fpr"] = float((adjusted >= threshold).mean())
+        views = len(AUGMENTATIONS[cfg.tta])
         pc.meta = {
             "format_version": FORMAT_VERSION,
             "product": product,
@@ -530,70 +677,142 @@ class PatchCore:
             "layers": list(spec.layers),
             "blocks": list(cfg.blocks) if spec.name == "efficientnet-lite0" else None,
             "image_size": cfg.image_size,
+            "pixel_scale": cfg.pixel_scale,
+            "scale_rule": ("native: photos scored at their own size x pixel_scale" if cfg.image_size == 0
+                           else f"every photo resized to {cfg.image_size} x {cfg.image_size} px"),
+            "input_norm": cfg.input_norm,
             "pool_size": cfg.pool_size,
             "coreset_ratio": cfg.coreset_ratio,
             "augment": cfg.augment,
-            "augment_views": n_views,
+            "augment_views": len(AUGMENTATIONS[cfg.augment]),
             "sigma": cfg.sigma,
             "reweight": cfg.reweight,
             "tta": cfg.tta,
-            "tta_views": len(AUGMENTATIONS[cfg.tta]),
+            "tta_views": views,
             "symmetry": symmetry,
-            "image_score_rule": (f"max of the patch distances averaged over {len(AUGMENTATIONS[cfg.tta])} "
-                                 f"test-time views ({cfg.tta})") if cfg.tta != "none"
-                                else "paper Eq. 7 re-weighted max patch distance (9 neighbours)" if cfg.reweight
-                                else "max patch distance",
+            "image_score_rule": (f"max of the patch distances averaged over {views} test-time views ({cfg.tta})"
+                                 if cfg.tta != "none"
+                                 else "paper Eq. 7 re-weighted max patch distance (9 neighbours)" if cfg.reweight
+                                 else "max patch distance"),
             "bank_dtype": rt.bank_dtype,
-            "coreset_rule": f"k-center greedy, seed {SEED}, random projection to {CORESET_PROJ_DIM} dims"
-                            if CORESET_PROJ_DIM else f"k-center greedy, seed {SEED}",
+            "coreset_rule": (f"k-center greedy, seed {SEED}"
+                             + (f", random projection to {CORESET_PROJ_DIM} dims" if CORESET_PROJ_DIM else "")
+                             + (f", over a seeded random {CORESET_CANDIDATES} of the patches" if sampled
+                                else "")),
             "num_neighbors": NUM_NEIGHBORS,
             "bank_size": summary["bank_size"],
             "n_patches": int(n_patches),
             "embedding_dim": int(model.memory_bank.shape[1]),
             "n_train": n,
-            "n_val_normal": nn_,
+            "n_bank_extra": len(extra),
+            "n_val_normal": len(val_normal),
+            "n_calibration_scores": nn_,
             "n_val_defect": len(val_defect),
             "threshold": threshold,
             "threshold_rule": rule,
+            "calibration": "cross-fit" if cross_fit else "held-out",
+            "fold_bank_sizes": [int(f.shape[0]) for f in folds],
+            "target_fpr": target_fpr,
+            "normal_spread": spread,
+            "uncertain_band": float(uncertain_band),
+            "size_slope": float(slope),
+            "reference_area": ref_area,
+            "calibration_fpr": summary["fpr"],
+            "calibration_recall": summary.get("recall"),
             "pixel_threshold": pixel_threshold,
             "pixel_threshold_rule": f"quantile {PIXEL_QUANTILE} of normal val pixel scores",
             "color_scale": [vmin, vmax],
             "color_scale_rule": "vmin = median normal val pixel; vmax = q0.995 defect val pixels (>= 1.25 x pixel thr)",
             "val_normal_scores": [round(float(s), 6) for s in normal_scores],
+            # the calibration scores moved to the reference area (the threshold's and the spread's input)
+            "calibration_scores_at_reference_area": [round(float(s), 6) for s in adjusted],
             "val_defect_scores": [round(float(s), 6) for s in defect_scores],
             "image_auroc_val": summary.get("image_auroc"),
+            "image_auroc_val_rule": "val defects and calibration normals scored by bank A (out of fold)",
             "fitted_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         return pc, summary
 
     # ---- inference
-    def predict_maps(self, images: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Scores ``(B,)``, anomaly maps ``(B, S, S)`` at the model's input size ``S`` and descriptors ``(B, C)``."""
-        size = int(self.meta["image_size"])
-        tta = self.meta.get("tta", "none")
-        scores, maps, descs = [], [], []
+    @property
+    def config(self) -> PatchCoreConfig:
+        """The bank's :class:`PatchCoreConfig` (from its meta)."""
+        meta = {"coreset_ratio": 0.01, **self.meta}
+        return config_from_meta(meta)
+
+    def predict_maps(self, images: Sequence[np.ndarray], patch_maps: bool = False):
+        """Scores ``(B,)``, anomaly maps at each model input's size (list of ``(h, w)``) and descriptors ``(B, C)``.
+
+        At native scale the model input of a ``H x W`` photo is ``round(H * pixel_scale) x
+        round(W * pixel_scale)``; photos of different sizes run in separate batches. With
+        ``patch_maps`` a fourth item is returned: each photo's patch-distance map at the patch
+        grid (the map the image score is the maximum of; without test-time views, the anomaly map).
+
+        Raises:
+            ValueError: a photo too small for the model input (:func:`prepare`).
+        """
+        cfg = self.config
+        tta = cfg.tta
+        xs = [prepare(im, cfg, self.spec) for im in images]
+        scores: list = [None] * len(xs)
+        maps: list = [None] * len(xs)
+        pmaps: list = [None] * len(xs)
+        descs: list = [None] * len(xs)
         with self._lock:
-            for i in range(0, len(images), BATCH_SIZE):
+            for idx in shape_groups(xs):
+                x = torch.cat([xs[i] for i in idx])
                 if tta != "none":
-                    score, amap, desc = _forward_views(self.model, images[i:i + BATCH_SIZE], self.spec, size,
-                                                       AUGMENTATIONS[tta])
-                    scores.append(score)
-                    maps.append(amap)
+                    score, pmap, amap, desc = _views_forward(self.model, x, AUGMENTATIONS[tta])
                 else:
-                    out, desc = _forward(self.model, images[i:i + BATCH_SIZE], self.spec, size)
-                    scores.append(out.pred_score.reshape(-1))
-                    maps.append(out.anomaly_map[:, 0])
-                descs.append(desc)
-        return torch.cat(scores), torch.cat(maps), torch.cat(descs)
+                    out, desc = _forward(self.model, x, self.spec)
+                    score, amap = out.pred_score.reshape(-1), out.anomaly_map[:, 0]
+                    pmap = amap
+                for j, i in enumerate(idx):
+                    scores[i], maps[i], descs[i], pmaps[i] = score[j], amap[j].float(), desc[j], pmap[j].float()
+        if not xs:
+            empty = (torch.zeros(0), [], torch.zeros(0, 0))
+            return empty + ([],) if patch_maps else empty
+        out = (torch.stack(scores).float(), maps, torch.stack(descs))
+        return out + (pmaps,) if patch_maps else out
+
+    def threshold_for(self, height: int, width: int) -> float:
+        """The image threshold for a ``height x width`` photo (the calibrated false-positive rate at its size).
+
+        The image score is a maximum over the photo's patches, so a larger photo of a normal part
+        scores higher: ``threshold + size_slope * ln(area / reference_area)`` with the model-input
+        area in pixels (:func:`models.patchcore.calibration.size_slope`); banks without a
+        ``size_slope`` use the plain threshold.
+        """
+        meta = self.meta
+        thr = float(meta["threshold"])
+        slope, ref = float(meta.get("size_slope") or 0.0), float(meta.get("reference_area") or 0.0)
+        if slope <= 0 or ref <= 0:
+            return thr
+        h, w = model_input_size(height, width, self.config)
+        return thr + slope * float(np.log(max(h * w, 1) / ref))
+
+    def verdict(self, score: float, threshold: float | None = None) -> tuple[bool, float, bool]:
+        """``(is_anomalous, margin, uncertain)`` of an image score under the bank's calibration.
+
+        ``margin = (score - threshold) / normal_spread`` (the spread of the calibration
+        normals' scores; banks without it: 1); ``uncertain = |margin| < uncertain_band``.
+        ``threshold``: the photo's size-adjusted threshold (:meth:`threshold_for`; default the
+        bank's reference threshold).
+        """
+        thr = float(self.meta["threshold"]) if threshold is None else float(threshold)
+        margin = verdict_margin(score, thr, float(self.meta.get("normal_spread") or 0.0))
+        band = float(self.meta.get("uncertain_band", UNCERTAIN_BAND))
+        return bool(score >= thr), margin, bool(abs(margin) < band)
 
     def predict(self, images: Sequence[np.ndarray]) -> list[InspectionResult]:
         """Score RGB uint8 images ``(H, W, 3)`` of any size; results in input order.
 
-        Anomaly maps come back at each input's resolution (bilinear). ``elapsed_ms`` of
-        each result is the batch wall time divided by its length.
+        Anomaly maps come back at each input's resolution (bilinear from the model input).
+        ``elapsed_ms`` of each result is the batch wall time divided by its length.
 
         Raises:
             core.imageio.InvalidImageError: an input that is not an image.
+            ValueError: a photo too small for the model input.
         """
         t0 = time.perf_counter()
         rgbs = [load_rgb(im) for im in images]
@@ -616,7 +835,12 @@ class PatchCore:
             near = self.train_paths[nearest[i]] if nearest else None
             partial.append((float(scores[i]), amap, mask, find_regions(mask, amap), near))
         per = (time.perf_counter() - t0) * 1000.0 / len(rgbs)
-        return [InspectionResult(product=self.product, score=s, threshold=thr, is_anomalous=bool(s >= thr),
-                                 anomaly_map=a, mask=m, regions=r, nearest_normal=nn_, model=meta["model"],
-                                 elapsed_ms=per, pixel_threshold=pthr, color_scale=cscale)
-                for s, a, m, r, nn_ in partial]
+        out = []
+        for rgb, (s, a, m, r, nn_) in zip(rgbs, partial):
+            thr = self.threshold_for(*rgb.shape[:2])
+            bad, margin, uncertain = self.verdict(s, thr)
+            out.append(InspectionResult(product=self.product, score=s, threshold=thr, is_anomalous=bad,
+                                        anomaly_map=a, mask=m, regions=r, nearest_normal=nn_, model=meta["model"],
+                                        elapsed_ms=per, pixel_threshold=pthr, color_scale=cscale, margin=margin,
+                                        uncertain=uncertain))
+        return out

@@ -25,7 +25,7 @@ IMAGE_TOOLS = {"anomaly_scoring", "similar_defect_search"}
 
 # (conversation: [(image relative to data/ or None, question, kind)])
 CONVERSATIONS = {
-    "photo-manual-then-followup": [("brick/val/crack/005.png", "", "manual"),
+    "photo-manual-then-followup": [("brick/val/crack/001.png", "", "manual"),
                                    (None, "Which action should I take first?", "followup")],
     "normal-verdict": [("gravel/val/good/004.png", "Is this part OK?", "verdict")],
     "similar": [("grass/val/stain/005.png", "Show me similar cases.", "similar")],

@@ -106,3 +106,18 @@ def test_two_turn_conversation_with_real_tools(services, writable_state, smol):
     assert turns[1]["messages"][0]["content"].startswith("[same photo as before]")
     rows = {r["id"]: r for r in [services.history.get(h1), services.history.get(h2)]}
     assert all(r["owner"] == "cli" and r["session_id"] == "two-turns" for r in rows.values())
+
+
+def test_chat_turns_prune_old_run_folders(writable_state):
+    """A chat-only workload keeps the run folders bounded (each turn's folder comes from the RunStore)."""
+    from services.container import Services
+
+    services = Services(dataclasses.replace(get_settings(), keep_runs=3))
+    runs = services.settings.runs_dir
+    runs.mkdir(parents=True, exist_ok=True)
+    for i in range(6):
+        (runs / f"old-{i}").mkdir()
+    conv = open_conversation(services, None, "test", new=True)
+    ctx = conv.start_turn("What causes cracks in brick panels?")
+    assert ctx.out_dir.parent == runs and ctx.out_dir.name.startswith("chat-")
+    assert len([p for p in runs.iterdir() if p.is_dir()]) <= 3

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_app import defect_items
+
 from core.profiles import MissingModelError, is_available, require_available
 from core.settings import Settings
 from tests.tiny_models import save_tiny_open_clip, save_tiny_qwen2_vl
@@ -150,8 +152,7 @@ def test_profile_switch_cli_end_to_end(writable_state, tiny_hub_models):
 
     base = {k: v for k, v in os.environ.items() if k not in ROLE_VARS}
     base.update(DRA_STATE_DIR=str(writable_state), DRA_AGENT_MAX_STEPS="2", DRA_AGENT_MAX_TOKENS="24")
-    manifest = json.loads((writable_state / "data" / "manifest.json").read_text())
-    item = next(i for i in manifest["items"] if i["split"] == "val" and i["label"] == "defect")
+    item = defect_items(writable_state)[0]  # a defect the bank flags: the full manual, with citations
     image = str(writable_state / "data" / item["image"])
     hub = {**base, "DRA_PROFILE": "hub", "DRA_AGENT_MODEL": tiny_hub_models["agent"],
            "DRA_IMAGE_EMBEDDER": f"open_clip:{tiny_hub_models['clip']}",
@@ -197,8 +198,7 @@ def test_profile_switch_app(writable_state, tiny_hub_models, monkeypatch):
         models = chat.active_models()
         assert models["agent"] == "tiny-qwen2-vl"
         assert models["profile"] == "hub: agent=env, image_embedder=env, patchcore_backbone=env, text_embedder=env"
-        manifest = json.loads((writable_state / "data" / "manifest.json").read_text())
-        item = next(i for i in manifest["items"] if i["split"] == "val" and i["label"] == "defect")
+        item = defect_items(writable_state)[0]
         result, _overlay = chat.chat_api(str(writable_state / "data" / item["image"]), "", item["product"])
         assert result["model"].startswith("qwen2-vl:tiny-qwen2-vl [bf16, cpu]") and result["answer"]
         assert chat.active_models()["agent"].startswith("qwen2-vl:tiny-qwen2-vl")

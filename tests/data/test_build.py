@@ -19,7 +19,7 @@ import skimage.data
 from PIL import Image
 from skimage.measure import regionprops
 
-from data import build, synth
+from data import acquisition, build, synth
 from core.settings import DEFECT_TYPES, PRODUCTS
 
 LIMIT = 320
@@ -116,6 +116,32 @@ def test_full_build_never_reads_reserved_rows(guarded_build):
         assert max(g.max_row for g in guards) == LIMIT - 1
 
 
+def test_regions_are_disjoint_and_inside_the_allowed_rows():
+    cover = np.zeros((LIMIT, 512), np.int8)
+    for name, ((r0, r1), (c0, c1)) in build.REGIONS.items():
+        assert 0 <= r0 < r1 <= LIMIT and 0 <= c0 < c1 <= 512, name
+        cover[r0:r1, c0:c1] += 1
+    assert cover.max() == 1, "the bank, tune and unseen regions overlap"
+    rows = build.source_rows("gravel")
+    (r0, r1), (c0, c1) = build.REGIONS["unseen"]
+    assert np.array_equal(build.region("gravel", "unseen"), rows[r0:r1, c0:c1])
+    with pytest.raises(ValueError, match="unknown region"):
+        build.region("gravel", "everything")
+
+
+def test_each_split_reads_only_its_region(guarded_build):
+    """Train photos come from the bank region, val / gallery from the tune region, unseen from the unseen
+    region: no fit, bank, gallery, metric or threshold sees an unseen pixel."""
+    where = {"train": "bank", "val": "tune", "gallery": "tune", "unseen": "unseen"}
+    for it in guarded_build["manifest"]["items"]:
+        (r0, r1), (c0, c1) = build.REGIONS[where[it["split"]]]
+        y0, y1 = it["crop"]["rows"]
+        x0, x1 = it["crop"]["cols"]
+        assert 0 <= y0 < y1 <= r1 - r0 and 0 <= x0 < x1 <= c1 - c0, it["id"]
+        if it["split"] in ("train", "unseen"):
+            assert it["crop"]["region"] == where[it["split"]]
+
+
 def test_off_by_one_would_be_caught(monkeypatch):
     """The same guard fails a build whose accessor reads one row too many."""
     _install_guards(monkeypatch)
@@ -153,12 +179,17 @@ def test_counts_per_split_and_defect(guarded_build):
         c = summary["products"][product]
         assert (c["train"], c["val_good"], c["val_defect"]) == (len(train), 30, 40)
         assert c["gallery"] == sum(it["split"] == "gallery" for it in mine)
+        assert (c["unseen_good"], c["unseen_defect"]) == (build.N_UNSEEN_GOOD, 5 * build.N_UNSEEN_PER_DEFECT)
+        unseen = [it for it in mine if it["split"] == "unseen" and it["label"] == "defect"]
+        assert all(it["generator"] == "data.holdout_synth" for it in unseen)
+        assert all(it["generator"] == "data.synth" for it in mine if it["split"] in ("val", "gallery")
+                   and it["label"] == "defect")
     assert summary["cached"] is False and summary["elapsed_s"] > 0
 
 
 def test_layout_paths_and_fields(guarded_build):
     out, manifest = guarded_build["out"], guarded_build["manifest"]
-    assert (manifest["version"], manifest["seed"], manifest["image_size"]) == (1, 0, 256)
+    assert (manifest["version"], manifest["seed"], manifest["image_size"]) == (build.VERSION, 0, 256)
     assert "brick-train-000" in {it["id"] for it in manifest["items"]}
     for it in manifest["items"]:
         assert not Path(it["image"]).is_absolute() and (out / it["image"]).is_file()
@@ -167,9 +198,10 @@ def test_layout_paths_and_fields(guarded_build):
         if it["label"] == "good":
             assert it["defect_type"] is None and it["mask"] is None and it["bbox"] is None
         else:
-            assert it["defect_type"] in DEFECT_TYPES and it["split"] in ("val", "gallery")
+            assert it["defect_type"] in DEFECT_TYPES and it["split"] in ("val", "gallery", "unseen")
             assert it["mask"] == it["image"][:-4] + "_mask.png" and (out / it["mask"]).is_file()
-            assert any(w in it["note"] for w in NOTE_WORDS[it["defect_type"]]), (it["id"], it["note"])
+            if it["split"] != "unseen":
+                assert any(w in it["note"] for w in NOTE_WORDS[it["defect_type"]]), (it["id"], it["note"])
     assert [(m["product"], m["lang"]) for m in manifest["manuals"]] == [
         ("brick", "en"), ("brick", "ko"), ("gravel", "en"), ("grass", "en")]
     for m in manifest["manuals"]:
@@ -177,11 +209,31 @@ def test_layout_paths_and_fields(guarded_build):
     assert not list(out.parent.glob(".data.*")), "temporary build folders were left behind"
 
 
-def test_images_are_256_rgb(guarded_build):
+def test_image_sizes_per_split(guarded_build):
+    """Val / gallery: 256 px crops; train: native-scale windows of the bank region; unseen: native-scale
+    photos smaller than the crops (128 px tall), half of them gray, with acquisition changes."""
     out = guarded_build["out"]
+    grays, changes = [], set()
     for it in guarded_build["manifest"]["items"]:
         with Image.open(out / it["image"]) as im:
-            assert im.size == (256, 256) and im.mode == "RGB", it["id"]
+            assert im.mode == "RGB", it["id"]
+            w, h = im.size
+            arr = np.asarray(im)
+        if it["split"] in ("val", "gallery"):
+            assert (w, h) == (256, 256), it["id"]
+            assert 1.0 <= it["crop"]["scale"] <= 1.2
+        elif it["split"] == "train":
+            if it["crop"]["rot90"] % 2:  # gravel's 90-degree turns swap the sides
+                h, w = w, h
+            assert build.TRAIN_HEIGHTS[0] <= h <= build.TRAIN_HEIGHTS[1], it["id"]
+            assert build.TRAIN_WIDTHS[0] <= w <= build.TRAIN_WIDTHS[1], it["id"]
+        else:
+            assert [h, w] == it["size"] and max(h, w) < 256, it["id"]
+            assert 1 <= len(it["crop"]["acquisition"]) <= 3
+            changes |= set(it["crop"]["acquisition"])
+            grays.append(bool(np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 1], arr[..., 2])))
+    assert 0.4 <= np.mean(grays) <= 0.85  # half raw gray photos, plus colour photos turned gray by "gray"
+    assert changes == set(acquisition.ACQUISITION_CHANGES)
 
 
 def test_masks_binary_nonempty_and_match_bbox(guarded_build):
@@ -190,14 +242,16 @@ def test_masks_binary_nonempty_and_match_bbox(guarded_build):
         if it["mask"] is None:
             continue
         mask = np.asarray(Image.open(out / it["mask"]))
-        assert mask.shape == (256, 256) and mask.dtype == np.uint8
+        with Image.open(out / it["image"]) as im:
+            assert mask.shape == im.size[::-1] and mask.dtype == np.uint8
         assert set(np.unique(mask)) == {0, 255}, it["id"]
         ys, xs = np.nonzero(mask)
         assert it["bbox"] == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], it["id"]
 
 
 def test_brick_never_rotated_or_flipped_vertically(guarded_build):
-    crops = [it["crop"] for it in guarded_build["manifest"]["items"] if it["product"] == "brick"]
+    crops = [it["crop"] for it in guarded_build["manifest"]["items"] if it["product"] == "brick"
+             and it["split"] != "unseen"]
     assert all(c["rot90"] == 0 and not c["vflip"] for c in crops)
     assert any(c["hflip"] for c in crops) and not all(c["hflip"] for c in crops)
     assert all(0 <= c["rows"][0] < c["rows"][1] <= LIMIT for c in crops)
@@ -223,7 +277,7 @@ def test_same_seed_same_files(guarded_build, tmp_path):
 
 
 def test_other_seed_other_images():
-    rows = build.source_rows("gravel")
+    rows = build.region("gravel", "tune")
     a, _ = build.random_crop(rows, build._item_rng(0, "gravel", "val", "crack", 0), "gravel")
     b, _ = build.random_crop(rows, build._item_rng(1, "gravel", "val", "crack", 0), "gravel")
     assert not np.array_equal(a, b)
@@ -267,7 +321,7 @@ def test_load_manifest_parses(guarded_build):
 
 def test_defects_vary_in_size_position_contrast(guarded_build):
     out = guarded_build["out"]
-    items = [it for it in guarded_build["manifest"]["items"] if it["mask"]]
+    items = [it for it in guarded_build["manifest"]["items"] if it["mask"] and it["split"] != "unseen"]
     contrasts = set()
     for d in DEFECT_TYPES:
         mine = [it for it in items if it["defect_type"] == d]
@@ -288,7 +342,7 @@ def test_linear_defects_span_orientations(guarded_build, defect):
     out = guarded_build["out"]
     angles = []
     for it in guarded_build["manifest"]["items"]:
-        if it["defect_type"] == defect:
+        if it["defect_type"] == defect and it["split"] != "unseen":
             mask = np.asarray(Image.open(out / it["mask"])) > 0
             props = max(regionprops(mask.astype(np.uint8)), key=lambda p: p.area)
             if props.eccentricity > 0.9:

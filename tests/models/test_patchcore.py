@@ -66,6 +66,10 @@ def _scratch(img: np.ndarray, row: int) -> tuple[np.ndarray, np.ndarray]:
     return out, mask
 
 
+#: settings of the tests of the PatchCore mechanics (patch counts, views): no acquisition copies, no second fold
+PLAIN = {"patchcore_acquisition_copies": 0, "patchcore_calibration_copies": 0, "patchcore_cross_fit": False}
+
+
 def _bbox(mask: np.ndarray) -> list[int]:
     ys, xs = np.nonzero(mask)
     return [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
@@ -79,7 +83,7 @@ def _overlap(a: list[int], b: list[int]) -> bool:
 def fitted(tmp_path_factory):
     """A store fitted on 20 real normal crops (coreset 1 %) with 6 val normals + 6 val defects."""
     state = tmp_path_factory.mktemp("pc_state")
-    settings = Settings.from_env(state_dir=state)
+    settings = Settings.from_env(state_dir=state, patchcore_cross_fit=False)  # held-out calibration (cross-fitted banks: tests/services/test_evaluate.py)
     train = _crops(20, seed=1)
     val_normal = _crops(6, seed=2)
     rng = np.random.default_rng(7)
@@ -97,9 +101,8 @@ def fitted(tmp_path_factory):
         Image.fromarray(im).save(p)
         paths.append(str(p))
     events = []
-    # the default configuration (not the tuned per-product one): blocks 4+7 at 256 px, no augmentation
-    store = PatchCoreStore(settings, coreset_ratio=0.01, blocks=(4, 7), image_size=256, pool_size=3, augment="none",
-                           tta="none")
+    # the default configuration (not the tuned per-product one): blocks 4+7 at native scale, no views
+    store = PatchCoreStore(settings, coreset_ratio=0.01, blocks=(4, 7), pool_size=3, augment="none", tta="none")
     info = store.fit("brick", train, val_normal, val_defect, train_paths=paths,
                      progress=lambda f, m: events.append((f, m)))
     return {"settings": settings, "store": store, "info": info, "paths": paths, "events": events}
@@ -107,10 +110,21 @@ def fitted(tmp_path_factory):
 
 def test_fit_reports_bank_and_threshold(fitted):
     info = fitted["info"]
-    side = fitted["store"].config_for("brick").image_size // 8  # blocks 4, 7: patch grid at stride 8
-    assert info["bank_size"] == int(20 * side * side * 0.01)  # 20 images x side^2 patches x 1 %
-    assert fitted["store"].meta("brick")["n_patches"] == 20 * side * side
+    meta = fitted["store"].meta("brick")
+    assert fitted["store"].config_for("brick").image_size == 0  # native scale
+    # 20 train crops of 256 px (patch grid 32 x 32 at stride 8) + one acquisition-changed copy of each
+    # (the copies that were rescaled by +-20 % have other grids)
+    assert meta["n_train"] == 20 and meta["n_bank_extra"] == 20
+    assert meta["n_patches"] > 20 * 32 * 32 and info["bank_size"] == int(meta["n_patches"] * 0.01)
     assert info["threshold"] > 0 and info["pixel_threshold"] > 0
+    # the threshold: the (1 - target FPR) quantile of the calibration normals (6 val normals + 3 changed copies)
+    assert meta["n_val_normal"] == 6 * 4 and meta["target_fpr"] == pytest.approx(0.02)
+    # (scores moved to the reference area: the max over more patches is higher, size_slope per ln(area))
+    at_ref = meta["calibration_scores_at_reference_area"]
+    assert len(at_ref) == len(meta["val_normal_scores"]) == 24 and meta["size_slope"] >= 0
+    assert meta["threshold"] == pytest.approx(float(np.quantile(at_ref, 0.98)), rel=1e-5)
+    assert meta["normal_spread"] == pytest.approx(float(np.std(at_ref)), rel=1e-4)
+    assert meta["pixel_scale"] == 1.0 and meta["input_norm"] == "rgb" and meta["uncertain_band"] == 1.0
     assert info["image_auroc"] >= 0.9
     fracs = [f for f, _ in fitted["events"]]
     assert fracs == sorted(fracs) and fracs[-1] == 1.0
@@ -119,7 +133,7 @@ def test_fit_reports_bank_and_threshold(fitted):
     meta = json.loads((folder / "meta.json").read_text())
     assert meta["backbone"] == "efficientnet-lite0" and meta["blocks"] == [4, 7]
     cfg = fitted["store"].config_for("brick")
-    assert meta["pool_size"] == cfg.pool_size and meta["image_size"] == cfg.image_size
+    assert meta["pool_size"] == cfg.pool_size and meta["image_size"] == cfg.image_size == 0
     assert meta["augment"] == "none" and meta["sigma"] == cfg.sigma and meta["reweight"] is cfg.reweight
     assert meta["threshold"] == pytest.approx(info["threshold"])
     assert meta["color_scale"][0] < meta["pixel_threshold"] < meta["color_scale"][1]
@@ -148,7 +162,11 @@ def test_defect_above_threshold_normal_below(fitted):
         near = np.zeros_like(mask)
         near[max(0, y - 12):y + 13, max(0, x - 12):x + 13] = True
         assert (near & mask).any()
-    assert results[3].model == "patchcore/efficientnet-lite0[blocks 4,7]@256px/pool3/coreset0.01"
+    assert results[3].model == "patchcore/efficientnet-lite0[blocks 4,7]@native/pool3/coreset0.01"
+    for r in results:  # the margin is the distance to the threshold in normal spreads
+        spread = fitted["store"].meta("brick")["normal_spread"]
+        assert r.margin == pytest.approx((r.score - r.threshold) / spread)
+        assert r.uncertain == (abs(r.margin) < 1.0)
 
 
 def test_anomaly_map_shape_any_input_size(fitted):
@@ -193,7 +211,8 @@ def test_refit_replaces_bank_atomically(fitted, tmp_path):
     train, val = _crops(6, seed=31), _crops(3, seed=32)
     store.fit("brick", train, val)  # normal-only calibration
     meta1 = store.meta("brick")
-    assert meta1["threshold"] >= max(meta1["val_normal_scores"]) and meta1["n_val_defect"] == 0
+    assert meta1["threshold"] == pytest.approx(float(np.quantile(meta1["val_normal_scores"], 0.98)), rel=1e-5)
+    assert meta1["n_val_defect"] == 0 and meta1["calibration_fpr"] <= 0.1
     store.fit("brick", train[:4], val)
     meta2 = PatchCoreStore(settings).meta("brick")
     assert meta2["n_train"] == 4 and meta2["image_size"] == 128
@@ -305,6 +324,44 @@ def test_calibrate_threshold_rules():
     assert 1.1 < thr < 2.5
     with pytest.raises(ValueError):
         calibrate_threshold([1.0])
+
+
+def test_fpr_threshold_and_margin():
+    from models.patchcore.calibration import fpr_threshold, verdict_margin
+
+    normal = list(np.linspace(10.0, 20.0, 101))
+    thr, spread, rule = fpr_threshold(normal, 0.05)
+    assert thr == pytest.approx(19.5) and spread == pytest.approx(float(np.std(normal)))
+    assert "0.950" in rule and "0.050" in rule
+    assert np.mean(np.asarray(normal) >= thr) == pytest.approx(0.05, abs=0.011)
+    assert verdict_margin(thr + 2 * spread, thr, spread) == pytest.approx(2.0)
+    assert verdict_margin(thr - spread, thr, spread) == pytest.approx(-1.0)
+    for bad in (0.0, 0.6, -0.1):
+        with pytest.raises(ValueError):
+            fpr_threshold(normal, bad)
+    with pytest.raises(ValueError):
+        fpr_threshold([1.0], 0.05)
+
+
+def test_native_scale_inputs_are_not_magnified():
+    """A photo is scored at its own size times the pixel scale (issue 15: every input used to be
+    resized to 256 px, so a 176 px photo was magnified 1.45x and every normal part flagged)."""
+    from models.patchcore.model import model_input_size, prepare
+
+    spec = backbone_spec("efficientnet-lite0")
+    img = np.zeros((128, 176, 3), np.uint8)
+    assert prepare(img, PatchCoreConfig(), spec).shape == (1, 3, 128, 176)
+    assert model_input_size(128, 176, PatchCoreConfig(pixel_scale=0.5)) == (64, 88)
+    assert prepare(img, PatchCoreConfig(pixel_scale=0.5), spec).shape == (1, 3, 64, 88)
+    assert prepare(img, PatchCoreConfig(image_size=256), spec).shape == (1, 3, 256, 256)  # legacy banks
+    gray = prepare(np.dstack([img[..., 0] + 10, img[..., 1] + 200, img[..., 2]]).astype(np.uint8),
+                   PatchCoreConfig(input_norm="gray"), spec)
+    assert torch.equal(gray[:, 0], gray[:, 1]) and torch.equal(gray[:, 1], gray[:, 2])
+    with pytest.raises(ValueError, match="too small"):
+        prepare(np.zeros((100, 100, 3), np.uint8), PatchCoreConfig(pixel_scale=0.5), spec)
+    with pytest.raises(ValueError, match="pixel_scale"):
+        from models.patchcore.config import config_for
+        config_for("brick", pixel_scale=10.0)
 
 
 def test_find_regions_boxes():
@@ -464,7 +521,8 @@ def test_symmetry_choice_sets_bank_and_test_time_views(tmp_path):
     before any work."""
     from models.patchcore.config import SYMMETRIES
 
-    store = PatchCoreStore(Settings.from_env(state_dir=tmp_path, patchcore_image_size=64, patchcore_coreset_ratio=0.05))
+    store = PatchCoreStore(Settings.from_env(state_dir=tmp_path, patchcore_image_size=64, patchcore_coreset_ratio=0.05,
+                                             **PLAIN))
     assert set(SYMMETRIES) == {"none", "mirror", "flips", "turns"}
     for name, (augment, tta) in SYMMETRIES.items():
         cfg = store.config_for("tile", name)
@@ -509,10 +567,11 @@ def test_config_resolution(tmp_path, monkeypatch):
     store = PatchCoreStore(Settings.from_env(state_dir=tmp_path, patchcore_image_size=0, patchcore_coreset_ratio=0))
     assert store.config_for("widget") == PatchCoreConfig(blocks=(3, 5), image_size=96, augment="hflip")
     assert store.config_for("other") == DEFAULT_CONFIG
-    store = PatchCoreStore(Settings.from_env(state_dir=tmp_path, patchcore_image_size=64, patchcore_coreset_ratio=0.05))
+    store = PatchCoreStore(Settings.from_env(state_dir=tmp_path, patchcore_image_size=64, patchcore_coreset_ratio=0.05,
+                                             **PLAIN))
     assert store.config_for("widget").image_size == 64 and store.config_for("widget").coreset_ratio == 0.05
-    store = PatchCoreStore(Settings.from_env(state_dir=tmp_path, patchcore_image_size=64, patchcore_coreset_ratio=0.05),
-                           image_size=80, reweight=False)
+    store = PatchCoreStore(Settings.from_env(state_dir=tmp_path, patchcore_image_size=64, patchcore_coreset_ratio=0.05,
+                                             **PLAIN), image_size=80, reweight=False)
     cfg = store.config_for("widget")
     assert (cfg.image_size, cfg.blocks, cfg.augment, cfg.reweight) == (80, (3, 5), "hflip", False)
     info = store.fit("widget", _crops(3, seed=71), _crops(2, seed=72))

@@ -104,3 +104,26 @@ def test_huge_page_preview_is_refused_and_query_still_answers(services, tmp_path
 
     with pytest.raises(PreviewTooLargeError, match="pixel preview limit"):
         services.manuals.render_page("poster.pdf", 1)
+
+
+def test_shipped_manuals_and_products_are_not_replaced_without_confirmation(services, tmp_path):
+    """Uploads live beside the shipped manuals and products: same names are refused unless confirmed."""
+    from services.manuals import delete_manual, shipped_manuals
+    from services.products import fit_product
+
+    data = services.settings.data_dir
+    data.mkdir(parents=True)
+    (data / "manifest.json").write_text(json.dumps({"manuals": [{"product": "brick", "lang": "en",
+                                                                  "path": "manuals/brick_manual_en.pdf"}]}))
+    assert shipped_manuals(services) == {"brick_manual_en.pdf"}
+    pdf = _pdf(tmp_path / "upload.pdf", VALVE_PAGES)
+    with pytest.raises(InputError, match="shipped manual"):
+        ingest_manual(services, pdf, product="brick", name="brick_manual_en.pdf")
+    assert services.manuals.list_documents() == []
+    r = ingest_manual(services, pdf, product="brick", name="brick_manual_en.pdf", replace_shipped=True)
+    assert r["source"] == "brick_manual_en.pdf"
+    with pytest.raises(InputError, match="shipped manual"):
+        delete_manual(services, "brick_manual_en.pdf")
+    assert delete_manual(services, "brick_manual_en.pdf", replace_shipped=True)["removed_chunks"] == r["chunks"]
+    with pytest.raises(InputError, match="shipped product"):
+        fit_product(services, "Brick", [str(pdf)])

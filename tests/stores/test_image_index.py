@@ -228,8 +228,8 @@ def test_rebuild_renews_cached_descriptors(built_state, writable_state):
     out = build_gallery(svc, synth_per_type=1)
     assert out["skipped"] is False and out["added"] == 0
     reopened = open_index(settings)
-    for i, want in expected.items():
-        np.testing.assert_allclose(reopened._features[i]["defect"], want, rtol=1e-5, atol=1e-6)
+    for i, want in expected.items():  # (batched vs one-by-one backbone passes differ by float noise)
+        np.testing.assert_allclose(reopened._features[i]["defect"], want, rtol=1e-4, atol=1e-4)
     # a refit of one product from the UI renews that product's descriptors only
     product = reopened.meta["items"][gallery_id]["product"]
     other = next(i for i, it in reopened.meta["items"].items() if it["product"] != product)
@@ -237,7 +237,7 @@ def test_rebuild_renews_cached_descriptors(built_state, writable_state):
     reopened._features[gallery_id]["defect"] = np.zeros_like(expected[gallery_id])
     n = reopened.renew_descriptors(product)
     assert n == sum(it["product"] == product for it in reopened.meta["items"].values())
-    np.testing.assert_allclose(reopened._features[gallery_id]["defect"], expected[gallery_id], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(reopened._features[gallery_id]["defect"], expected[gallery_id], rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(reopened._features[other]["defect"], kept)
 
 

@@ -128,3 +128,21 @@ def test_korean_question_prefers_korean_manual(built_state, services):
     manual = build_tools(ctx, services)[2]
     manual.forward("균열 원인 즉시 조치", defect_type="균열")
     assert ctx.manual_hits and all(h.get("lang") == "ko" for h in ctx.manual_hits)
+
+
+def test_uncertain_verdict_is_said_in_words():
+    """A verdict inside the bank's uncertain band says so in the observation and in the code-written verdict."""
+    from types import SimpleNamespace
+
+    from agent.answers import summary_line, uncertainty_note
+    from tools.anomaly_scoring import verdict_line
+
+    insp = {"product": "gravel", "product_source": "user", "score": 30.1, "threshold": 30.5, "is_anomalous": False,
+            "margin": -0.4, "uncertain": True, "regions": []}
+    assert "uncertain: -0.4 normal spreads" in verdict_line(insp)
+    ctx = SimpleNamespace(inspection=insp, product="gravel", product_source="user", product_confidence=None,
+                          defect_type=None, search=None, lang="en")
+    assert "**Uncertain**: the score is within 0.4 normal spreads" in summary_line(ctx, "en")
+    assert "불확실" in uncertainty_note(insp, "ko")
+    sure = {**insp, "margin": -3.0, "uncertain": False}
+    assert "uncertain" not in verdict_line(sure) and uncertainty_note(sure) == ""
