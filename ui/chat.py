@@ -660,9 +660,11 @@ def build_chat_tab(banner: gr.Markdown, writes: bool = True) -> dict:
         writes: the session may write (operator): events that change stores (registering a photo with a
             corrected label after a thumbs-down) are registered only then; the public app passes False.
     """
-    ui = gr.State(new_ui_state())
-    pending = gr.State(None)
     with gr.Tab("Chat", id="chat", elem_id="tab-chat"):
+        # the states live inside the tab: a child of gr.Tabs other than a Tab shifts the tab indices
+        # (the tab bar then shows the selected tab's label in place of another tab's)
+        ui = gr.State(new_ui_state())
+        pending = gr.State(None)
         with gr.Row():
             with gr.Column(scale=3):
                 lang = gr.Radio(list(LANGUAGES), value="English", label=t("chat.language"), elem_id="chat-lang",
