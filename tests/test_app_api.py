@@ -493,6 +493,18 @@ def _wait_client(url: str, proc: subprocess.Popen, timeout: float = 240):
     raise TimeoutError("the app did not come up")
 
 
+def _when_ready(call, timeout: float = 600):
+    """``call()`` once the app's start-up build is done (the tools answer "First start ..." until then)."""
+    t0 = time.time()
+    while True:
+        try:
+            return call()
+        except Exception as exc:  # noqa: BLE001 - gradio_client's AppError
+            if "first start" not in str(exc).lower() or time.time() - t0 > timeout:
+                raise
+            time.sleep(2)
+
+
 @pytest.mark.slow
 def test_everything_survives_an_app_restart(built_state, tmp_path):
     """Start the app as a process, register / ingest / analyse, stop it, start again: all still there."""
@@ -510,7 +522,8 @@ def test_everything_survives_an_app_restart(built_state, tmp_path):
     proc = _start(state, port, tmp_path / "app1.log")
     try:
         c = _wait_client(url, proc)
-        item = c.predict(handle_file(str(img)), "grass", "hole", "persist", api_name="/register_defect")["id"]
+        item = _when_ready(lambda: c.predict(handle_file(str(img)), "grass", "hole", "persist",
+                                             api_name="/register_defect"))["id"]
         c.predict(handle_file(str(pdf)), "grass", api_name="/ingest_manual")
         before = c.predict(handle_file(str(img)), "grass", api_name="/inspect")[0]
     finally:
@@ -521,7 +534,7 @@ def test_everything_survives_an_app_restart(built_state, tmp_path):
     proc = _start(state, port, tmp_path / "app2.log")
     try:
         c = _wait_client(url, proc)
-        assert item in [i["id"] for i in c.predict("grass", "hole", api_name="/gallery")["items"]]
+        assert item in [i["id"] for i in _when_ready(lambda: c.predict("grass", "hole", api_name="/gallery"))["items"]]
         assert "persist_manual.pdf" in [d["source"] for d in c.predict(api_name="/manuals")["documents"]]
         assert hid in [r["id"] for r in c.predict("", "", "", "", 10, api_name="/history")["runs"]]
         after = c.predict(handle_file(str(img)), "grass", api_name="/inspect")[0]

@@ -229,9 +229,8 @@ def test_mcp_lists_and_calls_only_read_only_tools(public_url):
     assert {"inspect", "search", "manual", "chat"} <= names, names
     assert not names & WRITE_NAMES and not {"gallery", "history", "models"} & names, names
     assert "PatchCore" in tools["inspect"].description and "manual" in tools["manual"].description.lower()
-    text = " ".join(getattr(c, "text", "") for c in result.content)
-    payload = json.loads(text) if text.strip().startswith("{") else {"raw": text}
-    assert "brick_manual" in json.dumps(payload), text[:500]
+    text = " ".join(getattr(c, "text", "") for c in result.content)  # (gradio's MCP text of the JSON output)
+    assert not result.isError and "brick_manual" in text and "crack" in text.lower(), text[:500]
 
 
 @pytest.mark.slow
