@@ -83,11 +83,7 @@ def start_run(image, question: str | None = None, product: str | None = None, *,
 
 def record(services: Services, result: AgentResult, ctx: RunContext, source: str,
            models: dict | None = None, *, owner: str | None = None, session_id: str | None = None) -> str | None:
-    """Store the turn in the history (with its owner and session); returns its id (None when storing failed).
-
-    ``models["agent"]`` is the model that ran this turn (``result.model``: the loaded model's name, and
-    the fallback when it wrote the answer), whatever the caller read before the model was loaded."""
-    models = {**(models or {}), "agent": result.model}
+    """Store the turn in the history (with its owner and session); returns its id (None when storing failed)."""
     try:
         return services.history.record_run(result, ctx, source=source, models=models, owner=owner,
                                            session_id=session_id)
@@ -162,7 +158,7 @@ def ask_json(result: AgentResult, ctx: RunContext, history_id: str | None, model
         "product_confidence": ctx.product_confidence,
         "defect_type": result.defect_type or ctx.defect_type,
         "model": result.model,
-        "models": {**(models or {}), "agent": result.model},
+        "models": models or {"agent": result.model},
         "fallback": bool(result.fallback),
         "fallback_reason": result.fallback_reason,
         "elapsed_s": round(float(result.elapsed_s), 2),

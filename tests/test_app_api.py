@@ -433,7 +433,9 @@ def test_chat_korean_injection_history_export_and_inspect_not_blocked(client, ap
     assert hid in [r["id"] for r in listed["runs"]] and listed["stats"]["by_product"]["brick"] >= 1
     run = client.predict(hid, api_name="/history_run")
     assert run["answer"] == answer and run["image_sha256"] and run["question"].startswith("이 균열")
-    assert run["models"]["agent"] == result["model"] and run["tool_calls"] and run["timings"]["total_s"] > 0
+    # models: the configured model per role (read before the model loaded); model: what ran (+ fallback)
+    assert run["models"]["agent"].split(":")[-1] in result["model"] and run["agent_model"] == result["model"]
+    assert run["tool_calls"] and run["timings"]["total_s"] > 0
     md = client.predict(hid, "md", api_name="/export_manual")
     assert Path(md).read_text(encoding="utf-8").startswith("# Response manual")
     pdf = client.predict(hid, "pdf", api_name="/export_manual")

@@ -15,6 +15,8 @@ import urllib.request
 
 import numpy as np
 import pytest
+
+from tests.test_app import defect_items
 from PIL import Image
 from skimage import data as skdata
 from smolagents.models import ChatMessage, MessageRole
@@ -117,8 +119,7 @@ def test_openai_server_agent_turn(llama_server, built_state, monkeypatch):
         settings = dataclasses.replace(get_settings(), agent_max_steps=2, agent_timeout_s=120, agent_max_tokens=120)
         model, name = get_agent_model(settings)
         assert isinstance(model, OpenAIServerVLModel) and name == f"openai-server:smollm2@{llama_server}"
-        manifest = json.loads((built_state / "data" / "manifest.json").read_text())
-        item = next(i for i in manifest["items"] if i["split"] == "val" and i["label"] == "defect")
+        item = defect_items(built_state)[0]  # a defect the bank flags: the full manual, with citations
         ctx = RunContext.from_path(built_state / "data" / item["image"], product=item["product"])
         agent = DefectAgent(tools_factory=lambda c: build_tools(c, get_services()), model=model, settings=settings)
         result = agent.run(ctx)
