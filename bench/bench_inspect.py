@@ -163,10 +163,14 @@ def run(args) -> dict:
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
     def tens(ims: list[np.ndarray]) -> torch.Tensor:
-        x = torch.from_numpy(np.stack(ims)).permute(0, 3, 1, 2).float() / 255.0
-        if x.shape[-1] != size:
-            x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
-        return (x - mean) / std
+        """Images of any sizes (native-scale train photos) -> one normalised (B, 3, size, size) batch."""
+        xs = []
+        for im in ims:
+            x = torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1)[None].float() / 255.0
+            if tuple(x.shape[-2:]) != (size, size):
+                x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
+            xs.append(x)
+        return (torch.cat(xs) - mean) / std
 
     # the Lightning Patchcore's defaults: wide_resnet50_2, layers (layer2, layer3), 9 neighbours, ratio 0.1
     anchor = PatchcoreModel(layers=["layer2", "layer3"], backbone="wide_resnet50_2", pre_trained=False)
