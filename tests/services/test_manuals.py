@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.pdfs import text_pdf
+
 from core.catalog import UnknownProductError
 from core.errors import InputError
 from core.settings import Settings
@@ -31,13 +33,7 @@ VALVE_PAGES = [
 ]
 
 
-def _pdf(path: Path, pages: list[str]) -> Path:
-    doc = pymupdf.open()
-    for text in pages:
-        doc.new_page().insert_textbox(pymupdf.Rect(50, 50, 560, 800), text, fontsize=9)
-    doc.save(path)
-    doc.close()
-    return path
+_pdf = text_pdf
 
 
 @pytest.fixture()

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.pdfs import text_pdf
+
 from stores.manual_store import ManualStore, chunk_page, detect_lang, extract_chunks
 from core.settings import Settings
 from tests.chroma_server import ChromaServer
@@ -268,13 +270,7 @@ def test_render_page_preview(store, en_pdf):
 
 
 # ----------------------------------------------------------------------------- retrieval (issue 15)
-def _generic_pdf(path: Path, pages: list[str]) -> Path:
-    doc = pymupdf.open()
-    for text in pages:
-        doc.new_page().insert_textbox(pymupdf.Rect(50, 50, 560, 800), text, fontsize=9)
-    doc.save(path)
-    doc.close()
-    return path
+_generic_pdf = text_pdf
 
 
 PUMP_PAGES = [
