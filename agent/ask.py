@@ -17,6 +17,7 @@ from agent.memory import Conversation
 from agent.types import AgentResult, AgentStep, AnswerDelta, ToolStarted
 from core.catalog import parse_product
 from core.imageio import InvalidImageError
+from core.uploads import check_photo_file
 from services.container import Services
 from tools.context import RunContext
 
@@ -64,12 +65,7 @@ def start_run(image, question: str | None = None, product: str | None = None, *,
     if image is None or (isinstance(image, str) and not image):
         raise InvalidImageError("no image was attached: upload a photo of the part (PNG, JPEG, ...)")
     if isinstance(image, (str, Path)):
-        p = Path(image)
-        if not p.is_file():
-            raise InvalidImageError(f"the uploaded file {p.name} could not be found on the server")
-        if max_bytes is not None and p.stat().st_size > max_bytes:
-            raise InvalidImageError(f"{p.name} is larger than the upload limit of {max_bytes / 2**20:g} MB "
-                                    "(DRA_MAX_UPLOAD_MB)")
+        check_photo_file(image, max_bytes)
     prod = parse_product(product)
     q = (question or "").strip() or None
     if isinstance(image, (str, Path)):

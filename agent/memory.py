@@ -25,7 +25,8 @@ from agent.answers import to_labels
 from agent.types import AgentResult
 from core.catalog import parse_product
 from core.errors import InputError
-from core.imageio import InvalidImageError, load_rgb
+from core.imageio import load_rgb
+from core.uploads import check_photo_file
 from services.container import Services
 from stores.sessions import ANY
 from tools.context import RunContext
@@ -151,13 +152,7 @@ class Conversation:
         facts = dict(s.get("facts") or {})
         if image is not None:
             if isinstance(image, (str, Path)):
-                p = Path(image)
-                if not p.is_file():
-                    raise InvalidImageError(f"the uploaded file {p.name} could not be found on the server")
-                if max_bytes is not None and p.stat().st_size > max_bytes:
-                    raise InvalidImageError(f"{p.name} is larger than the upload limit of {max_bytes / 2**20:g} MB "
-                                            "(DRA_MAX_UPLOAD_MB)")
-                image_name = image_name or p.name
+                image_name = image_name or check_photo_file(image, max_bytes).name
             rgb = load_rgb(image, max_pixels=self.services.settings.max_image_pixels)
             facts = {"topic": facts.get("topic") or {}}
             source, conf, known_product = ("user" if prod else None), None, prod

@@ -91,6 +91,28 @@ def check_upload(value, what: str = "file", max_mb: float | None = None) -> Path
     return p
 
 
+def check_photo_file(path: str | Path, max_bytes: float | None = None) -> Path:
+    """The path of a photo file the agent was given, after existence and size checks.
+
+    The one check of a chat turn's photo (:meth:`agent.memory.Conversation.start_turn`) and a
+    one-shot run's (:func:`agent.ask.start_run`); decoding limits are :func:`core.imageio.load_rgb`'s.
+
+    Args:
+        path: the photo's path on the server.
+        max_bytes: the upload limit in bytes (None: no limit).
+
+    Raises:
+        InvalidImageError: the file is missing, or larger than ``max_bytes``.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise InvalidImageError(f"the uploaded file {p.name} could not be found on the server")
+    if max_bytes is not None and p.stat().st_size > max_bytes:
+        raise InvalidImageError(f"{p.name} is larger than the upload limit of {max_bytes / 2**20:g} MB "
+                                "(DRA_MAX_UPLOAD_MB)")
+    return p
+
+
 def images_from_uploads(values, max_images: int = 1000,
                         max_total_pixels: int | None = None) -> tuple[list[np.ndarray], list[str]]:
     """Decode every image in a list of uploads; zip archives are opened and their images used.

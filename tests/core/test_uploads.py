@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core.uploads import UploadError, check_upload, images_from_uploads, safe_name
+from core.imageio import InvalidImageError
+from core.uploads import UploadError, check_photo_file, check_upload, images_from_uploads, safe_name
 
 
 @pytest.mark.parametrize(("name", "expected"), [
@@ -51,6 +52,18 @@ def test_check_upload(tmp_path):
     with pytest.raises(UploadError, match="upload limit of 1 MB"):
         check_upload(str(big), max_mb=1)
     assert check_upload(str(big), max_mb=3) == big
+
+
+def test_check_photo_file(tmp_path):
+    """The agent's photo check (chat turns and one-shot runs): missing file, upload limit in bytes."""
+    with pytest.raises(InvalidImageError, match="missing.png could not be found on the server"):
+        check_photo_file(tmp_path / "missing.png")
+    photo = tmp_path / "part.png"
+    photo.write_bytes(_png((10, 20, 30)))
+    with pytest.raises(InvalidImageError, match="larger than the upload limit"):
+        check_photo_file(str(photo), max_bytes=10)
+    assert check_photo_file(str(photo), max_bytes=2**20) == photo
+    assert check_photo_file(photo) == photo
 
 
 def test_images_from_files_and_zip(tmp_path):
