@@ -294,8 +294,9 @@ def model_label(spec: BackboneSpec, cfg: PatchCoreConfig) -> str:
     else:
         size = "native" if cfg.pixel_scale == 1.0 else f"native-x{cfg.pixel_scale:g}"
     gray = "/gray" if cfg.input_norm == "gray" else ""
+    rel = "/relative" if cfg.score_norm == "median" else ""
     return (f"patchcore/{spec.label}@{size}{gray}/pool{cfg.pool_size}/coreset{cfg.coreset_ratio:g}"
-            f"{aug}{tta}")
+            f"{aug}{tta}{rel}")
 
 
 def new_model(spec: BackboneSpec, cfg: PatchCoreConfig, rt: Runtime, guard: BuildGuard | None = None):
@@ -315,7 +316,8 @@ def config_from_meta(meta: dict) -> PatchCoreConfig:
                            input_norm=str(meta.get("input_norm", "rgb")), pool_size=int(meta.get("pool_size", 3)),
                            coreset_ratio=float(meta["coreset_ratio"]), augment=meta.get("augment", "none"),
                            sigma=float(meta.get("sigma", DEFAULT_SIGMA)),
-                           reweight=bool(meta.get("reweight", True)), tta=meta.get("tta", "none"))
+                           reweight=bool(meta.get("reweight", True)), tta=meta.get("tta", "none"),
+                           score_norm=str(meta.get("score_norm", "none")))
 
 
 def model_input_size(height: int, width: int, cfg: PatchCoreConfig) -> tuple[int, int]:
@@ -386,7 +388,7 @@ def _forward(model, images, spec: BackboneSpec, size: int | None = None):
     return out, captured[0]
 
 
-def _views_forward(model, x: torch.Tensor, views: Sequence[tuple[bool, int]]):
+def _views_forward(model, x: torch.Tensor, views: Sequence[tuple[bool, int]], relative: bool = False):
     """Test-time symmetry views of a same-shaped batch ``x (B, 3, h, w)``: averaged patch-distance map.
 
     Each view (``np.rot90(transpose?(img), k)``) goes through anomalib's feature extractor,
@@ -394,7 +396,9 @@ def _views_forward(model, x: torch.Tensor, views: Sequence[tuple[bool, int]]):
     view's ``(h', w')`` map is turned back to the image's orientation and the views are
     averaged. Image score: the maximum of the averaged map (Eq. 7 needs one nearest bank
     patch per location, which an average of views does not have). Non-square inputs run
-    one view at a time (a transposed view has the other shape).
+    one view at a time (a transposed view has the other shape). With ``relative`` each
+    photo's averaged map is moved by its own median patch distance
+    (:attr:`PatchCoreConfig.score_norm` ``median``), so maps and scores may be negative.
 
     Returns:
         ``(scores (B,), averaged patch maps (B, h', w'), anomaly maps (B, h, w), descriptors (B, C))``,
@@ -417,6 +421,8 @@ def _views_forward(model, x: torch.Tensor, views: Sequence[tuple[bool, int]]):
             m = torch.rot90(dist.reshape(b, h, w), -k, dims=(1, 2))  # inverse of rot90(transpose?(img), k)
             back.append(m.transpose(1, 2) if transpose else m)
         mean = torch.stack(back).mean(dim=0)  # (B, h', w')
+        if relative:  # image-relative: distance above the photo's own median patch distance
+            mean = mean - mean.reshape(b, -1).median(dim=1).values.view(b, 1, 1)
         scores = mean.reshape(b, -1).amax(dim=1)
         amap = model.anomaly_map_generator(mean[:, None], tuple(x.shape[-2:]))[:, 0]
     return scores.float(), mean.float(), amap.float(), desc
@@ -616,7 +622,8 @@ class PatchCore:
         coreset_s = time.perf_counter() - t_core
         model.eval()
         pc = cls(model, spec, {"image_size": cfg.image_size, "pixel_scale": cfg.pixel_scale,
-                               "input_norm": cfg.input_norm, "pool_size": cfg.pool_size, "tta": cfg.tta},
+                               "input_norm": cfg.input_norm, "pool_size": cfg.pool_size, "tta": cfg.tta,
+                               "score_norm": cfg.score_norm},
                  descs, list(train_paths or [None] * n))
 
         report(0.8, "calibrating thresholds on the calibration normals")
@@ -688,10 +695,13 @@ class PatchCore:
             "sigma": cfg.sigma,
             "reweight": cfg.reweight,
             "tta": cfg.tta,
+            "score_norm": cfg.score_norm,
             "tta_views": views,
             "symmetry": symmetry,
             "image_score_rule": (f"max of the patch distances averaged over {views} test-time views ({cfg.tta})"
-                                 if cfg.tta != "none"
+                                 + (" minus the photo's median patch distance" if cfg.score_norm == "median"
+                                    else "")
+                                 if cfg.tta != "none" or cfg.score_norm == "median"
                                  else "paper Eq. 7 re-weighted max patch distance (9 neighbours)" if cfg.reweight
                                  else "max patch distance"),
             "bank_dtype": rt.bank_dtype,
@@ -761,8 +771,9 @@ class PatchCore:
         with self._lock:
             for idx in shape_groups(xs):
                 x = torch.cat([xs[i] for i in idx])
-                if tta != "none":
-                    score, pmap, amap, desc = _views_forward(self.model, x, AUGMENTATIONS[tta])
+                if tta != "none" or cfg.score_norm == "median":
+                    score, pmap, amap, desc = _views_forward(self.model, x, AUGMENTATIONS[tta],
+                                                             relative=cfg.score_norm == "median")
                 else:
                     out, desc = _forward(self.model, x, self.spec)
                     score, amap = out.pred_score.reshape(-1), out.anomaly_map[:, 0]

@@ -31,7 +31,7 @@ def test_bench_inspect_small():
     assert res["n_train"] == 4 and res["n_timed"] == 3 and res["images"] == "builder crops"
     rows = res["rows"]
     assert set(rows) == {"ours", "ours_tta", "anomalib_same_bank", "anomalib_default"}  # gravel: dihedral views
-    assert rows["ours_tta"]["model"].endswith("/tta-dihedral") and rows["ours_tta"]["bank"] == rows["ours"]["bank"]
+    assert "/tta-dihedral" in rows["ours_tta"]["model"] and rows["ours_tta"]["bank"] == rows["ours"]["bank"]
     for r in rows.values():
         assert r["p95"] >= r["p50"] > 0 and r["bank"] > 0
     # same backbone + bank: faiss search path == anomalib's torch path

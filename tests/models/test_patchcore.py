@@ -162,7 +162,7 @@ def test_defect_above_threshold_normal_below(fitted):
         near = np.zeros_like(mask)
         near[max(0, y - 12):y + 13, max(0, x - 12):x + 13] = True
         assert (near & mask).any()
-    assert results[3].model == "patchcore/efficientnet-lite0[blocks 4,7]@native/pool3/coreset0.01"
+    assert results[3].model == "patchcore/efficientnet-lite0[blocks 4,7]@native/pool3/coreset0.01/relative"
     for r in results:  # the margin is the distance to the threshold in normal spreads
         spread = fitted["store"].meta("brick")["normal_spread"]
         assert r.margin == pytest.approx((r.score - r.threshold) / spread)
@@ -503,7 +503,7 @@ def test_test_time_views_are_equivariant(tmp_path, mode):
     store.fit("brick", _crops(3, seed=93, size=64), _crops(2, seed=94, size=64))
     meta = store.meta("brick")
     assert meta["tta"] == mode and meta["tta_views"] == {"flips": 4, "dihedral": 8}[mode]
-    assert meta["model"].endswith(f"/tta-{mode}") and "test-time views" in meta["image_score_rule"]
+    assert f"/tta-{mode}" in meta["model"] and "test-time views" in meta["image_score_rule"]
     img = _hole(_crops(1, seed=95, size=64)[0], (20, 40), radius=5)[0]
     base = store.inspect(img, "brick")
     for view in augment_views(img, mode)[1:]:
@@ -571,7 +571,7 @@ def test_config_resolution(tmp_path, monkeypatch):
                                              **PLAIN))
     assert store.config_for("widget").image_size == 64 and store.config_for("widget").coreset_ratio == 0.05
     store = PatchCoreStore(Settings.from_env(state_dir=tmp_path, patchcore_image_size=64, patchcore_coreset_ratio=0.05,
-                                             **PLAIN), image_size=80, reweight=False)
+                                             **PLAIN), image_size=80, reweight=False, score_norm="none")
     cfg = store.config_for("widget")
     assert (cfg.image_size, cfg.blocks, cfg.augment, cfg.reweight) == (80, (3, 5), "hflip", False)
     info = store.fit("widget", _crops(3, seed=71), _crops(2, seed=72))
@@ -583,6 +583,36 @@ def test_config_resolution(tmp_path, monkeypatch):
     assert meta["model"].endswith("/aug-hflip")
     with pytest.raises(ValueError):
         PatchCoreStore(Settings.from_env(state_dir=tmp_path), augment="sideways")
+
+
+def test_relative_score_is_the_distance_above_the_photos_median(tmp_path):
+    """score_norm "median" (the default): each photo's patch map minus its own median patch distance;
+    banks fitted before the setting (no ``score_norm`` in meta.json) keep the plain distance."""
+    train, val = _crops(3, seed=111, size=96), _crops(2, seed=112, size=96)
+    plain = PatchCoreStore(Settings.from_env(state_dir=tmp_path / "plain"), coreset_ratio=0.05, augment="none",
+                           tta="hflip", score_norm="none")
+    rel = PatchCoreStore(Settings.from_env(state_dir=tmp_path / "rel"), coreset_ratio=0.05, augment="none",
+                         tta="hflip")
+    assert DEFAULT_CONFIG.score_norm == "median"
+    for store in (plain, rel):
+        store.fit("brick", train, val)
+    assert rel.meta("brick")["score_norm"] == "median" and rel.meta("brick")["model"].endswith("/relative")
+    assert "median patch distance" in rel.meta("brick")["image_score_rule"]
+    photo = _crops(1, seed=113, size=96)
+    s_plain, _, _, pm_plain = plain.services.banks.get("brick").predict_maps(photo, patch_maps=True)
+    s_rel, _, _, pm_rel = rel.services.banks.get("brick").predict_maps(photo, patch_maps=True)
+    assert torch.allclose(pm_rel[0], pm_plain[0] - pm_plain[0].median(), atol=1e-4)
+    assert float(s_rel[0]) == pytest.approx(float(s_plain[0] - pm_plain[0].median()), abs=1e-4)
+    assert abs(float(pm_rel[0].median())) < 1e-5
+    # the verdict compares like with like: the relative threshold is calibrated on relative scores
+    assert rel.meta("brick")["threshold"] < plain.meta("brick")["threshold"]
+    meta = dict(rel.meta("brick"))
+    meta.pop("score_norm")
+    from models.patchcore.model import config_from_meta
+
+    assert config_from_meta(meta).score_norm == "none"
+    with pytest.raises(ValueError, match="score_norm"):
+        PatchCoreStore(Settings.from_env(state_dir=tmp_path / "x"), score_norm="mean")
 
 
 def test_float16_bank_setting(tmp_path):
