@@ -126,7 +126,9 @@ def run(args) -> dict:
             tta_fit_s = time.perf_counter() - t0
             tta_ms = _time(lambda im: tstore.inspect(im, args.product), val)
             tta_model = tstore.meta(args.product)["model"]
-        store = Bank(tmp, **over, tta="none")
+        # one view, plain patch distance: the computation anomalib's PatchcoreModel does (checked to match
+        # below); the shipped image-relative score (score_norm "median") only subtracts each map's median
+        store = Bank(tmp, **over, tta="none", score_norm="none")
         cfg = store.config_for(args.product)
         t0 = time.perf_counter()
         store.fit(args.product, train, val[:2] if len(val) > 2 else val)

@@ -226,6 +226,8 @@ VARIANTS = {
     "native+acq+center": {"acq": 1, "center": "mean"},
     "native+acq+standard": {"acq": 1, "center": "std"},
     "native+acq+b4": {"acq": 1, "center": "b4"},
+    # image-relative score (PatchCoreConfig.score_norm "median", shipped): each map minus its own median
+    "native+acq+relative": {"acq": 1, "relative": True},
     "native+acq+valbank+center": {"acq": 1, "valbank": True, "center": "mean"},
     # PaDiM (Defard et al. 2021) with one Gaussian shared by all positions (textures are not aligned, so
     # anomalib's per-position Gaussians do not apply): Mahalanobis distance of each patch embedding
@@ -330,6 +332,8 @@ def run_variant(name: str, product: str, args) -> dict:
         t_bank = time.perf_counter() - t0
         val = score_maps(bank, centre(split_embeddings(product, "val", tta, size, gray), how), tta)
         un = score_maps(bank, centre(split_embeddings(product, "unseen", tta, size, gray), how), tta)
+    if v.get("relative"):
+        val, un = [m - np.median(m) for m in val], [m - np.median(m) for m in un]
     normal_val = np.array([float(m.max()) for m, it in zip(val, val_its) if it["label"] == "good"])
     thr = float(np.quantile(normal_val, 1 - args.fpr))
     row = {"variant": name, "product": product, "bank": int(bank.shape[0]), "bank_s": round(t_bank, 1),
