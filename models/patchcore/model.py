@@ -285,6 +285,18 @@ class Runtime:
     runtime: str = "onnxruntime"
 
 
+def image_score_rule(cfg: PatchCoreConfig) -> str:
+    """How a bank's image score is computed, in words (recorded in meta.json)."""
+    views = len(AUGMENTATIONS[cfg.tta])
+    if cfg.tta != "none":
+        rule = f"max of the patch distances averaged over {views} test-time views ({cfg.tta})"
+    elif cfg.score_norm == "median":  # one view through _views_forward: no Eq. 7 re-weighting
+        rule = "max patch distance"
+    else:
+        return "paper Eq. 7 re-weighted max patch distance (9 neighbours)" if cfg.reweight else "max patch distance"
+    return rule + (" minus the photo's median patch distance" if cfg.score_norm == "median" else "")
+
+
 def model_label(spec: BackboneSpec, cfg: PatchCoreConfig) -> str:
     """The model label stored in meta.json and reported with every result."""
     aug = "" if cfg.augment == "none" else f"/aug-{cfg.augment}"
@@ -698,12 +710,7 @@ class PatchCore:
             "score_norm": cfg.score_norm,
             "tta_views": views,
             "symmetry": symmetry,
-            "image_score_rule": (f"max of the patch distances averaged over {views} test-time views ({cfg.tta})"
-                                 + (" minus the photo's median patch distance" if cfg.score_norm == "median"
-                                    else "")
-                                 if cfg.tta != "none" or cfg.score_norm == "median"
-                                 else "paper Eq. 7 re-weighted max patch distance (9 neighbours)" if cfg.reweight
-                                 else "max patch distance"),
+            "image_score_rule": image_score_rule(cfg),
             "bank_dtype": rt.bank_dtype,
             "coreset_rule": (f"k-center greedy, seed {SEED}"
                              + (f", random projection to {CORESET_PROJ_DIM} dims" if CORESET_PROJ_DIM else "")
