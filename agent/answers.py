@@ -21,6 +21,7 @@ from typing import Any
 
 from agent.checks import find_citations
 from core import catalog
+from tools.similar_defects import confidence_phrase
 
 LABEL_RE = re.compile(r"\[(P\d+)\]")
 SECTION_KO = {
@@ -91,7 +92,9 @@ def summary_line(ctx: Any, lang: str = "en") -> str:
         prod_note = ""
     vote_note = ""
     if defect and votes and k:
-        vote_note = f" (유사 과거 결함 {k}건 중 {votes}건)" if ko else f" ({votes} of {k} similar past defects)"
+        conf = confidence_phrase(search.get("type_confidence") if search.get("defect_type") == defect else None, lang)
+        conf = f"; {conf}" if conf else ""
+        vote_note = f" (유사 과거 결함 {k}건 중 {votes}건{conf})" if ko else f" ({votes} of {k} similar past defects{conf})"
     parts = [f"제품: **{product}**{prod_note}." if ko else f"Product: **{product}**{prod_note}.",
              (f"결함 유형: **{_defect_name(defect, lang)}**{vote_note}." if ko
               else f"Defect type: **{_defect_name(defect, lang)}**{vote_note}.")]

@@ -25,6 +25,7 @@ from typing import Any
 from agent.answers import expand_labels, heading, location_lines, manual_head, sources_section, summary_line
 from agent.types import AgentStep
 from tools.manual_retrieval import asked_sections, named_defects
+from tools.similar_defects import confidence_phrase
 
 _SECTION_KEYS = {"Likely causes": "cause", "Immediate actions": "action", "Prevention": "prevent"}
 _BULLET = re.compile(r"^\s*(?:[-*+\u2022\u00b7]|\d+[.)])\s*")
@@ -205,11 +206,13 @@ def _similar(ctx: Any, lang: str) -> str:
     if not hits:
         return ("유사한 과거 결함을 찾지 못했습니다." if lang == "ko" else "No similar past defects were found.")
     top = "\n".join(f"- {h['defect_type']} ({h['product']}), similarity {float(h['score']):.2f}" for h in hits[:5])
+    conf = confidence_phrase(search.get("type_confidence"), lang)
+    conf = f"; {conf}" if conf else ""
     if lang == "ko":
         return f"유사한 과거 결함 ({search.get('product')}): 다수 유형 **{search.get('defect_type')}** " \
-               f"({search.get('votes')}/{len(hits)}).\n{top}"
+               f"({search.get('votes')}/{len(hits)}{conf}).\n{top}"
     return f"Similar past defects ({search.get('product')}): majority type **{search.get('defect_type')}** " \
-           f"({search.get('votes')}/{len(hits)}).\n{top}"
+           f"({search.get('votes')}/{len(hits)}{conf}).\n{top}"
 
 
 def _cited_items(ctx: Any, hits: list[dict], sections: list[str], limit: int = 3) -> list[str]:

@@ -241,6 +241,8 @@ class SearchReport:
         defect_type: the defect-type filter or None; k: hits asked for.
         hits: best first; model: the index's pipeline name; elapsed_ms: wall time (ms).
         message: a note for the user (e.g. "the gallery is empty") or None.
+        type_probabilities: the product's defect metric's probability per defect type for the
+            query photo (``{type: p}``, summing to 1), or None (text queries, no fitted metric).
     """
 
     mode: str
@@ -253,6 +255,7 @@ class SearchReport:
     model: str
     elapsed_ms: float
     message: str | None = None
+    type_probabilities: dict[str, float] | None = None
 
     def to_json(self) -> dict:
         """The JSON of ``cli.py search``, the app's ``/search`` and the search tool."""
@@ -260,6 +263,9 @@ class SearchReport:
                "product_source": self.product_source, "defect_type": self.defect_type, "k": self.k,
                "results": [h.to_json() for h in self.hits], "model": self.model,
                "elapsed_ms": _r(self.elapsed_ms, 1)}
+        if self.type_probabilities is not None:
+            out["type_probabilities"] = {t: _r(p, 3) for t, p in
+                                         sorted(self.type_probabilities.items(), key=lambda kv: -kv[1])}
         if self.message:
             out["message"] = self.message
         return out

@@ -338,19 +338,22 @@ class DefectProjection:
 
     Attributes:
         kind: ``"logreg"`` or ``"lda"``; mean, scale: float32 ``(D,)``; xbar: float32 ``(D,)``
-        (LDA centring; zeros for logreg); weights: float32 ``(D, K)``; bias: float32 ``(K,)``.
+        (LDA centring; zeros for logreg); weights: float32 ``(D, K)``; bias: float32 ``(K,)``;
+        classes: the defect types in the order of the ``K`` outputs (sklearn's ``classes_``),
+        or None for projections saved before the field (their order was the sorted labels).
     """
 
     KINDS = ("logreg", "lda")
 
     def __init__(self, mean: np.ndarray, scale: np.ndarray, xbar: np.ndarray, weights: np.ndarray,
-                 bias: np.ndarray | None = None, kind: str = "lda"):
+                 bias: np.ndarray | None = None, kind: str = "lda", classes: tuple[str, ...] | None = None):
         if kind not in self.KINDS:
             raise ValueError(f"unknown projection kind {kind!r}; known: {self.KINDS}")
         self.kind = kind
         self.mean, self.scale = np.asarray(mean, np.float32), np.asarray(scale, np.float32)
         self.xbar, self.weights = np.asarray(xbar, np.float32), np.asarray(weights, np.float32)
         self.bias = np.zeros(self.weights.shape[1], np.float32) if bias is None else np.asarray(bias, np.float32)
+        self.classes = tuple(str(c) for c in classes) if classes is not None else None
 
     @property
     def out_dim(self) -> int:
@@ -378,10 +381,11 @@ class DefectProjection:
             coef, icpt = lr.coef_, lr.intercept_
             if coef.shape[0] == 1:  # binary: sklearn keeps one row; expand to two softmax logits
                 coef, icpt = np.vstack([-coef / 2, coef / 2]), np.r_[-icpt / 2, icpt / 2]
-            return cls(sc.mean_, scale, np.zeros(X.shape[1]), coef.T, icpt, kind)
+            return cls(sc.mean_, scale, np.zeros(X.shape[1]), coef.T, icpt, kind, tuple(lr.classes_))
         if kind == "lda":
             lda = LinearDiscriminantAnalysis(solver="eigen", shrinkage="auto").fit(Z, y)
-            return cls(sc.mean_, scale, Z.mean(axis=0), lda.scalings_[:, : lda._max_components], None, kind)
+            return cls(sc.mean_, scale, Z.mean(axis=0), lda.scalings_[:, : lda._max_components], None, kind,
+                       tuple(lda.classes_))
         raise ValueError(f"unknown projection kind {kind!r}; known: {cls.KINDS}")
 
     def transform(self, X: np.ndarray) -> np.ndarray:
@@ -394,15 +398,39 @@ class DefectProjection:
             return (p / p.sum(axis=1, keepdims=True)).astype(np.float32)
         return np.nan_to_num((Z - self.xbar) @ self.weights).astype(np.float32)
 
+    def class_probabilities(self, X: np.ndarray) -> list[dict[str, float]] | None:
+        """Per-row defect-type probabilities ``{type: p}`` (summing to 1) of a ``logreg`` projection.
+
+        None for ``lda`` (its outputs are coordinates, not probabilities) and for an older
+        projection without ``classes`` whose width is not one output per type of
+        :data:`core.settings.DEFECT_TYPES` (then sklearn's order was the sorted types).
+        """
+        if self.kind != "logreg":
+            return None
+        classes = self.classes
+        if classes is None:
+            from core.settings import DEFECT_TYPES
+
+            if self.out_dim != len(DEFECT_TYPES):
+                return None
+            classes = tuple(sorted(DEFECT_TYPES))
+        P = self.transform(X)
+        return [{c: float(p) for c, p in zip(classes, row)} for row in P]
+
     def arrays(self, prefix: str) -> dict[str, np.ndarray]:
-        return {f"{prefix}/mean": self.mean, f"{prefix}/scale": self.scale, f"{prefix}/xbar": self.xbar,
-                f"{prefix}/weights": self.weights, f"{prefix}/bias": self.bias,
-                f"{prefix}/kind": np.array(self.KINDS.index(self.kind))}
+        out = {f"{prefix}/mean": self.mean, f"{prefix}/scale": self.scale, f"{prefix}/xbar": self.xbar,
+               f"{prefix}/weights": self.weights, f"{prefix}/bias": self.bias,
+               f"{prefix}/kind": np.array(self.KINDS.index(self.kind))}
+        if self.classes is not None:
+            out[f"{prefix}/classes"] = np.array(self.classes, dtype=str)
+        return out
 
     @classmethod
     def from_arrays(cls, arrays, prefix: str) -> "DefectProjection":
+        classes = arrays[f"{prefix}/classes"] if f"{prefix}/classes" in arrays else None
         return cls(arrays[f"{prefix}/mean"], arrays[f"{prefix}/scale"], arrays[f"{prefix}/xbar"],
-                   arrays[f"{prefix}/weights"], arrays[f"{prefix}/bias"], cls.KINDS[int(arrays[f"{prefix}/kind"])])
+                   arrays[f"{prefix}/weights"], arrays[f"{prefix}/bias"], cls.KINDS[int(arrays[f"{prefix}/kind"])],
+                   None if classes is None else tuple(str(c) for c in classes))
 
 
 RESPONSE_NAMES = ("dark_fine", "bright_fine", "dark_mid", "bright_mid", "dark_ridge", "bright_ridge", "dark_blob",

@@ -23,6 +23,7 @@ from data.build import load_manifest
 from models.patchcore.calibration import binary_metrics
 from services.container import Services
 from services.lock import MODEL_LOCK
+from services.search import TYPE_CONFIDENT
 
 #: evaluation splits of the sample data (manifest ``split`` values)
 SPLITS = ("val", "unseen")
@@ -140,14 +141,18 @@ def evaluate_retrieval(services: Services, data_dir: Path | None = None, k: int 
     mask). Metrics: defect-type Recall@1 / Recall@5 (a hit of the query's defect
     type within the top 1 / 5), MRR@10 (reciprocal rank of the first hit of that
     type within the top 10, else 0), product accuracy of the top hit; overall, per
-    product and per type; mean wall time per query (ms, PatchCore included).
+    product and per type; mean wall time per query (ms, PatchCore included). The metric's own
+    type call (arg-max of :meth:`stores.image_index.ImageIndex.type_probabilities`) is scored
+    separately above and below :data:`services.search.TYPE_CONFIDENT`: the share of confident
+    calls and the accuracy of each group (``type_confidence``).
 
     ``split``: ``val`` (the data builder's generator, the tuning split) or ``unseen`` (the second
     generator, native-scale gray / colour photos with acquisition changes; :data:`SPLITS`).
 
     Returns:
         ``{"split", "recall_at_1", "recall_at_5", "mrr_at_10", "product_accuracy", "n_queries",
-        "per_product": {p: {...}}, "recall_at_1_per_type", "ms_per_query", "model"}``
+        "per_product": {p: {...}}, "recall_at_1_per_type", "type_confidence": {"threshold",
+        "confident_share", "accuracy_confident", "accuracy_uncertain", "n"}, "ms_per_query", "model"}``
 
     Raises:
         ValueError: unknown split or no defects of the split in the manifest.
@@ -159,11 +164,14 @@ def evaluate_retrieval(services: Services, data_dir: Path | None = None, k: int 
     queries = [it for it in manifest["items"] if it["split"] == split and it["label"] == "defect"]
     if not queries:
         raise ValueError(f"the manifest has no {split} defects to evaluate with (rebuild: python cli.py build)")
-    rows = []
+    rows, calls = [], []
     t0 = time.perf_counter()
     for q in queries:
         with MODEL_LOCK.shared():
-            hits = index.search(load_rgb(data_dir / q["image"]), k=k)
+            hits, probs = index.search_with_types(load_rgb(data_dir / q["image"]), k=k)
+        if probs:
+            best = max(probs, key=probs.get)
+            calls.append((probs[best] >= TYPE_CONFIDENT, best == q["defect_type"]))
         types = [h["defect_type"] for h in hits]
         rank = next((i + 1 for i, t in enumerate(types) if t == q["defect_type"]), None)
         rows.append((q["product"], q["defect_type"], rank, bool(hits) and hits[0]["product"] == q["product"]))
@@ -180,6 +188,14 @@ def evaluate_retrieval(services: Services, data_dir: Path | None = None, k: int 
     out["per_product"] = {p: summary([r for r in rows if r[0] == p]) for p in sorted({r[0] for r in rows})}
     out["recall_at_1_per_type"] = {t: float(np.mean([r[2] == 1 for r in rows if r[1] == t]))
                                    for t in sorted({r[1] for r in rows})}
+
+    def _acc(sel: list[tuple]) -> float | None:
+        return round(sum(ok for _, ok in sel) / len(sel), 3) if sel else None
+
+    out["type_confidence"] = {"threshold": TYPE_CONFIDENT, "n": len(calls),
+                              "confident_share": round(sum(c for c, _ in calls) / len(calls), 3) if calls else None,
+                              "accuracy_confident": _acc([c for c in calls if c[0]]),
+                              "accuracy_uncertain": _acc([c for c in calls if not c[0]])}
     out["ms_per_query"] = round(ms, 1)
     out.update(evaluate_text(services))
     out["model"] = index.model

@@ -22,6 +22,13 @@ from services.lock import MODEL_LOCK
 
 MODES = ("auto", "image", "text", "fused")
 MAX_K = 50
+#: A defect type is called *confident* when the product's defect metric gives it at least this
+#: probability. Chosen on the tuning split across generators (``bench/bench_type_limits.py
+#: confidence``: metric fitted on the gallery + one training generator, scored on the other):
+#: the lowest of 0.4 / 0.5 / 0.6 / 0.7 / 0.8 at which the confident calls were right >= 80 % of
+#: the time in both directions (0.7: 85 % / 83 %, covering 44 % / 49 % of the defects; below
+#: it 41 % / 43 % were right). See docs/tuning.md.
+TYPE_CONFIDENT = 0.7
 
 
 def search_similar(services: Services, image=None, text: str | None = None, *, mode: str = "auto",
@@ -76,11 +83,12 @@ def search_similar(services: Services, image=None, text: str | None = None, *, m
     if rgb is not None and prod is None:
         prod, source, _conf = resolve_product(services, rgb, None)
     with MODEL_LOCK.shared():
-        rows = index.query(image=rgb, text=text if mode != "image" else None, mode=mode, k=k, product=prod,
-                           defect_type=defect, text_weight=text_weight, anomaly_map=anomaly_map)
+        rows, probs = index.query_with_types(image=rgb, text=text if mode != "image" else None, mode=mode, k=k,
+                                             product=prod, defect_type=defect, text_weight=text_weight,
+                                             anomaly_map=anomaly_map)
     return SearchReport(mode=mode, query=text, product=prod, product_source=source, defect_type=defect, k=k,
                         hits=[SearchHit.from_row(r) for r in rows], model=index.model,
-                        elapsed_ms=(time.perf_counter() - t0) * 1000.0)
+                        elapsed_ms=(time.perf_counter() - t0) * 1000.0, type_probabilities=probs)
 
 
 def vote_defect_type(hits: list[SearchHit]) -> tuple[str | None, int]:
@@ -95,3 +103,20 @@ def vote_defect_type(hits: list[SearchHit]) -> tuple[str | None, int]:
         return None, 0
     best = max(weights, key=weights.get)
     return best, counts[best]
+
+
+def type_confidence(probabilities: dict[str, float] | None, defect_type: str | None) -> dict | None:
+    """How sure the defect metric is of ``defect_type``: ``{"p", "confident", "runner_up", "runner_up_p"}``.
+
+    ``p``: the metric's probability of ``defect_type`` (0..1); ``confident``: ``p >=``
+    :data:`TYPE_CONFIDENT`; ``runner_up``: the most probable other type. None without
+    probabilities or a type.
+    """
+    if not probabilities or not defect_type:
+        return None
+    p = float(probabilities.get(defect_type, 0.0))
+    others = sorted(((v, t) for t, v in probabilities.items() if t != defect_type), reverse=True)
+    out = {"p": round(p, 3), "confident": p >= TYPE_CONFIDENT, "runner_up": None, "runner_up_p": None}
+    if others:
+        out["runner_up"], out["runner_up_p"] = others[0][1], round(float(others[0][0]), 3)
+    return out

@@ -714,9 +714,23 @@ class ImageIndex:
             return [[self._row(i, s) for i, s in row]
                     for row in self._search_field("image", vecs, k, product, defect_type)]
 
-    def _image_query_vector(self, rgb: np.ndarray, product: str | None,
-                            anomaly_map: np.ndarray | None) -> tuple[np.ndarray, str | None]:
-        """Image query vector ``(1, dim)`` and the product filter to apply (given, else inferred)."""
+    def type_probabilities(self, desc: np.ndarray | None, product: str | None) -> dict[str, float] | None:
+        """The product's defect metric's type probabilities ``{type: p}`` for one raw descriptor ``(D,)``.
+
+        None without a descriptor, without a fitted ``logreg`` metric for ``product``, or when
+        the descriptor's width does not match the metric (see
+        :meth:`models.defect_descriptor.DefectProjection.class_probabilities`).
+        """
+        proj = self.projections.get(product) if product else None
+        if desc is None or proj is None or proj.mean.shape[0] != np.shape(desc)[0]:
+            return None
+        probs = proj.class_probabilities(np.asarray(desc, np.float32)[None])
+        return probs[0] if probs else None
+
+    def _image_query_vector(self, rgb: np.ndarray, product: str | None, anomaly_map: np.ndarray | None
+                            ) -> tuple[np.ndarray, str | None, dict[str, float] | None]:
+        """Image query vector ``(1, dim)``, the product filter to apply (given, else inferred) and the
+        metric's defect-type probabilities of the photo (:meth:`type_probabilities`)."""
         raw = self._global_raw([rgb])
         if product is None and len(self):
             product = self._vote_product(raw, k=10)[0]
@@ -724,7 +738,7 @@ class ImageIndex:
         else:
             product_filter = product
         descs = self.describe([rgb], product, [anomaly_map]) if product in self.projections else [None]
-        return self._compose(raw, descs, [product]), product_filter
+        return self._compose(raw, descs, [product]), product_filter, self.type_probabilities(descs[0], product)
 
     def search(self, rgb: np.ndarray, k: int = 5, product: str | None = None, defect_type: str | None = None,
                anomaly_map: np.ndarray | None = None) -> list[dict]:
@@ -745,10 +759,18 @@ class ImageIndex:
             (absolute PNG path), "note", "source", "matched": "image"}``, best first;
             ``product`` / ``defect_type`` filters are exact.
         """
+        return self.search_with_types(rgb, k=k, product=product, defect_type=defect_type, anomaly_map=anomaly_map)[0]
+
+    def search_with_types(self, rgb: np.ndarray, k: int = 5, product: str | None = None,
+                          defect_type: str | None = None, anomaly_map: np.ndarray | None = None
+                          ) -> tuple[list[dict], dict[str, float] | None]:
+        """:meth:`search` plus the photo's defect-type probabilities (:meth:`type_probabilities`;
+        one descriptor serves both)."""
         rgb = load_rgb(rgb)
-        vec, product_filter = self._image_query_vector(rgb, product, anomaly_map)
-        return [{**h, "matched": "image"}
+        vec, product_filter, probs = self._image_query_vector(rgb, product, anomaly_map)
+        rows = [{**h, "matched": "image"}
                 for h in self.search_vectors(vec, k=k, product=product_filter, defect_type=defect_type)[0]]
+        return rows, probs
 
     def _vote_product(self, raw: np.ndarray, k: int = 10) -> tuple[str, float]:
         """Product by a score-weighted vote of the ``k`` nearest items by the global part only."""
@@ -795,7 +817,15 @@ class ImageIndex:
     def query(self, image=None, text: str | None = None, *, mode: str = "auto", k: int = 5,
               product: str | None = None, defect_type: str | None = None, text_weight: float | None = None,
               anomaly_map: np.ndarray | None = None) -> list[dict]:
-        """One entry point for every search mode.
+        """The rows of :meth:`query_with_types` (every search mode, see there)."""
+        return self.query_with_types(image, text, mode=mode, k=k, product=product, defect_type=defect_type,
+                                     text_weight=text_weight, anomaly_map=anomaly_map)[0]
+
+    def query_with_types(self, image=None, text: str | None = None, *, mode: str = "auto", k: int = 5,
+                         product: str | None = None, defect_type: str | None = None,
+                         text_weight: float | None = None, anomaly_map: np.ndarray | None = None
+                         ) -> tuple[list[dict], dict[str, float] | None]:
+        """One entry point for every search mode: ``(rows, type probabilities of the photo or None)``.
 
         Args:
             image: RGB uint8 array ``(H, W, 3)`` or path (image and fused modes).
@@ -813,7 +843,8 @@ class ImageIndex:
         Returns:
             up to ``k`` row dicts with ``score`` (comparable within this query) and
             ``matched`` (``"image"``, ``"caption"`` or ``"fused"``); fused rows also carry
-            ``image_score`` and ``text_score``.
+            ``image_score`` and ``text_score``. The probabilities (image and fused modes with a
+            fitted metric; else None) are :meth:`type_probabilities` of the photo.
 
         Raises:
             ValueError: unknown mode, a mode without its input, empty text, weight outside 0..1.
@@ -828,28 +859,29 @@ class ImageIndex:
         if mode in ("text", "fused") and not has_text:
             raise ValueError(f"mode {mode!r} needs a non-empty text")
         if mode == "image":
-            return self.search(image, k=k, product=product, defect_type=defect_type, anomaly_map=anomaly_map)
+            return self.search_with_types(image, k=k, product=product, defect_type=defect_type,
+                                          anomaly_map=anomaly_map)
         if mode == "text":
-            return self.search_text(text, k=k, product=product, defect_type=defect_type)
+            return self.search_text(text, k=k, product=product, defect_type=defect_type), None
         w = self.settings.search_text_weight if text_weight is None else float(text_weight)
         if not 0.0 <= w <= 1.0:
             raise ValueError(f"text_weight must be within 0..1, got {w}")
         rgb = load_rgb(image)
-        ivec, product_filter = self._image_query_vector(rgb, product, anomaly_map)
+        ivec, product_filter, probs = self._image_query_vector(rgb, product, anomaly_map)
         tvec = self._text_query_vector(text)
         prefetch = max(PREFETCH_MIN, 10 * int(k))
         with self._lock:
             cand = [i for i, _ in self._search_field("image", ivec, prefetch, product_filter, defect_type)[0]]
             cand += [i for i, _ in self._search_field("caption", tvec, k, product_filter, defect_type)[0] if i not in cand]
             if not cand:
-                return []
+                return [], probs
             fids = [self.meta["items"][i]["fid"] for i in cand]
             iscore = self.vectors.get_vectors("image", fids) @ ivec[0]
             tscore = self.vectors.get_vectors("caption", fids) @ tvec[0]
             fused = (1.0 - w) * iscore + w * tscore
             order = np.argsort(-fused, kind="stable")[:k]
             return [{**self._row(cand[j], fused[j]), "matched": "fused", "image_score": float(iscore[j]),
-                     "text_score": float(tscore[j])} for j in order]
+                     "text_score": float(tscore[j])} for j in order], probs
 
     def infer_product(self, rgb: np.ndarray, k: int = 10) -> tuple[str, float]:
         """Product of an image by a score-weighted vote of its ``k`` nearest items (global features only).

@@ -4,26 +4,41 @@ from __future__ import annotations
 
 from smolagents import Tool
 
-from services.search import search_similar, vote_defect_type
+from services.search import search_similar, type_confidence, vote_defect_type
 from tools.anomaly_scoring import require_photo, resolve_product
 from tools.context import RunContext
 
 
+def confidence_phrase(conf: dict | None, lang: str = "en") -> str:
+    """How sure the defect metric is of the type (:func:`services.search.type_confidence`), in words; "" without it."""
+    if not conf:
+        return ""
+    p, other, q = float(conf["p"]), conf.get("runner_up"), conf.get("runner_up_p")
+    if conf.get("confident"):
+        return f"유형 확률 {p:.0%}" if lang == "ko" else f"defect metric {p:.0%}"
+    alt = (f", 다음 후보 {other} {float(q):.0%}" if lang == "ko" else f", next {other} {float(q):.0%}") if other else ""
+    return (f"유형 불확실: 유형 확률 {p:.0%}{alt}" if lang == "ko"
+            else f"type uncertain: defect metric {p:.0%}{alt}")
+
+
 def search_line(search: dict) -> str:
-    """One line about a search record: majority defect type, votes, top matches."""
+    """One line about a search record: majority defect type, votes, how sure the metric is, top matches."""
     hits = search.get("hits") or []
     if not hits:
         return f"product={search.get('product')}: the gallery has no labelled images for this product"
     top = ", ".join(f"{h['defect_type']} {float(h['score']):.2f}" for h in hits[:5])
+    conf = confidence_phrase(search.get("type_confidence"))
+    conf = f"; {conf}" + ("; say the type is uncertain" if conf.startswith("type uncertain") else "") if conf else ""
     return (f"{search.get('product')}: majority defect type {search.get('defect_type')} "
-            f"({search.get('votes')}/{len(hits)}); top matches: {top}")
+            f"({search.get('votes')}/{len(hits)}){conf}; top matches: {top}")
 
 
 class SimilarDefectSearchTool(Tool):
     """Nearest labelled defect images of the conversation's photo (cosine similarity).
 
-    Observation: the majority defect type with its votes and the top matches (defect type,
-    score); the majority type is stored as ``ctx.defect_type`` and the search report's JSON (hits
+    Observation: the majority defect type with its votes, how sure the product's defect metric
+    is of it (:func:`services.search.type_confidence`: "type uncertain" below
+    :data:`services.search.TYPE_CONFIDENT`) and the top matches (defect type, score); the majority type is stored as ``ctx.defect_type`` and the search report's JSON (hits
     with their gallery images, for the UI) as ``ctx.search``. A photo already searched in this
     conversation is not searched again. ``k`` is the configured ``settings.search_k`` (a vote needs it).
 
@@ -60,5 +75,6 @@ class SimilarDefectSearchTool(Tool):
         defect, count = vote_defect_type(report.hits)
         ctx.defect_type = defect
         hits = [h.to_json() for h in report.hits]
-        ctx.search = {**report.to_json(), "hits": hits, "defect_type": defect, "votes": count}
+        ctx.search = {**report.to_json(), "hits": hits, "defect_type": defect, "votes": count,
+                      "type_confidence": type_confidence(report.type_probabilities, defect)}
         return search_line(ctx.search)

@@ -67,3 +67,25 @@ def test_korean_heading_skipped_and_limit_applied():
     text = "4. 균열 (Crack) — 예방\n• 가마 냉각 곡선을 확인한다.\n• 패널을 양생대에 둔다.\n• 수량을 관리한다.\n• 서리를 막는다."
     items = _items(text, limit=3)
     assert items == ["가마 냉각 곡선을 확인한다.", "패널을 양생대에 둔다.", "수량을 관리한다."]
+
+
+@pytest.mark.parametrize("lang", ["en", "ko"])
+def test_an_uncertain_defect_type_is_said_in_the_summary(lang):
+    """Below services.search.TYPE_CONFIDENT the answer names the type as uncertain, with the runner-up."""
+    from agent.answers import summary_line
+    from services.search import type_confidence
+
+    ctx = _ctx("manual")
+    probs = {"crack": 0.46, "scratch": 0.31, "hole": 0.11, "stain": 0.07, "contamination": 0.05}
+    ctx.search["type_confidence"] = type_confidence(probs, "crack")
+    assert ctx.search["type_confidence"] == {"p": 0.46, "confident": False, "runner_up": "scratch",
+                                             "runner_up_p": 0.31}
+    line = summary_line(ctx, lang)
+    assert ("유형 불확실" in line and "scratch 31%" in line) if lang == "ko" else \
+        ("type uncertain: defect metric 46%, next scratch 31%" in line)
+    ctx.search["type_confidence"] = type_confidence({**probs, "crack": 0.86, "scratch": 0.04}, "crack")
+    line = summary_line(ctx, lang)
+    assert "불확실" not in line and "uncertain" not in line and "86%" in line
+    ctx.search.pop("type_confidence")  # no metric (e.g. a product without one): no claim either way
+    defect_part = summary_line(ctx, lang).split("결함 유형" if lang == "ko" else "Defect type")[1]
+    assert "%" not in defect_part.split("판정" if lang == "ko" else "Verdict")[0]

@@ -114,3 +114,30 @@ def test_projection_matches_sklearn_and_round_trips():
         DefectProjection.fit(X[:5], ["a"] * 5)
     with pytest.raises(ValueError):
         DefectProjection.fit(X, y, kind="svm")
+
+
+def test_class_probabilities_name_the_types_and_survive_a_reload():
+    """The logreg metric's outputs are probabilities keyed by the trained types (sklearn's classes_)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(1)
+    types = ["stain", "crack", "hole"]  # not sorted: the order must come from the fit, not be assumed
+    centres = rng.normal(size=(3, 12)) * 3
+    y = [t for t in types for _ in range(15)]
+    X = np.concatenate([c + rng.normal(size=(15, 12)) for c in centres]).astype(np.float32)
+    proj = DefectProjection.fit(X, y)
+    assert proj.classes == ("crack", "hole", "stain")
+    probs = proj.class_probabilities(X)
+    ref = LogisticRegression(C=0.1, max_iter=5000).fit(StandardScaler().fit_transform(X), y)
+    ref_p = ref.predict_proba(StandardScaler().fit_transform(X))
+    for row, r in zip(probs, ref_p):
+        assert set(row) == set(types) and abs(sum(row.values()) - 1.0) < 1e-5
+        assert max(row, key=row.get) == ref.classes_[int(np.argmax(r))]
+    assert np.mean([max(row, key=row.get) == t for row, t in zip(probs, y)]) >= 0.9
+    again = DefectProjection.from_arrays(proj.arrays("p"), "p")
+    assert again.classes == proj.classes and again.class_probabilities(X[:3]) == probs[:3]
+    # a projection saved before the field: five outputs are read in the sorted order of the five types
+    old = {k: v for k, v in DefectProjection.fit(X, y).arrays("q").items() if not k.endswith("/classes")}
+    assert DefectProjection.from_arrays(old, "q").class_probabilities(X[:1]) is None  # 3 outputs: order unknown
+    assert DefectProjection.fit(X, y, kind="lda").class_probabilities(X[:1]) is None  # coordinates, not probabilities

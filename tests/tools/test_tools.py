@@ -44,6 +44,15 @@ def test_tools_chain_records_context(built_state, services, tmp_path):
     assert "majority defect type" in obs
     assert len(ctx.search["hits"]) == 5 and all(h["product"] == "grass" for h in ctx.search["hits"])
     assert ctx.defect_type in {"scratch", "crack", "hole", "stain", "contamination"}
+    # the metric's probabilities of the photo, and how sure it is of the majority type, in the observation
+    probs = ctx.search["type_probabilities"]
+    assert set(probs) == {"scratch", "crack", "hole", "stain", "contamination"} and abs(sum(probs.values()) - 1) < 0.01
+    conf = ctx.search["type_confidence"]
+    assert conf["p"] == pytest.approx(probs[ctx.defect_type], abs=1e-3)
+    from services.search import TYPE_CONFIDENT
+
+    assert conf["confident"] == (conf["p"] >= TYPE_CONFIDENT)
+    assert (f"defect metric {conf['p']:.0%}" in obs) and (("type uncertain" in obs) != conf["confident"])
 
     obs = manual.forward("cause action prevention")
     assert ctx.manual_hits, obs
