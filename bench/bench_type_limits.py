@@ -266,7 +266,7 @@ def main() -> None:
         base = describe_all(services, data, lambda im, mask, m: m)
         print(json.dumps({"mode": "predicted map", "classifier": "logregC0.1 (shipped)", **type_accuracy(base)}), flush=True)
     if "classifiers" in args.modes:
-        for kind in ("logregC0.01", "logregC1", "forest", "extra-trees", "boosting"):
+        for kind in ("logregC0.01", "logregC0.1", "logregC1", "forest", "extra-trees", "boosting"):
             for pooled in (False, True):
                 print(json.dumps({"mode": "classifiers", "classifier": kind, "pooled": pooled,
                                   **type_accuracy(base, kind, pooled)}), flush=True)

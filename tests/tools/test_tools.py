@@ -52,7 +52,8 @@ def test_tools_chain_records_context(built_state, services, tmp_path):
     from services.search import TYPE_CONFIDENT
 
     assert conf["confident"] == (conf["p"] >= TYPE_CONFIDENT)
-    assert (f"defect metric {conf['p']:.0%}" in obs) and (("type uncertain" in obs) != conf["confident"])
+    assert ("type uncertain" in obs) != conf["confident"]
+    assert (f"defect metric {conf['p']:.0%}" in obs) == (not conf["confident"])
 
     obs = manual.forward("cause action prevention")
     assert ctx.manual_hits, obs
