@@ -75,6 +75,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F  # noqa: N812
 
+from core.settings import DEFECT_TYPES
 from models.backbones import LITE0_BLOCKS, load_lite0_onnx, to_tensor
 
 SIZE = 256  # working resolution (pixels, square) when DescriptorConfig.native is off
@@ -409,8 +410,6 @@ class DefectProjection:
             return None
         classes = self.classes
         if classes is None:
-            from core.settings import DEFECT_TYPES
-
             if self.out_dim != len(DEFECT_TYPES):
                 return None
             classes = tuple(sorted(DEFECT_TYPES))
