@@ -50,17 +50,34 @@ from services.lock import MODEL_LOCK  # noqa: E402
 CACHE = Path("/tmp/rb/retr_cache")
 
 
-def _generated(normals: list[np.ndarray], product: str, per_type: int, gen: str, seed: int = 777):
+def generated_with_masks(normals: list[np.ndarray], product: str, per_type: int, gen: str, seed: int = 777):
+    """``per_type`` defects per type drawn by ``gen`` (``synth`` | ``alt``) on ``normals``, with acquisition
+    changes: ``(images, bool masks at the images' size, labels)``, deterministic per (product, type, index)."""
+    from skimage.transform import resize
+
     pseed = int.from_bytes(product.encode()[:8].ljust(8, b"\0"), "little") % (2**31)
-    ims, labels = [], []
+    ims, masks, labels = [], [], []
     for ti, d in enumerate(DEFECT_TYPES):
         for i in range(per_type):
             rng = np.random.default_rng([seed, pseed, ti, i, 0 if gen == "synth" else 1])
             clean = normals[i % len(normals)]
-            img = synth.synthesize(d, clean, rng, product).image if gen == "synth" else synth_alt.draw(clean, d, rng)[0]
+            if gen == "synth":
+                r = synth.synthesize(d, clean, rng, product)
+                img, mask = r.image, r.mask
+            else:
+                img, mask = synth_alt.draw(clean, d, rng)
             img, _ = random_acquisition(img, rng, n_changes=TRAINING_N_CHANGES)
+            mask = np.asarray(mask) > 0
+            if img.shape[:2] != mask.shape:
+                mask = resize(mask.astype(np.float32), img.shape[:2], order=0) > 0
             ims.append(img)
+            masks.append(mask)
             labels.append(d)
+    return ims, masks, labels
+
+
+def _generated(normals: list[np.ndarray], product: str, per_type: int, gen: str, seed: int = 777):
+    ims, _, labels = generated_with_masks(normals, product, per_type, gen, seed)
     return ims, labels
 
 

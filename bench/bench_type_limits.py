@@ -57,43 +57,19 @@ from sklearn.pipeline import make_pipeline  # noqa: E402
 from sklearn.preprocessing import StandardScaler  # noqa: E402
 
 from core.imageio import load_rgb  # noqa: E402
-from core.settings import DEFECT_TYPES, PRODUCTS  # noqa: E402
-from data import synth, synth_alt  # noqa: E402
-from data.acquisition import random_acquisition  # noqa: E402
+from core.settings import PRODUCTS  # noqa: E402
 from data.build import load_manifest  # noqa: E402
-from models.defect_descriptor import DefectProjection  # noqa: E402
-from services.build import TRAINING_N_CHANGES  # noqa: E402
+from models.defect_descriptor import DefectProjection, _relative_map  # noqa: E402
 from services.container import Services  # noqa: E402
 from services.lock import MODEL_LOCK  # noqa: E402
+
+from bench_retrieval_robustness import generated_with_masks  # noqa: E402  (same seeds as its descriptor cache)
 
 CACHE = Path("/tmp/rb/type_limits")
 KEYS = ("gallery", "val", "synth", "alt")
 TESTS = (("synth->alt", ("gallery", "synth"), "alt"), ("alt->val", ("gallery", "alt"), "val"),
          ("both->val", ("gallery", "synth", "alt"), "val"))
 PER_TYPE = 40
-
-
-def _generated(normals, product: str, gen: str, seed: int = 777):
-    """Defects with masks; same seeds and calls as ``bench_retrieval_robustness._generated``."""
-    pseed = int.from_bytes(product.encode()[:8].ljust(8, b"\0"), "little") % (2**31)
-    ims, masks, labels = [], [], []
-    for ti, d in enumerate(DEFECT_TYPES):
-        for i in range(PER_TYPE):
-            rng = np.random.default_rng([seed, pseed, ti, i, 0 if gen == "synth" else 1])
-            clean = normals[i % len(normals)]
-            if gen == "synth":
-                r = synth.synthesize(d, clean, rng, product)
-                img, mask = r.image, r.mask
-            else:
-                img, mask = synth_alt.draw(clean, d, rng)
-            img, _ = random_acquisition(img, rng, n_changes=TRAINING_N_CHANGES)
-            mask = np.asarray(mask) > 0
-            if img.shape[:2] != mask.shape:
-                mask = resize(mask.astype(np.float32), img.shape[:2], order=0) > 0
-            ims.append(img)
-            masks.append(mask)
-            labels.append(d)
-    return ims, masks, labels
 
 
 def load_sets(services: Services, product: str) -> dict:
@@ -110,7 +86,7 @@ def load_sets(services: Services, product: str) -> dict:
     out = {}
     for k in KEYS:
         if k in ("synth", "alt"):
-            ims, masks, ys = _generated(normals, product, k)
+            ims, masks, ys = generated_with_masks(normals, product, PER_TYPE, k)
         else:
             its = [it for it in items if it["split"] == k and it["label"] == "defect"]
             ims = [load_rgb(dd / it["image"]) for it in its]
@@ -158,12 +134,6 @@ def describe_all(services: Services, data: dict, map_fn) -> dict:
                 for k, (ims, masks, ys, maps) in data[p].items()} for p in PRODUCTS}
 
 
-def _rel(a: np.ndarray) -> np.ndarray:
-    a = np.asarray(a, np.float32)
-    med, peak = float(np.median(a)), float(a.max())
-    return np.clip((a - med) / max(peak - med, 1e-6), 0, 1)
-
-
 def _lum(im: np.ndarray) -> np.ndarray:
     return np.asarray(im, np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
 
@@ -179,7 +149,7 @@ def saliency(im: np.ndarray) -> np.ndarray:
     hp = L - ndi.gaussian_filter(L, 3)
     fine = ndi.gaussian_filter(hp ** 2, 2) / (ndi.gaussian_filter(hp ** 2, 16) + 1e-3)
     low = np.abs(ndi.gaussian_filter(L, 4) - ndi.gaussian_filter(L, 24)) / (np.sqrt(ndi.gaussian_filter(hp ** 2, 16)) + 1e-3)
-    return np.maximum(_rel(fine), _rel(low))
+    return np.maximum(_relative_map(fine), _relative_map(low))
 
 
 def pixel_features(im: np.ndarray, amap: np.ndarray, stride: int = 4) -> np.ndarray:
@@ -188,7 +158,7 @@ def pixel_features(im: np.ndarray, amap: np.ndarray, stride: int = 4) -> np.ndar
     L = _lum(im)
     pm = resize(np.asarray(amap, np.float32), (H, W), order=1)
     z = _robust_z(pm)
-    f = [z, ndi.gaussian_filter(z, 4), ndi.gaussian_filter(z, 10), _rel(pm)]
+    f = [z, ndi.gaussian_filter(z, 4), ndi.gaussian_filter(z, 10), _relative_map(pm)]
     for s in (1.5, 4, 10):
         hp = _robust_z(L - ndi.gaussian_filter(L, s))
         f += [ndi.gaussian_filter(np.abs(hp), 2), ndi.gaussian_filter(hp, 2)]
@@ -277,7 +247,7 @@ def main() -> None:
         print(json.dumps({"mode": "oracle: exact masks on both sides", **type_accuracy(X)}), flush=True)
     if "saliency" in args.modes:
         def combined(im, mask, m):
-            pm = _rel(m)
+            pm = _relative_map(m)
             pm = pm if pm.shape == im.shape[:2] else resize(pm, im.shape[:2], order=1)
             return np.sqrt(pm * saliency(im))
         X = describe_all(services, data, combined)

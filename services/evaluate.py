@@ -23,7 +23,7 @@ from data.build import load_manifest
 from models.patchcore.calibration import binary_metrics
 from services.container import Services
 from services.lock import MODEL_LOCK
-from services.search import TYPE_CONFIDENT
+from services.search import TYPE_CONFIDENT, type_confidence
 
 #: evaluation splits of the sample data (manifest ``split`` values)
 SPLITS = ("val", "unseen")
@@ -171,7 +171,7 @@ def evaluate_retrieval(services: Services, data_dir: Path | None = None, k: int 
             hits, probs = index.search_with_types(load_rgb(data_dir / q["image"]), k=k)
         if probs:
             best = max(probs, key=probs.get)
-            calls.append((probs[best] >= TYPE_CONFIDENT, best == q["defect_type"]))
+            calls.append((type_confidence(probs, best)["confident"], best == q["defect_type"]))
         types = [h["defect_type"] for h in hits]
         rank = next((i + 1 for i, t in enumerate(types) if t == q["defect_type"]), None)
         rows.append((q["product"], q["defect_type"], rank, bool(hits) and hits[0]["product"] == q["product"]))
