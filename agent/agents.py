@@ -212,19 +212,25 @@ class _TurnModel(Model):
         self.rounds = 0
         self.max_calls = max_calls
         self.form = "text"
-        self.needs_evidence = False
+        self.needs_evidence: list[str] = []  # tools the answer checks found missing: the next step calls them
         self.chat = bool(getattr(inner, "supports_chat_grammar", False))
 
     def step_grammar(self) -> ChatGrammar:
         """The grammar of the next step (tools offered, answer allowed and its shape)."""
         ctx = self.ctx
         self.form = answer_form(ctx)
-        views = [] if self.form == "manual" else offered_tools(self.tools, ctx, self.rounds)
-        # a new photo is looked at first; an answer that lacked evidence is followed by a tool call
-        must_call = bool(views) and ((ctx.new_photo and self.rounds == 0) or self.needs_evidence)
-        self.needs_evidence = False
+        views = self.views()
+        # a new photo is looked at first; an answer that lacked evidence is followed by a call of what it lacked
+        must_call = bool(views) and ((ctx.new_photo and self.rounds == 0) or bool(self.needs_evidence))
+        self.needs_evidence = []
         return ChatGrammar(tools=views, answer_gbnf=None if must_call else answer_gbnf(ctx, self.form),
                            max_calls=self.max_calls)
+
+    def views(self) -> list:
+        """The tools offered at this step (:func:`agent.policy.offered_tools`; none once the answer is a manual)."""
+        if self.form == "manual":
+            return []
+        return offered_tools(self.tools, self.ctx, self.rounds, only=self.needs_evidence or None)
 
     def _check(self) -> None:
         if self.cancel is not None and self.cancel.is_set():
@@ -252,7 +258,8 @@ class _TurnModel(Model):
                 self.rounds += 1
             return
         self.form = answer_form(self.ctx)
-        views = [] if self.form == "manual" else offered_tools(self.tools, self.ctx, self.rounds)
+        views = self.views()
+        self.needs_evidence = []
         final = [t for t in (tools_to_call_from or []) if t.name == "final_answer"]
         kw = {"deadline": self.deadline} if getattr(self.inner, "supports_deadline", False) else {}
         msg = self.inner.generate(messages, stop_sequences=stop_sequences, response_format=response_format,
@@ -436,7 +443,7 @@ class DefectAgent:
             state["failures"] += 1
             if state["failures"] >= 2:  # second failure: accept, the caller falls back
                 return True
-            turn_model.needs_evidence = bool(required_tools(kind, ctx))
+            turn_model.needs_evidence = [need.split()[0] for need in required_tools(kind, ctx)]
             raise ValueError(populate_template(template, variables={"problems": "; ".join(problems)}))
 
         agent = _ChatToolCallingAgent(

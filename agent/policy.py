@@ -9,7 +9,8 @@ keeps a small model safe:
   per turn; arguments narrowed to what cannot be guessed wrong (product and defect-type enums,
   a one-line query, the configured ``k``);
 * **one rule before the first step**: a newly attached photo is looked at before it is answered
-  (the first reply must be a tool call);
+  (the first reply must be a call of the tools that use the photo: scoring, similar-defect
+  search, or a registration the user asked for);
 * **the answer's shape** (:func:`answer_form`, :func:`answer_gbnf`): once the turn has scored an
   anomalous photo, found its defect type and retrieved its manual, the answer is the response
   manual and the model writes only its causes, actions and prevention, each item ending with a
@@ -18,7 +19,8 @@ keeps a small model safe:
   short answer cannot pose as a manual) whose only brackets are such labels; a Korean message gets
   an answer that starts in Hangul;
 * **evidence first**: when the answer checks found that the message needs a tool result the
-  turn does not have (:func:`agent.checks.required_tools`), the next reply must be a tool call;
+  turn does not have (:func:`agent.checks.required_tools`), the next reply must be a call of
+  those tools and only those (a manual retrieval narrowed to the turn's product and defect type);
 * **the message kind** (:func:`classify`), a keyword reading of the message (English and
   Korean) used by the answer checks (which evidence an answer to this kind of message needs) and
   by the deterministic fallback (which answer to write when the model fails). It never chooses
@@ -145,17 +147,22 @@ def _defects() -> list[str]:
         return []
 
 
-def offered_tools(tools: list, ctx, rounds: int) -> list[ToolView]:
+def offered_tools(tools: list, ctx, rounds: int, only: list[str] | None = None) -> list[ToolView]:
     """The tools (as :class:`ToolView`) offered at a step of the turn; see the module docstring.
 
     Args:
         tools: the turn's smolagents tools.
         ctx: the turn's :class:`tools.context.RunContext`.
         rounds: tool-call rounds already done in this turn.
+        only: tool names the answer checks found missing (:func:`agent.checks.required_tools`): only
+            these are offered, also after :data:`MAX_TOOL_ROUNDS`, and a manual retrieval is narrowed
+            to the product and defect type this turn found.
     """
-    if rounds >= MAX_TOOL_ROUNDS:
+    if rounds >= MAX_TOOL_ROUNDS and not only:
         return []
     called = list(ctx.tool_calls)
+    # a newly attached photo is looked at first: its first step offers the tools that use it
+    photo_first = bool(getattr(ctx, "new_photo", False)) and ctx.has_photo and rounds == 0 and not only
     asked_register = ctx.writes and bool(ctx.question) and _has(ctx.question, "register")
     named = named_products(ctx.question)
     offered = []
@@ -171,12 +178,17 @@ def offered_tools(tools: list, ctx, rounds: int) -> list[ToolView]:
             continue
         if name == "manual_retrieval" and called.count(name) >= MAX_MANUAL_CALLS:
             continue
+        if (only and name not in only) or (photo_first and name not in IMAGE_TOOLS):
+            continue
+        narrow = bool(only) and name == "manual_retrieval"
         inputs = {}
         for key, spec in tool.inputs.items():
             spec = dict(spec)
             if key == "product":
                 if name == "manual_retrieval":
-                    if _products():
+                    if narrow and ctx.product:
+                        spec["enum"] = [ctx.product]
+                    elif _products():
                         spec["enum"] = _products()
                 else:
                     # the text model cannot see the photo: a product it names is a guess unless the user named it
@@ -185,6 +197,8 @@ def offered_tools(tools: list, ctx, rounds: int) -> list[ToolView]:
                     spec["enum"] = named
             elif key == "k":
                 continue  # a vote needs the configured k (the model tends to ask for 1)
+            elif key == "defect_type" and narrow and getattr(ctx, "defect_type", None):
+                spec["enum"] = [ctx.defect_type]
             elif key == "defect_type" and _defects():
                 spec["enum"] = _defects()
             elif key == "query":

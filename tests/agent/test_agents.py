@@ -358,6 +358,29 @@ def test_agent_with_project_tools_on_built_state(built_state, smol):
     assert all(c["source"].endswith(".pdf") and c["page"] >= 1 for c in result.citations)
 
 
+def test_step_grammar_looks_at_a_new_photo_first_and_then_calls_what_the_checks_miss(smol):
+    """The per-step grammar (compiled by llama.cpp): a new photo's first step may only call the tools that use
+    the photo; after an answer that lacked evidence the next step may only call the missing tools."""
+    from llama_cpp import LlamaGrammar
+
+    from agent.agents import _TurnModel
+
+    ctx = make_ctx(question="Analyse this part.")
+    turn = _TurnModel(smol, ctx, local_tools(ctx), time.monotonic() + 60, None, {})
+    first = turn.step_grammar()
+    assert [t.name for t in first.tools] == ["anomaly_scoring", "similar_defect_search"]
+    assert first.answer_gbnf is None  # a call, not an answer
+    LlamaGrammar.from_string(first.gbnf(), verbose=False)
+    ctx.tool_calls.append("manual_retrieval")  # the model went to the manuals and then answered unchecked
+    turn.rounds = 1
+    assert "manual_retrieval" in [t.name for t in turn.step_grammar().tools] and turn.step_grammar().answer_gbnf
+    turn.needs_evidence = ["anomaly_scoring"]
+    retry = turn.step_grammar()
+    assert [t.name for t in retry.tools] == ["anomaly_scoring"] and retry.answer_gbnf is None
+    LlamaGrammar.from_string(retry.gbnf(), verbose=False)
+    assert turn.needs_evidence == [] and turn.step_grammar().answer_gbnf is not None  # one step only
+
+
 def test_text_question_without_photo_never_reaches_image_tools(smol):
     """No photo in the conversation: the image tools are not offered (whatever the model writes) and the
     answer cites only pages retrieved in the turn."""

@@ -77,13 +77,27 @@ def test_offered_tools_follow_the_conversation(built_state):
     assert names == ["manual_retrieval"]  # no photo: no image tools
     photo = _ctx(question="Is this OK?", new_photo=True)
     views = offered_tools(build_tools(photo, services), photo, 0)
+    # a new photo is looked at first: its first step offers the tools that use it
+    assert [t.name for t in views] == ["anomaly_scoring", "similar_defect_search"]
+    assert "k" not in next(v for v in views if v.name == "similar_defect_search").inputs
+    views = offered_tools(build_tools(photo, services), photo, 1)
     assert [t.name for t in views] == ["anomaly_scoring", "similar_defect_search", "manual_retrieval"]
     manual = next(v for v in views if v.name == "manual_retrieval")
     assert manual.inputs["defect_type"]["enum"][0] == "scratch" and "pattern" in manual.inputs["query"]
-    assert "k" not in next(v for v in views if v.name == "similar_defect_search").inputs
+    later = _ctx(question="Is this OK?", new_photo=False)  # a follow-up on an earlier photo: no photo-first step
+    assert "manual_retrieval" in [t.name for t in offered_tools(build_tools(later, services), later, 0)]
     photo.tool_calls.append("anomaly_scoring")  # a tool that ran on this photo is not offered again
     assert "anomaly_scoring" not in [t.name for t in offered_tools(build_tools(photo, services), photo, 1)]
     assert offered_tools(build_tools(photo, services), photo, 2) == []  # then the model answers
+    # evidence first: only what the checks found missing, also after the last round, narrowed to the turn's finds
+    photo.product, photo.defect_type = "brick", "crack"
+    views = offered_tools(build_tools(photo, services), photo, 2, only=["manual_retrieval"])
+    assert [t.name for t in views] == ["manual_retrieval"]
+    assert views[0].inputs["product"]["enum"] == ["brick"] and views[0].inputs["defect_type"]["enum"] == ["crack"]
+    fresh = _ctx(question="Analyse this part.", new_photo=True)
+    fresh.tool_calls.append("manual_retrieval")
+    views = offered_tools(build_tools(fresh, services), fresh, 1, only=["anomaly_scoring"])
+    assert [t.name for t in views] == ["anomaly_scoring"]
     writer = _ctx(question="Please register this photo as a hole.", writes=True)
     assert "register_correction" in [t.name for t in offered_tools(build_tools(writer, services), writer, 0)]
     reader = _ctx(question="Please register this photo as a hole.", writes=False)
