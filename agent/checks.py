@@ -128,6 +128,10 @@ def check_answer(answer: Any, ctx: Any) -> list[str]:
         uncited = [ln.strip() for ln in body.splitlines() if _ITEM_RE.match(ln) and not find_citations(ln)]
         if uncited:
             problems.append(f"'## {sec}': every item needs a citation [file.pdf p.N]; missing in: {uncited[0][:60]!r}")
+    repeated = repeated_items("\n".join(canon_body.get(s, "") for s in ("Likely causes", "Immediate actions",
+                                                                        "Prevention")))
+    if repeated:
+        problems.append(f"an item is repeated; write each cause, action or prevention once: {repeated[0][:60]!r}")
     src_body = canon_body.get("Sources")
     if src_body is not None:
         listed = set(find_citations(src_body))
@@ -145,6 +149,25 @@ def check_answer(answer: Any, ctx: Any) -> list[str]:
     if defect and not any(n.lower() in low for n in _names(defect, "defect")):
         problems.append(f"the Defect summary must name the defect type '{defect}'")
     return problems
+
+
+def repeated_items(text: str) -> list[str]:
+    """Items (list lines) of ``text`` whose words appear again in a later item, in order of their repeat.
+
+    Two items are the same when they are equal after removing citations and labels, case,
+    punctuation and spacing (a small model tends to repeat an item with another citation).
+    """
+    seen: set[str] = set()
+    out: list[str] = []
+    for line in text.splitlines():
+        if not _ITEM_RE.match(line):
+            continue
+        bare = CITATION_RE.sub(" ", re.sub(r"\[[^\]]*\]", " ", line))  # without [labels] and citations
+        key = " ".join(re.findall(r"\w+", re.sub(r"^\s*(?:[-*+]|\d+[.)])", " ", bare).lower()))
+        if key and key in seen:
+            out.append(line.strip())
+        seen.add(key)
+    return out
 
 
 def complete_sources(answer: str) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from agent.checks import SECTIONS, check_answer, find_citations, split_sections
+from agent.checks import SECTIONS, check_answer, find_citations, repeated_items, split_sections
 from tools.context import RunContext
 
 GOOD = """## Defect summary
@@ -70,6 +70,19 @@ def test_citation_not_retrieved_in_this_run(ctx):
 def test_uncited_cause_item(ctx):
     bad = GOOD.replace("- Uneven drying [brick_manual_en.pdf p.5 cause]", "- Uneven drying")
     assert any("Likely causes" in p and "every item" in p for p in check_answer(bad, ctx))
+
+
+def test_a_repeated_item_is_a_problem(ctx):
+    again = GOOD.replace("- Control the kiln ramp rate [brick_manual_en.pdf p.7]",
+                         "- Control the kiln ramp rate [brick_manual_en.pdf p.7]\n- control the kiln ramp-rate. [P3]")
+    problems = check_answer(again, ctx)
+    assert any("repeated" in p and "kiln ramp" in p for p in problems), problems
+    across = GOOD.replace("1. Quarantine the batch [brick_manual_en.pdf p.6]",
+                          "1. Quarantine the batch [brick_manual_en.pdf p.6]\n2. Thermal shock during firing "
+                          "[brick_manual_en.pdf p.6]")
+    assert repeated_items(split_sections(across)["Likely causes"] + split_sections(across)["Immediate actions"]) == [
+        "2. Thermal shock during firing [brick_manual_en.pdf p.6]"]
+    assert repeated_items(split_sections(GOOD)["Likely causes"]) == []  # different items pass
 
 
 def test_actions_without_any_citation(ctx):
