@@ -6,7 +6,7 @@ Layout in ``Settings.index_dir``::
                             vectors per item, "image" (dim below) and "caption" (text embedding of
                             the item's caption), int64 ids = the items' "fid", payload product /
                             defect_type for filters. Milvus backend: a collection "gallery" instead.
-    items.json              {"version", "model", "dim", "caption_model", "next_fid", "manifest_fingerprint",
+    items.json              {"version", "model", "dim", "caption_model", "caption_dim", "next_fid", "manifest_fingerprint",
                              "descriptor", "items": {item_id: {"fid", "product", "defect_type", "note",
                              "source", "image" (blob key), "description"}}}  <- the commit record
     normal_means.npz        per-product mean raw image feature of training normals (optional)
@@ -74,7 +74,7 @@ from models.embedders import (DefectAwareEmbedder, ImageEmbedder, embed_queries,
                               get_text_embedder, l2_normalize)
 from core.imageio import InvalidImageError, content_hash, load_rgb
 from core import catalog
-from core.settings import DEFECT_TYPES, Settings
+from core.settings import DEFECT_TYPES, Settings, get_settings
 from stores.vector_store import FaissVectorStore, VectorStore, open_vector_store
 
 INDEX_VERSION = 3
@@ -136,6 +136,7 @@ class ImageIndex:
         self._lock = threading.RLock()
         self.captioner = captioner
         self._text_embedder = text_embedder
+        self._caption_known: tuple[str, int] | None = None  # (name, dim) read from items.json
         self.blobs = open_blob_store(self.settings)
         base = embedder if embedder is not None else get_image_embedder()
         self._base = base
@@ -173,7 +174,27 @@ class ImageIndex:
 
     @property
     def caption_model(self) -> str:
-        return str(self.text_embedder.name)
+        """Name of the caption embedder (without loading it when the stored index already names it)."""
+        return self._caption_spec()[0]
+
+    def _caption_spec(self) -> tuple[str, int]:
+        """``(name, dim)`` of the caption / text-query embedder.
+
+        Opening the gallery (delete, relabel, image search, product inference) needs only these two:
+        when ``items.json`` records the configured embedder with its width, they come from there and
+        the text model (sentence-transformers: ~10 s to import and load on 2 cores) loads on first use.
+        """
+        if self._text_embedder is None and self._caption_known is None:
+            configured = str(get_settings().text_embedder)
+            try:
+                meta = json.loads(self._meta_path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                meta = {}
+            if meta.get("caption_model") == configured and int(meta.get("caption_dim") or 0) > 0:
+                self._caption_known = (configured, int(meta["caption_dim"]))
+        if self._text_embedder is None and self._caption_known is not None:
+            return self._caption_known
+        return str(self.text_embedder.name), int(self.text_embedder.dim)
 
     @property
     def index(self):
@@ -225,11 +246,12 @@ class ImageIndex:
 
     def _empty_meta(self) -> dict:
         return {"version": INDEX_VERSION, "model": self.model, "dim": self.dim, "caption_model": self.caption_model,
+                "caption_dim": self._caption_spec()[1],
                 "next_fid": 0, "manifest_fingerprint": None, "descriptor": self.descriptor_config.to_dict(),
                 "items": {}}
 
     def _open_vectors(self) -> VectorStore:
-        fields = {"image": self.dim, "caption": int(self.text_embedder.dim)}
+        fields = {"image": self.dim, "caption": self._caption_spec()[1]}
         try:
             return open_vector_store(self.settings, fields, name="gallery")
         except ValueError:
@@ -268,6 +290,8 @@ class ImageIndex:
                 self.meta["descriptor"] = self.descriptor_config.to_dict()
                 self._reembed_all()
             else:
+                if not meta.get("caption_dim"):  # written by older code: kept from the next write on
+                    meta["caption_dim"] = self._caption_spec()[1]
                 self._reconcile()
 
     def _reconcile(self) -> None:
@@ -408,7 +432,7 @@ class ImageIndex:
         items = self.meta["items"]
         ids = list(items)
         self.meta["model"], self.meta["dim"] = self.model, self.dim
-        self.meta["caption_model"] = self.caption_model
+        self.meta["caption_model"], self.meta["caption_dim"] = self._caption_spec()
         self.meta["descriptor"] = self.descriptor_config.to_dict()
         self.meta["version"] = INDEX_VERSION
         old = self.vectors.ids()

@@ -284,11 +284,16 @@ def test_register_duplicate_relabel_delete_and_restart(settings, tmp_path):
         index.relabel("0" * 16, note="x")
     with pytest.raises(ValueError):
         index.relabel(rows[1]["id"], product="plastic")
-    # restart: everything persisted
+    # restart: everything persisted; the caption model is named in items.json, so opening, image search and
+    # deletes do not load the text model (it loads on the first text query)
     again = ImageIndex(settings)
     assert len(again) == 5 and again.get(rows[1]["id"])["defect_type"] == "stain"
     assert len(again.vectors) == 5
+    assert again._text_embedder is None and again.caption_model == index.text_embedder.name
+    assert again.query(_gallery4()[3][0], mode="image", k=1)[0]["id"] == rows[3]["id"]
+    assert again.delete("0" * 16) is False and again._text_embedder is None
     assert again.query(text="brown stain", mode="text", k=1)[0]["id"] == rows[1]["id"]
+    assert again._text_embedder is not None
     assert again.delete(rows[2]["id"]) is True and again.delete(rows[2]["id"]) is False
     assert not Path(rows[2]["image"]).exists()
     third = ImageIndex(settings)
