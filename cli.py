@@ -159,11 +159,12 @@ CLI_OWNER = "cli"
 
 
 def cmd_ask(args) -> dict:
-    """One turn of a conversation: ``--session ID`` continues (or starts) that conversation."""
+    """One turn of a conversation: ``--session ID`` continues (or starts) that conversation; without it, a new one
+    (an earlier call's turns never leak into an unrelated question)."""
     services = _services()
     if not args.image and not (args.question or "").strip() and not args.session:
         raise CliError("give an IMAGE, a --question, or both")
-    conv = open_conversation(services, args.session, CLI_OWNER)
+    conv = open_conversation(services, args.session, CLI_OWNER, new=not args.session)
     ctx = start_turn(conv, args.image, args.question, args.product, writes=True)
     models = get_settings().model_resolution.summary()
     result, history_id = ask(services, conv, ctx, source="cli", models=models, owner=CLI_OWNER)

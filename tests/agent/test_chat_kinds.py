@@ -124,6 +124,8 @@ def test_two_turn_cli_conversation_with_session(built_state, tmp_path):
     assert second["session"] == "line-3" and second["turn"] == 1 and second["image"] is None
     assert second["score"] == first["score"] and second["product"] == "gravel"  # the photo came back
     assert "anomaly_scoring" not in [s["tool"] for s in second["steps"] if "vs threshold" not in s["observation"]]
+    fresh = cli("--question", "Which action should I take first?")  # no --session: a new conversation
+    assert fresh["session"] != "line-3" and fresh["turn"] == 0 and fresh["score"] is None
     bad = subprocess.run([sys.executable, str(REPO / "cli.py"), "ask", "--json"], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "error" in json.loads(bad.stdout.strip().splitlines()[-1])
