@@ -223,6 +223,7 @@ def required_tools(kind: str, ctx: Any) -> list[str]:
     ``manual``: the photo scored, and for an anomalous photo its defect type searched and its manual
     retrieved in this turn; ``verdict``: scored; ``similar``: searched; ``manual_question``:
     manual retrieval in this turn; ``register``: the registration. Others need nothing.
+    Each entry starts with the tool's name (the agent offers the next step only those tools).
     """
     called = set(getattr(ctx, "tool_calls", []) or [])
     insp = getattr(ctx, "inspection", None)

@@ -184,14 +184,6 @@ class ImageIndex:
         when ``items.json`` records the configured embedder with its width, they come from there and
         the text model (sentence-transformers: ~10 s to import and load on 2 cores) loads on first use.
         """
-        if self._text_embedder is None and self._caption_known is None:
-            configured = str(get_settings().text_embedder)
-            try:
-                meta = json.loads(self._meta_path.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                meta = {}
-            if meta.get("caption_model") == configured and int(meta.get("caption_dim") or 0) > 0:
-                self._caption_known = (configured, int(meta["caption_dim"]))
         if self._text_embedder is None and self._caption_known is not None:
             return self._caption_known
         return str(self.text_embedder.name), int(self.text_embedder.dim)
@@ -271,15 +263,18 @@ class ImageIndex:
 
     def _load(self) -> None:
         with self._lock:
+            meta = json.loads(self._meta_path.read_text(encoding="utf-8")) if self._meta_path.is_file() else None
+            if meta and meta.get("caption_model") == str(get_settings().text_embedder) \
+                    and int(meta.get("caption_dim") or 0) > 0:
+                self._caption_known = (str(meta["caption_model"]), int(meta["caption_dim"]))
             self.vectors = self._open_vectors()
             if getattr(self.vectors, "path", 0) is None:
                 self.vectors.path = self.dir / "gallery.vectors.npz"
-            if not self._meta_path.is_file():
+            if meta is None:
                 self.meta = self._empty_meta()
                 if len(self.vectors):  # vectors written, first commit never happened
                     self.vectors.remove(self.vectors.ids())
                 return
-            meta = json.loads(self._meta_path.read_text(encoding="utf-8"))
             self.meta = meta
             same_cfg = meta.get("descriptor") == self.descriptor_config.to_dict()
             if meta.get("model") != self.model or int(meta.get("dim", -1)) != self.dim or not same_cfg \
