@@ -319,25 +319,6 @@ def test_missing_model_falls_back():
     _assert_valid_result(result, ctx)
 
 
-@pytest.mark.slow
-def test_agent_run_with_offline_qwen_1p5b(capsys):
-    """Full run with the offline Qwen2.5-Coder-1.5B (assembled GGUF); prints the time and outcome."""
-    from agent.models import get_agent_model
-
-    settings = get_settings()
-    model, name = get_agent_model(settings)
-    ctx = make_ctx(question="What should I do about this defect?")
-    t0 = time.monotonic()
-    result = DefectAgent(local_tools, model=model, settings=settings).run(ctx)
-    elapsed = time.monotonic() - t0
-    with capsys.disabled():
-        print(f"\n[1.5B run] {elapsed:.1f} s, fallback={result.fallback} ({result.fallback_reason}); "
-              f"steps={[(s.tool, s.error is None) for s in result.steps]}")
-    _assert_valid_result(result, ctx)
-    assert "anomaly_scoring" in [s.tool for s in result.steps]
-    assert elapsed < settings.agent_timeout_s + 60
-
-
 def test_agent_with_project_tools_on_built_state(built_state, smol):
     """The real tools (PatchCore, gallery search, Chroma manuals) on a built state, SmolLM2 model."""
     import json
