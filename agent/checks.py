@@ -211,6 +211,38 @@ CAPABILITY_WORDS = ("photo", "manual", "similar", "image", "defect", "사진", "
 DOMAIN_WORDS = ("part", "defect", "manual", "부품", "결함", "매뉴얼")
 
 
+def other_products_named(text: str, ctx: Any) -> list[str]:
+    """Catalog products that ``text`` names when it does not name the turn's own product.
+
+    A photo turn's product comes from its tools (or the user); an answer that names only another product
+    copied it from elsewhere (an earlier turn, the prompt's examples). Names are the ids and the English and
+    Korean names (:func:`core.catalog.product_info`); Latin names match as whole words, case-insensitive,
+    so a citation such as ``gravel_manual_en.pdf`` names nothing.
+
+    Args:
+        text: the model's answer.
+        ctx: the turn's context (uses ``product``).
+
+    Returns:
+        Product ids, sorted; empty when the turn has no product or the text names it.
+    """
+    own = getattr(ctx, "product", None)
+    if not own or not text:
+        return []
+
+    def named(pid: str) -> bool:  # Korean particles attach to the word: Hangul names match as substrings
+        return any(re.search(rf"(?<![\w-]){re.escape(n)}(?![\w-])" if n.isascii() else re.escape(n), text,
+                             re.IGNORECASE) for n in _names(pid, "product") if len(n) > 1)
+
+    if named(own):
+        return []
+    try:
+        known = catalog.products()
+    except (OSError, ValueError):
+        return []
+    return sorted(p for p in known if p != own and named(p))
+
+
 def says_any(text: str, words) -> bool:
     """The text contains one of ``words`` (case-insensitive; a leading space in a word marks a word start)."""
     low = f" {(text or '').lower()}"
@@ -261,8 +293,9 @@ def check_turn(raw: Any, answer: str, ctx: Any, kind: str, form: str) -> list[st
     a response manual passes :func:`check_answer`; the evidence :func:`required_tools` names;
     a manual question answered with at least one citation; a verdict states the scored verdict
     (:data:`NORMAL_WORDS` / :data:`DEFECT_WORDS`); similar cases are named by their defect types; a
-    capabilities reply says what the assistant does,
-    an off-topic reply what it helps with; a Korean message answered in Korean.
+    photo turn's answer does not name another product instead of the turn's own
+    (:func:`other_products_named`); a capabilities reply says what the assistant does, an off-topic
+    reply what it helps with; a Korean message answered in Korean.
     """
     if not isinstance(raw, str) or not raw.strip():
         return ["the answer is empty"]
@@ -291,6 +324,10 @@ def check_turn(raw: Any, answer: str, ctx: Any, kind: str, form: str) -> list[st
         if not says_any(raw, verdict_words):
             problems.append("state the verdict: the part is " + ("ANOMALOUS (a defect was found)"
                                                                  if insp.get("is_anomalous") else "NORMAL (no defect)"))
+    others = other_products_named(raw, ctx) if insp and kind in ("verdict", "manual", "similar") else []
+    if others:
+        problems.append(f"this photo is {ctx.product} (anomaly scoring); the answer names "
+                        + ", ".join(others) + f" instead: describe this {ctx.product} part")
     search = getattr(ctx, "search", None) or {}
     type_names = [n for d in {h.get("defect_type") for h in search.get("hits") or []} for n in _names(d, "defect")]
     if kind == "similar" and type_names and not says_any(raw, type_names):

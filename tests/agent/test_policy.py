@@ -158,3 +158,27 @@ def test_turn_checks_by_kind():
     said = "I score photos of parts for defects and answer from the manuals."
     assert check_turn(said, said, ko, "capabilities", "text") == ["the user wrote in Korean: answer in Korean"]
     assert check_turn("Hello.", "Hello.", ko, "capabilities", "text")[0].startswith("say what you do")
+
+
+def test_a_photo_answer_that_names_only_another_product_goes_back():
+    """The copy seen in a long CLI conversation: a gravel photo scored NORMAL, answered "Product: grass ... NORMAL"."""
+    from agent.checks import other_products_named
+
+    normal = _analysed()
+    normal.product, normal.inspection["product"], normal.inspection["is_anomalous"] = "gravel", "gravel", False
+    copied = "Product: **grass**. The part looks NORMAL: no defect was found."
+    assert other_products_named(copied, normal) == ["grass"]
+    problems = check_turn(copied, copied, normal, "verdict", "text")
+    assert problems == ["this photo is gravel (anomaly scoring); the answer names grass instead: "
+                        "describe this gravel part"]
+    for fine in ("The gravel part looks NORMAL: no defect was found.",  # its own product
+                 "The part looks NORMAL: score 4.97 is below the threshold 6.16.",  # no product at all
+                 "This gravel part is NORMAL, unlike the grass sample you sent before."):  # its own and another
+        assert other_products_named(fine, normal) == [], fine
+        assert check_turn(fine, fine, normal, "verdict", "text") == [], fine
+    assert other_products_named("NORMAL. See gravel_manual_en.pdf and grass-like notes.", normal) == []  # no word
+    assert other_products_named("인조 잔디 매트는 정상입니다.", normal) == ["grass"]  # a Korean name
+    assert other_products_named("자갈 골재 패널은 정상입니다. 인조 잔디 매트와 다릅니다.", normal) == []
+    text_only = _ctx(photo=False, question="How do I repair grass?")  # no photo, no product: nothing to check
+    assert check_turn("Grass is repaired by reseeding.", "Grass is repaired by reseeding.", text_only,
+                      "followup", "text") == []
