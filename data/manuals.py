@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-
-import pymupdf
+from typing import TYPE_CHECKING
 
 from core.catalog import product_info
 from core.settings import DEFECT_TYPES, PRODUCTS
+
+if TYPE_CHECKING:
+    import pymupdf
 
 SUBHEADINGS = {"en": ("Cause", "Immediate action", "Prevention"), "ko": ("원인", "즉시 조치", "예방")}
 DEFECT_NAMES = {
@@ -643,6 +645,8 @@ _STYLES = {  # font size, space before, bold
 
 class _Fonts:
     def __init__(self) -> None:
+        import pymupdf  # only when manuals are written: importing PyMuPDF takes ~1 s of every CLI start
+
         self.regular = pymupdf.Font("helv")
         self.bold = pymupdf.Font("hebo")
         self.cjk = pymupdf.Font("korea")
@@ -685,6 +689,8 @@ def write_manual(path: Path, product: str, lang: str = "en") -> dict:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     content = manual_content(product, lang)
+    import pymupdf
+
     fonts = _Fonts()
     doc = pymupdf.open()
     width = _PAGE_W - 2 * _MARGIN
