@@ -16,7 +16,7 @@ exits non-zero with ``{"error": ...}`` on bad input. ``inspect`` and
     python cli.py delete ID
     python cli.py eval anomaly [--product P] [--split val|unseen]
     python cli.py eval retrieval [--split val|unseen]
-    python cli.py eval ask [--per-product N]
+    python cli.py eval ask [--per-product N] [--split val|unseen]
     python cli.py eval chat [--half dev|report|all] [--only ID...]
 """
 
@@ -200,7 +200,10 @@ def cmd_eval(args) -> dict:
         except ValueError as exc:
             raise CliError(str(exc)) from None
     if args.what == "ask":
-        return evaluate_ask(services, per_product=args.per_product)
+        try:
+            return evaluate_ask(services, per_product=args.per_product, split=args.split)
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
     if args.what == "chat":
         return evaluate_chat(services, half=args.half, only=args.only)
     raise CliError(f"unknown evaluation {args.what!r}")
@@ -282,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("eval", "evaluations on the tuning split (val) or the unseen split")
     sp.add_argument("what", choices=["anomaly", "retrieval", "ask", "chat"])
     sp.add_argument("--split", choices=["val", "unseen"], default="val",
-                    help="eval anomaly / retrieval: val = the tuning split (settings are chosen here); unseen = "
+                    help="eval anomaly / retrieval / ask: val = the tuning split (settings are chosen here); unseen = "
                          "kept out of every fit, bank, gallery, metric and threshold, a second defect generator")
     sp.add_argument("--product")
     sp.add_argument("--per-product", type=int, default=2, help="eval ask: photos per product")

@@ -106,8 +106,8 @@ def known_facts(ctx: "RunContext") -> str:
         verdict = "ANOMALOUS" if insp.get("is_anomalous") else "NORMAL"
         parts.append(f"photo {insp.get('product')} {verdict} (score {float(insp['score']):.2f} vs "
                      f"{float(insp['threshold']):.2f})")
-    if ctx.has_photo and not ctx.new_photo and ctx.search:
-        parts.append(f"defect type {ctx.defect_type}")
+    if ctx.has_photo and not ctx.new_photo and ctx.search and ctx.reported_defect_type:
+        parts.append(f"defect type {ctx.reported_defect_type}")
     if ctx.passages:
         groups: dict[str, list[str]] = {}
         for p in ctx.passages:
@@ -417,7 +417,7 @@ class DefectAgent:
             steps=steps, answer=answer or "", citations=citations,
             model=(name or self.model_name) + (" + deterministic fallback" if fallback else ""),
             elapsed_s=time.monotonic() - t0, fallback=fallback, fallback_reason=run["reason"] if fallback else None,
-            product=getattr(ctx, "product", None), defect_type=getattr(ctx, "defect_type", None),
+            product=getattr(ctx, "product", None), defect_type=getattr(ctx, "reported_defect_type", None),
             kind=kind, form=("manual" if fallback and answer.count("\n## ") >= 5 else run["form"]),
             raw_answer="" if fallback else (run["raw"] or ""),
             messages=[] if fallback or run["cancelled"] else run["messages"], timings=timings,

@@ -152,7 +152,7 @@ def ask_json(result: AgentResult, ctx: RunContext, history_id: str | None, model
         "product": result.product or ctx.product,
         "product_source": ctx.product_source,
         "product_confidence": ctx.product_confidence,
-        "defect_type": result.defect_type or ctx.defect_type,
+        "defect_type": result.defect_type or ctx.reported_defect_type,  # None for a photo scored NORMAL
         "model": result.model,
         "models": models or {"agent": result.model},
         "fallback": bool(result.fallback),

@@ -246,41 +246,73 @@ def evaluate_chat(services: Services, half: str = "all", only: list[str] | None 
     return out
 
 
-def evaluate_ask(services: Services, per_product: int = 2) -> dict:
-    """Run the agent on ``per_product`` val defect photos of each fitted product (spread over the types).
+def evaluate_ask(services: Services, per_product: int = 2, split: str = "val") -> dict:
+    """Run the agent on ``per_product`` defect photos of each fitted product (spread over the types).
+
+    Detection and the agent's behaviour are reported apart: a photo that anomaly scoring calls NORMAL gets
+    a NORMAL verdict and no defect type (the right behaviour for what the tools said, a detection miss),
+    so ``defect_type_accuracy`` over all photos mixes the two.
+
+    Args:
+        services: the loaded services (banks, gallery, manuals, agent model).
+        per_product: defect photos per product.
+        split: ``"val"`` (the tuning split) or ``"unseen"`` (kept out of every fit, second defect generator).
 
     Returns:
-        ``{"n", "product_accuracy", "defect_type_accuracy", "all_tools_rate", "fallback_rate",
-        "elapsed_s_p50", "elapsed_s_max", "runs": [...]}``.
+        ``{"split", "n", "product_accuracy", "defect_type_accuracy", "all_tools_rate", "fallback_rate",
+        "flagged_rate"`` (photos scored ANOMALOUS), ``"n_flagged", "defect_type_accuracy_flagged",
+        "all_tools_rate_flagged"`` (over the flagged photos), ``"no_type_rate_unflagged"`` (NORMAL-scored
+        photos answered without a defect type), ``"elapsed_s_p50", "elapsed_s_max", "runs": [...]}``.
+
+    Raises:
+        ValueError: an unknown split, or no defect photo of that split.
     """
+    if split not in ("val", "unseen"):
+        raise ValueError(f"unknown split {split!r} (val or unseen)")
     manifest = load_manifest(services.settings.data_dir)
     picked: list[dict] = []
     for product in services.banks.products():
         items = [it for it in manifest["items"]
-                 if it["product"] == product and it["split"] == "val" and it["label"] == "defect"]
+                 if it["product"] == product and it["split"] == split and it["label"] == "defect"]
         by_type: dict[str, list[dict]] = {}
         for it in items:
             by_type.setdefault(it["defect_type"], []).append(it)
         order = [v[i] for i in range(max(map(len, by_type.values()), default=0))
                  for v in by_type.values() if i < len(v)]
         picked += order[:per_product]
+    if not picked:
+        raise ValueError(f"no defect photo in the {split} split of the fitted products")
     runs = []
     for it in picked:
         ctx = start_run(str(services.settings.data_dir / it["image"]))
         result, _ = ask(services, ctx, source="cli")
         tools_called = {s.tool for s in result.steps}
+        insp = ctx.inspection or {}
         runs.append({"image": it["image"], "true_product": it["product"], "true_defect": it["defect_type"],
-                     "product": result.product or ctx.product, "defect_type": result.defect_type or ctx.defect_type,
+                     "product": result.product or ctx.product, "defect_type": result.defect_type or ctx.reported_defect_type,
+                     "flagged": bool(insp.get("is_anomalous")) if insp else None,
                      "fallback": result.fallback, "elapsed_s": round(result.elapsed_s, 2),
                      "all_tools": ALL_TOOLS <= tools_called, "citations": len(result.citations)})
-    n = len(runs) or 1
+    n = len(runs)
+    flagged = [r for r in runs if r["flagged"]]
+    unflagged = [r for r in runs if r["flagged"] is False]
     times = [r["elapsed_s"] for r in runs]
+
+    def rate(rows: list[dict], ok) -> float | None:
+        return round(sum(bool(ok(r)) for r in rows) / len(rows), 3) if rows else None
+
     return {
-        "n": len(runs),
-        "product_accuracy": round(sum(r["product"] == r["true_product"] for r in runs) / n, 3),
-        "defect_type_accuracy": round(sum(r["defect_type"] == r["true_defect"] for r in runs) / n, 3),
-        "all_tools_rate": round(sum(r["all_tools"] for r in runs) / n, 3),
-        "fallback_rate": round(sum(r["fallback"] for r in runs) / n, 3),
+        "split": split,
+        "n": n,
+        "product_accuracy": rate(runs, lambda r: r["product"] == r["true_product"]),
+        "defect_type_accuracy": rate(runs, lambda r: r["defect_type"] == r["true_defect"]),
+        "all_tools_rate": rate(runs, lambda r: r["all_tools"]),
+        "fallback_rate": rate(runs, lambda r: r["fallback"]),
+        "flagged_rate": rate(runs, lambda r: r["flagged"]),
+        "n_flagged": len(flagged),
+        "defect_type_accuracy_flagged": rate(flagged, lambda r: r["defect_type"] == r["true_defect"]),
+        "all_tools_rate_flagged": rate(flagged, lambda r: r["all_tools"]),
+        "no_type_rate_unflagged": rate(unflagged, lambda r: r["defect_type"] is None),
         "elapsed_s_p50": round(statistics.median(times), 1) if times else None,
         "elapsed_s_max": round(max(times), 1) if times else None,
         "runs": runs,

@@ -101,6 +101,15 @@ class RunContext:
                    new_photo=True)
 
     @property
+    def reported_defect_type(self) -> str | None:
+        """The defect type the turn reports: the similar-defect vote (``defect_type``), or None when anomaly
+        scoring called the photo NORMAL (the nearest past defects of a normal part name no defect of it; the
+        ``search`` hits keep their own types)."""
+        if self.inspection and self.inspection.get("is_anomalous") is False:
+            return None
+        return self.defect_type
+
+    @property
     def has_photo(self) -> bool:
         """A photo is in the conversation (image tools can run)."""
         return self.image is not None

@@ -129,3 +129,27 @@ def test_two_turn_cli_conversation_with_session(built_state, tmp_path):
     bad = subprocess.run([sys.executable, str(REPO / "cli.py"), "ask", "--json"], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "error" in json.loads(bad.stdout.strip().splitlines()[-1])
+
+
+def test_cli_eval_ask_on_the_unseen_split_reports_detection_apart(built_state):
+    """``cli.py eval ask --split unseen``: unseen defect photos, and the type accuracy over the photos anomaly
+    scoring flagged apart from the photos it called NORMAL (which rightly get no defect type)."""
+    env = {**os.environ, "DRA_STATE_DIR": str(built_state), "DRA_AGENT_MODEL": str(smollm2_gguf_path()),
+           "DRA_AGENT_MAX_STEPS": "2", "DRA_AGENT_MAX_TOKENS": "24"}
+    proc = subprocess.run([sys.executable, str(REPO / "cli.py"), "eval", "ask", "--per-product", "1", "--split",
+                           "unseen", "--json"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["split"] == "unseen" and out["n"] == 3
+    runs = out["runs"]
+    assert all("/unseen/" in r["image"] for r in runs) and {r["true_product"] for r in runs} == {
+        "brick", "gravel", "grass"}
+    flagged = [r for r in runs if r["flagged"]]
+    assert all(r["flagged"] in (True, False) for r in runs)  # every photo was scored
+    assert out["n_flagged"] == len(flagged) and out["flagged_rate"] == round(len(flagged) / 3, 3)
+    if flagged:
+        assert out["defect_type_accuracy_flagged"] == round(
+            sum(r["defect_type"] == r["true_defect"] for r in flagged) / len(flagged), 3)
+    unflagged = [r for r in runs if r["flagged"] is False]
+    assert all(r["defect_type"] is None for r in unflagged)  # a part scored NORMAL reports no defect type
+    assert out["no_type_rate_unflagged"] == (1.0 if unflagged else None)

@@ -182,3 +182,17 @@ def test_a_photo_answer_that_names_only_another_product_goes_back():
     text_only = _ctx(photo=False, question="How do I repair grass?")  # no photo, no product: nothing to check
     assert check_turn("Grass is repaired by reseeding.", "Grass is repaired by reseeding.", text_only,
                       "followup", "text") == []
+
+
+def test_a_photo_scored_normal_reports_no_defect_type():
+    """The similar-defect vote of a normal part names no defect of it: ``reported_defect_type`` is None, and the
+    turn's known facts do not carry it into the next turn."""
+    from agent.agents import known_facts
+
+    ctx = _analysed()
+    assert ctx.reported_defect_type == "crack"
+    ctx.inspection["is_anomalous"] = False
+    assert ctx.defect_type == "crack" and ctx.reported_defect_type is None
+    ctx.new_photo = False
+    facts = known_facts(ctx)
+    assert "NORMAL" in facts and "defect type" not in facts, facts
