@@ -289,7 +289,8 @@ def evaluate_ask(services: Services, per_product: int = 2, split: str = "val") -
         tools_called = {s.tool for s in result.steps}
         insp = ctx.inspection or {}
         runs.append({"image": it["image"], "true_product": it["product"], "true_defect": it["defect_type"],
-                     "product": result.product or ctx.product, "defect_type": result.defect_type or ctx.reported_defect_type,
+                     "product": result.product or ctx.product,
+                     "defect_type": result.defect_type or ctx.reported_defect_type,
                      "flagged": bool(insp.get("is_anomalous")) if insp else None,
                      "fallback": result.fallback, "elapsed_s": round(result.elapsed_s, 2),
                      "all_tools": ALL_TOOLS <= tools_called, "citations": len(result.citations)})
