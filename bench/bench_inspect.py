@@ -22,6 +22,8 @@ Three pipelines on the same images, one process, torch threads = ``--threads``:
    weights cannot be downloaded here, so the backbone is random-init: its
    latency, fit time and bank size do not depend on the weight values, its
    accuracy does (not compared; see README for the accuracy anchor).
+4. **shipped** (with ``--shipped STATE``): the bank a built state serves for the product
+   (``cli.py build``: both calibration folds, so a larger bank than (1b)), same images.
 
 Printed: latency per image p50 / p95 (ms) after warm-up, fit time (s), bank
 size, and the ratios anchor / ours.
@@ -126,6 +128,13 @@ def run(args) -> dict:
             tta_fit_s = time.perf_counter() - t0
             tta_ms = _time(lambda im: tstore.inspect(im, args.product), val)
             tta_model = tstore.meta(args.product)["model"]
+        shipped = None
+        if args.shipped:  # the bank a built state serves (both calibration folds: a larger bank)
+            sstore = Bank(args.shipped)
+            s_ms = _time(lambda im: sstore.inspect(im, args.product), val)
+            smeta = sstore.meta(args.product)
+            shipped = {"p50": pct(s_ms, 50), "p95": pct(s_ms, 95), "fit_s": None,
+                       "bank": int(smeta["bank_size"]), "model": f"{smeta['model']} (state {args.shipped})"}
         # one view, plain patch distance: the computation anomalib's PatchcoreModel does (checked to match
         # below); the shipped image-relative score (score_norm "median") only subtracts each map's median
         store = Bank(tmp, **over, tta="none", score_norm="none")
@@ -196,6 +205,7 @@ def run(args) -> dict:
                  "bank": int(meta["bank_size"]), "model": meta["model"]},
         **({"ours_tta": {"p50": pct(tta_ms, 50), "p95": pct(tta_ms, 95), "fit_s": tta_fit_s,
                          "bank": int(meta["bank_size"]), "model": tta_model}} if tta_ms else {}),
+        **({"shipped": shipped} if shipped else {}),
         "anomalib_same_bank": {"p50": pct(same_ms, 50), "p95": pct(same_ms, 95), "fit_s": None,
                                "bank": int(meta["bank_size"]), "model": "anomalib PatchcoreModel, our backbone+bank"},
         "anomalib_default": {"p50": pct(anchor_ms, 50), "p95": pct(anchor_ms, 95), "fit_s": anchor_fit_s,
@@ -213,6 +223,7 @@ def run(args) -> dict:
         "ratio_anchor_over_ours_fit": anchor_fit_s / ours_fit_s,
         **({"ratio_anchor_over_ours_tta_p50": rows["anomalib_default"]["p50"] / rows["ours_tta"]["p50"]}
            if tta_ms else {}),
+        **({"ratio_anchor_over_shipped_p50": rows["anomalib_default"]["p50"] / shipped["p50"]} if shipped else {}),
     }
 
 
@@ -224,6 +235,8 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=0,
                     help="override the input size (0: the product's config: native scale)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--shipped", default="",
+                    help="also time the bank of this built state directory (what the app serves)")
     ap.add_argument("--small", action="store_true", help="CI mode: 4 train images, 3 timed, 64 px")
     args = ap.parse_args()
     if args.small:
@@ -242,6 +255,8 @@ def main() -> None:
           f"anomalib same bank / ours p50 {res['ratio_same_bank_over_ours_p50']:.2f}x")
     if "ratio_anchor_over_ours_tta_p50" in res:
         print(f"ratio anomalib default / ours with test-time views: p50 {res['ratio_anchor_over_ours_tta_p50']:.2f}x")
+    if "ratio_anchor_over_shipped_p50" in res:
+        print(f"ratio anomalib default / the state's bank: p50 {res['ratio_anchor_over_shipped_p50']:.2f}x")
     print(json.dumps(res))
 
 

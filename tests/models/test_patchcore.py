@@ -494,6 +494,38 @@ def test_test_time_views_one_view_is_the_plain_path():
     assert torch.allclose(score, patch_max, atol=1e-5)
 
 
+def test_test_time_views_one_search_equals_a_search_per_view():
+    """All views of a few photos go to the nearest-neighbour search at once; the averaged map
+    equals the one from a separate search per view, also for a non-square input (the
+    transposed views have the other grid shape) and a batch larger than ``BATCH_SIZE``."""
+    from models.patchcore.config import AUGMENTATIONS, BATCH_SIZE
+    from models.patchcore.model import _views_forward
+
+    spec = backbone_spec("efficientnet-lite0", (4, 7))
+    m = build_model(spec, sigma=4.0)
+    m.memory_bank = torch.randn(300, 120, generator=torch.Generator().manual_seed(5))
+    rng = np.random.default_rng(7)
+    imgs = [rng.integers(0, 256, (72, 104, 3), dtype=np.uint8) for _ in range(BATCH_SIZE + 1)]
+    mean, std = torch.tensor(spec.mean).view(1, 3, 1, 1), torch.tensor(spec.std).view(1, 3, 1, 1)
+    x = (torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 255.0 - mean) / std
+    views = AUGMENTATIONS["dihedral"]
+    score, pmap, amap, desc = _views_forward(m, x, views, relative=True)
+    back = []
+    with torch.inference_mode():
+        for transpose, k in views:  # one search per view, the whole batch at once
+            v = torch.rot90(x.transpose(2, 3) if transpose else x, k, dims=(2, 3))
+            emb = m.generate_embedding({n: m.feature_pooler(f) for n, f in m.feature_extractor(v).items()})
+            d = m.nearest_neighbors(m.reshape_embedding(emb), 1)[0].reshape(x.shape[0], *emb.shape[-2:])
+            d = torch.rot90(d, -k, dims=(1, 2))
+            back.append(d.transpose(1, 2) if transpose else d)
+    ref = torch.stack(back).mean(0)
+    ref = ref - ref.reshape(x.shape[0], -1).median(1).values.view(-1, 1, 1)
+    assert pmap.shape == ref.shape == (BATCH_SIZE + 1, 9, 13)
+    assert torch.allclose(pmap, ref, atol=1e-4)
+    assert torch.allclose(score, ref.reshape(x.shape[0], -1).amax(1), atol=1e-4)
+    assert amap.shape == (BATCH_SIZE + 1, 72, 104) and desc.shape == (BATCH_SIZE + 1, 40 + 80)
+
+
 @pytest.mark.parametrize("mode", ["flips", "dihedral"])
 def test_test_time_views_are_equivariant(tmp_path, mode):
     """With test-time views of a symmetry group, a mirrored / turned image gets the same score and
