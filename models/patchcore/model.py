@@ -400,6 +400,11 @@ def _forward(model, images, spec: BackboneSpec, size: int | None = None):
     return out, captured[0]
 
 
+#: patches per nearest-neighbour query of :func:`_views_forward` (float32 rows of the embedding:
+#: 32,768 x 120 dims = 15.7 MB; 2 photos x 8 views at 256 px = 16,384 rows)
+SEARCH_ROWS = 32_768
+
+
 def _views_forward(model, x: torch.Tensor, views: Sequence[tuple[bool, int]], relative: bool = False):
     """Test-time symmetry views of a same-shaped batch ``x (B, 3, h, w)``: averaged patch-distance map.
 
@@ -407,8 +412,9 @@ def _views_forward(model, x: torch.Tensor, views: Sequence[tuple[bool, int]], re
     pooling and embedding; faiss gives each patch its nearest memory-bank distance; the
     view's ``(h', w')`` map is turned back to the image's orientation and the views are
     averaged. The photos run ``BATCH_SIZE`` at a time; the patches of all views of those
-    photos go to the search as one query (on 2 cores faiss answers 8 views' patches at once
-    in about a quarter of the time of 8 separate queries: ``bench/bench_inspect.py``). A
+    photos go to the search as one query of up to ``SEARCH_ROWS`` patches (on 2 cores faiss
+    answers 8 views' patches at once in about a quarter of the time of 8 separate queries:
+    ``docs/benchmarks.md``; the cap bounds the memory of large photos). A
     transposed view of a non-square input has the other grid shape; its rows are split off
     by their own shape. Image score: the maximum of the averaged map (Eq. 7 needs one nearest
     bank patch per location, which an average of views does not have). With ``relative`` each
@@ -425,20 +431,26 @@ def _views_forward(model, x: torch.Tensor, views: Sequence[tuple[bool, int]], re
         for start in range(0, b, BATCH_SIZE):  # a few photos at a time: all their views, one search
             xc = x[start:start + BATCH_SIZE]
             bc = xc.shape[0]
-            embs, grids = [], []
+            embs, grids, dists, pending = [], [], [], 0
             for transpose, k in views:
                 v = xc.transpose(2, 3) if transpose else xc
                 v = torch.rot90(v, k, dims=(2, 3))
                 feats = model.feature_extractor(v)
-                if len(embs) == 0:  # the identity view comes first
+                if not grids:  # the identity view comes first
                     descs.append(torch.cat([f.mean(dim=(2, 3)) for f in feats.values()], dim=1))
                 feats = {layer: model.feature_pooler(f) for layer, f in feats.items()}
                 emb = model.generate_embedding(feats)
                 grids.append(tuple(emb.shape[-2:]))
                 embs.append(model.reshape_embedding(emb))
-            # one nearest-neighbour query for every view's patches: a large query block keeps the
+                pending += embs[-1].shape[0]
+                if pending >= SEARCH_ROWS:  # large photos: bounded memory, one query per SEARCH_ROWS patches
+                    dists.append(model.nearest_neighbors(torch.cat(embs), n_neighbors=1)[0])
+                    embs, pending = [], 0
+            # one nearest-neighbour query for the views' patches: a large query block keeps the
             # search's matrix product efficient (bench/bench_inspect.py)
-            dist, _ = model.nearest_neighbors(torch.cat(embs), n_neighbors=1)
+            if embs:
+                dists.append(model.nearest_neighbors(torch.cat(embs), n_neighbors=1)[0])
+            dist = torch.cat(dists)
             back, offset = [], 0
             for (transpose, k), (h, w) in zip(views, grids):
                 m = dist[offset:offset + bc * h * w].reshape(bc, h, w)

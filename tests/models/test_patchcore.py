@@ -494,12 +494,18 @@ def test_test_time_views_one_view_is_the_plain_path():
     assert torch.allclose(score, patch_max, atol=1e-5)
 
 
-def test_test_time_views_one_search_equals_a_search_per_view():
-    """All views of a few photos go to the nearest-neighbour search at once; the averaged map
+@pytest.mark.parametrize("search_rows", [None, 300])
+def test_test_time_views_one_search_equals_a_search_per_view(monkeypatch, search_rows):
+    """All views of a few photos go to the nearest-neighbour search at once (or in queries of
+    ``SEARCH_ROWS`` patches: 300 here splits them after every second view); the averaged map
     equals the one from a separate search per view, also for a non-square input (the
     transposed views have the other grid shape) and a batch larger than ``BATCH_SIZE``."""
+    from models.patchcore import model as pc_model
     from models.patchcore.config import AUGMENTATIONS, BATCH_SIZE
     from models.patchcore.model import _views_forward
+
+    if search_rows:
+        monkeypatch.setattr(pc_model, "SEARCH_ROWS", search_rows)
 
     spec = backbone_spec("efficientnet-lite0", (4, 7))
     m = build_model(spec, sigma=4.0)
