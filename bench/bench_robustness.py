@@ -228,6 +228,11 @@ VARIANTS = {
     "native+acq+b4": {"acq": 1, "center": "b4"},
     # image-relative score (PatchCoreConfig.score_norm "median", shipped): each map minus its own median
     "native+acq+relative": {"acq": 1, "relative": True},
+    # MH-PatchCore (anomalib 2.7 ``mh_patchcore``): the patch embeddings projected by incremental PCA
+    # (99 % of the variance) and whitened with a shrunk covariance (0.07), both fitted on the bank's
+    # embeddings (anomalib's StreamingPCA / CovarianceWhitening); coreset and search in that space
+    "native+acq+relative+mh": {"acq": 1, "relative": True, "whiten": 0.07},
+    "native+acq+relative+mh0.3": {"acq": 1, "relative": True, "whiten": 0.3},
     "native+acq+valbank+center": {"acq": 1, "valbank": True, "center": "mean"},
     # PaDiM (Defard et al. 2021) with one Gaussian shared by all positions (textures are not aligned, so
     # anomalib's per-position Gaussians do not apply): Mahalanobis distance of each patch embedding
@@ -282,6 +287,36 @@ def gauss_maps(embs_train: list, embs: list, views: str) -> list[np.ndarray]:
     return view_averaged_maps(embs, views, mahalanobis)
 
 
+def whitener(embs: list, shrinkage: float, presample: int = 200_000, seed: int = 0):
+    """anomalib's MH-PatchCore projection fitted on the bank embeddings: ``(D, h, w) -> (D', h, w)``."""
+    from anomalib.models.image.mh_patchcore.components import CovarianceWhitening, StreamingPCA
+
+    flat = torch.cat([e.reshape(e.shape[0], -1).T for views in embs for e in views]).float()
+    if flat.shape[0] > presample:
+        flat = flat[torch.randperm(flat.shape[0], generator=torch.Generator().manual_seed(seed))[:presample]]
+    pca, cov = StreamingPCA(variance_ratio=0.99), CovarianceWhitening(shrinkage=shrinkage)
+    for i in range(0, flat.shape[0], 8192):
+        pca.update(flat[i:i + 8192])
+    pca.finalize()
+    proj = pca.transform(flat)
+    for i in range(0, proj.shape[0], 8192):
+        cov.update(proj[i:i + 8192])
+    cov.finalize()
+
+    def apply(per_image: list) -> list:
+        out = []
+        for views in per_image:
+            vv = []
+            for e in views:
+                d, h, w = e.shape
+                z = cov.transform(pca.transform(e.float().reshape(d, -1).T)).float()
+                vv.append(z.T.reshape(-1, h, w).contiguous())
+            out.append(vv)
+        return out
+
+    return apply
+
+
 def centre(embs: list, how: str | None) -> list:
     """Per image and view: subtract the spatial mean feature (``mean``) and divide by the spatial std (``std``)."""
     if not how:
@@ -327,6 +362,12 @@ def run_variant(name: str, product: str, args) -> dict:
         val = fn(embs, split_embeddings(product, "val", tta, size, gray), tta)
         un = fn(embs, split_embeddings(product, "unseen", tta, size, gray), tta)
         t_bank = time.perf_counter() - t0
+    elif v.get("whiten") is not None:
+        wt = whitener(embs, float(v["whiten"]))
+        bank = bank_from(wt(embs), args.ratio, args.presample)
+        t_bank = time.perf_counter() - t0
+        val = score_maps(bank, wt(split_embeddings(product, "val", tta, size, gray)), tta)
+        un = score_maps(bank, wt(split_embeddings(product, "unseen", tta, size, gray)), tta)
     else:
         bank = bank_from(centre(embs, how), args.ratio, args.presample)
         t_bank = time.perf_counter() - t0
