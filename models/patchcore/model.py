@@ -431,7 +431,7 @@ def _views_forward(model, x: torch.Tensor, views: Sequence[tuple[bool, int]], re
         for start in range(0, b, BATCH_SIZE):  # a few photos at a time: all their views, one search
             xc = x[start:start + BATCH_SIZE]
             bc = xc.shape[0]
-            embs, grids, dists, pending = [], [], [], 0
+            embs, grids, dists = [], [], []
             for transpose, k in views:
                 v = xc.transpose(2, 3) if transpose else xc
                 v = torch.rot90(v, k, dims=(2, 3))
@@ -442,14 +442,10 @@ def _views_forward(model, x: torch.Tensor, views: Sequence[tuple[bool, int]], re
                 emb = model.generate_embedding(feats)
                 grids.append(tuple(emb.shape[-2:]))
                 embs.append(model.reshape_embedding(emb))
-                pending += embs[-1].shape[0]
-                if pending >= SEARCH_ROWS:  # large photos: bounded memory, one query per SEARCH_ROWS patches
+                last = len(grids) == len(views)
+                if last or sum(e.shape[0] for e in embs) >= SEARCH_ROWS:  # one query per SEARCH_ROWS patches
                     dists.append(model.nearest_neighbors(torch.cat(embs), n_neighbors=1)[0])
-                    embs, pending = [], 0
-            # one nearest-neighbour query for the views' patches: a large query block keeps the
-            # search's matrix product efficient (bench/bench_inspect.py)
-            if embs:
-                dists.append(model.nearest_neighbors(torch.cat(embs), n_neighbors=1)[0])
+                    embs = []
             dist = torch.cat(dists)
             back, offset = [], 0
             for (transpose, k), (h, w) in zip(views, grids):
