@@ -12,17 +12,37 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 PY=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 
+# llama-cpp-python is source-only on PyPI. pip's own wheel cache keys a compiled wheel by the sdist alone,
+# so a wheel compiled on another machine with -march=native (AVX-512, AMX) is reused on a CPU or VM that
+# cannot run it, and the first decode dies with "Illegal instruction" (seen 2026-11-28). So it is
+# compiled here without -march=native, for AVX2 (any x86-64 CPU since 2015), into a folder of our own
+# keyed by these flags, and installed from there; pip's cache is not used for it.
+LLAMA_CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"
+LLAMA_WHEELS="${DRA_WHEEL_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/dra-wheels}/$(echo "$LLAMA_CMAKE_ARGS" | sha256sum | cut -c1-12)"
+
+install_llama_cpp() {
+  local pin
+  pin=$(grep -E '^llama-cpp-python==' requirements-offline.txt)
+  if ! ls "$LLAMA_WHEELS"/llama_cpp_python-"${pin#*==}"-*.whl >/dev/null 2>&1; then
+    echo "[setup] compiling $pin for AVX2 (about 8 minutes on 2 cores, once per machine)" >&2
+    mkdir -p "$LLAMA_WHEELS"
+    CMAKE_ARGS="$LLAMA_CMAKE_ARGS" "$VENV/bin/python" -m pip wheel -q --no-deps --no-cache-dir "$pin" -w "$LLAMA_WHEELS"
+  fi
+  "$VENV/bin/python" -m pip install -q --no-deps --force-reinstall --no-index --find-links "$LLAMA_WHEELS" "$pin"
+}
+
 setup_python() {
   if [ ! -x "$VENV/bin/python" ]; then
     echo "[setup] creating $VENV" >&2
     "$PY" -m venv "$VENV"
   fi
   local want stamp="$VENV/.requirements.sha256"
-  want=$(cat requirements.txt requirements-offline.txt requirements-dev.txt | sha256sum | cut -d' ' -f1)
+  want=$( (cat requirements.txt requirements-offline.txt requirements-dev.txt; echo "$LLAMA_CMAKE_ARGS") | sha256sum | cut -d' ' -f1)
   if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "[setup] installing pinned requirements (first time: several minutes; llama-cpp-python compiles)" >&2
     "$VENV/bin/python" -m pip install -q --upgrade pip
     "$VENV/bin/python" -m pip install -q -r requirements.txt -r requirements-dev.txt
+    install_llama_cpp
     "$VENV/bin/python" -m pip install -q --no-deps -r requirements-offline.txt
     echo "$want" > "$stamp"
   fi
