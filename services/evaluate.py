@@ -18,12 +18,15 @@ from pathlib import Path
 
 import numpy as np
 
+from core.catalog import UnknownProductError
 from core.imageio import load_rgb
+from core.types import SearchHit
 from data.build import load_manifest
 from models.patchcore.calibration import binary_metrics
 from services.container import Services
+from services.inspect import inspect_image
 from services.lock import MODEL_LOCK
-from services.search import TYPE_CONFIDENT, type_confidence
+from services.search import TYPE_CONFIDENT, type_confidence, vote_defect_type
 
 #: evaluation splits of the sample data (manifest ``split`` values)
 SPLITS = ("val", "unseen")
@@ -152,7 +155,14 @@ def evaluate_retrieval(services: Services, data_dir: Path | None = None, k: int 
     Returns:
         ``{"split", "recall_at_1", "recall_at_5", "mrr_at_10", "product_accuracy", "n_queries",
         "per_product": {p: {...}}, "recall_at_1_per_type", "type_confidence": {"threshold",
-        "confident_share", "accuracy_confident", "accuracy_uncertain", "n"}, "ms_per_query", "model"}``
+        "confident_share", "accuracy_confident", "accuracy_uncertain", "n"}, "voted_type_accuracy",
+        "flagged": {"n", "share", "recall_at_1", "voted_type_accuracy", "per_product": {p: {"n",
+        "recall_at_1", "voted_type_accuracy"}}}, "ms_per_query", "model"}``.
+        ``voted_type_accuracy``: the share of queries whose score-weighted vote over the top
+        ``Settings.search_k`` hits (:func:`services.search.vote_defect_type`, the type the agent
+        states) is right. ``flagged``: the queries that anomaly scoring flags as a user's photo is
+        scored (product inferred, calibrated threshold); the agent states a type only for those.
+        ``ms_per_query``: the search alone.
 
     Raises:
         ValueError: unknown split or no defects of the split in the manifest.
@@ -164,18 +174,24 @@ def evaluate_retrieval(services: Services, data_dir: Path | None = None, k: int 
     queries = [it for it in manifest["items"] if it["split"] == split and it["label"] == "defect"]
     if not queries:
         raise ValueError(f"the manifest has no {split} defects to evaluate with (rebuild: python cli.py build)")
-    rows, calls = [], []
-    t0 = time.perf_counter()
+    rows, calls, flags = [], [], []
+    search_s = 0.0
     for q in queries:
+        rgb = load_rgb(data_dir / q["image"])
+        t0 = time.perf_counter()
         with MODEL_LOCK.shared():
-            hits, probs = index.search_with_types(load_rgb(data_dir / q["image"]), k=k)
+            hits, probs = index.search_with_types(rgb, k=k)
+        search_s += time.perf_counter() - t0
         if probs:
             best = max(probs, key=probs.get)
             calls.append((type_confidence(probs, best)["confident"], best == q["defect_type"]))
         types = [h["defect_type"] for h in hits]
         rank = next((i + 1 for i, t in enumerate(types) if t == q["defect_type"]), None)
-        rows.append((q["product"], q["defect_type"], rank, bool(hits) and hits[0]["product"] == q["product"]))
-    ms = (time.perf_counter() - t0) * 1000.0 / len(queries)
+        voted, _ = vote_defect_type([SearchHit.from_row(h) for h in hits[:services.settings.search_k]])
+        rows.append((q["product"], q["defect_type"], rank, bool(hits) and hits[0]["product"] == q["product"],
+                     voted == q["defect_type"]))
+        flags.append(_flagged(services, rgb))
+    ms = search_s * 1000.0 / len(queries)
 
     def summary(sel: list[tuple]) -> dict:
         n = len(sel)
@@ -197,9 +213,33 @@ def evaluate_retrieval(services: Services, data_dir: Path | None = None, k: int 
                               "accuracy_confident": _acc([c for c in calls if c[0]]),
                               "accuracy_uncertain": _acc([c for c in calls if not c[0]])}
     out["ms_per_query"] = round(ms, 1)
+    # what a user is told: the agent names a defect type only for a photo that anomaly scoring flags
+    known = [(f, r) for f, r in zip(flags, rows) if f is not None]
+    flagged = [r for f, r in known if f]
+    out["flagged"] = {"n": len(flagged), "share": round(len(flagged) / len(known), 3) if known else None,
+                      "recall_at_1": _share([r[2] == 1 for r in flagged]),
+                      "voted_type_accuracy": _share([r[4] for r in flagged]),
+                      "per_product": {p: {"n": sum(r[0] == p for r in flagged),
+                                          "recall_at_1": _share([r[2] == 1 for r in flagged if r[0] == p]),
+                                          "voted_type_accuracy": _share([r[4] for r in flagged if r[0] == p])}
+                                      for p in sorted({r[0] for r in rows})}}
+    out["voted_type_accuracy"] = _share([r[4] for r in rows])
     out.update(evaluate_text(services))
     out["model"] = index.model
     return out
+
+def _share(flags: list[bool]) -> float | None:
+    return round(sum(flags) / len(flags), 3) if flags else None
+
+
+def _flagged(services: Services, rgb: np.ndarray) -> bool | None:
+    """Whether anomaly scoring flags the photo as the user path does (product inferred, calibrated
+    threshold); None when the inferred product has no fitted bank."""
+    try:
+        return bool(inspect_image(services, rgb, None, artifacts=False).is_anomalous)
+    except UnknownProductError:
+        return None
+
 
 def evaluate_text(services: Services, k: int = 5) -> dict:
     """Text -> image Recall@k for template queries, per defect type.

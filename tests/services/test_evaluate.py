@@ -110,3 +110,9 @@ def test_retrieval_on_the_unseen_split(services):
     assert out["split"] == "unseen" and out["n_queries"] == 3 * 5 * 12
     assert out["product_accuracy"] >= 0.9
     assert out["recall_at_1"] > 0.2  # well above chance (0.2); the measured value is in docs/benchmarks.md
+    # the subset the agent states a type for: photos anomaly scoring flags (most brick defects, few of the others)
+    flagged = out["flagged"]
+    assert 0 < flagged["n"] < out["n_queries"] and flagged["share"] == round(flagged["n"] / out["n_queries"], 3)
+    assert sum(p["n"] for p in flagged["per_product"].values()) == flagged["n"]
+    assert flagged["per_product"]["brick"]["n"] > flagged["per_product"]["grass"]["n"]
+    assert 0.0 <= flagged["recall_at_1"] <= 1.0 and 0.0 <= out["voted_type_accuracy"] <= 1.0
