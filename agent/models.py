@@ -101,8 +101,13 @@ class ChatGrammar:
 
 
 def looping(text: str, tail: int = 48, times: int = 3) -> bool:
-    """True when the last ``tail`` characters of ``text`` occur ``times`` times in it (a decoding loop)."""
-    if len(text) < tail * times:
+    """True when the last ``tail`` characters of ``text`` occur ``times`` times in it (a decoding loop).
+
+    A tool-call list (``text`` starts with ``[``) is never a loop: :class:`ChatGrammar` bounds it to
+    ``max_calls`` items, and :func:`parse_call_list` runs a call repeated in it once. (Cutting it made
+    a list of three identical calls an incomplete one and the turn fell back, seen in ``eval chat``.)
+    """
+    if text.lstrip().startswith("[") or len(text) < tail * times:
         return False
     return text.count(text[-tail:]) >= times
 
@@ -462,7 +467,7 @@ class LlamaCppModel(Model):
                         while "\n" in line:
                             done, line = line.split("\n", 1)
                             key = " ".join(done.split())
-                            if len(key) > 12 and key in seen_lines:
+                            if len(key) > 12 and key in seen_lines and not written.lstrip().startswith("["):
                                 finish = "repetition"
                                 stop_flag.set()
                             seen_lines.add(key)

@@ -134,3 +134,26 @@ def test_truncated_tool_call_raises(smol):
 
     with pytest.raises(ToolCallTruncated, match="max_tokens=3"):
         smol.generate(_msgs("Count the words of 'a b c'."), tools_to_call_from=[WordCountTool()], max_tokens=3)
+
+
+class _ThreeSameCalls:
+    """A chat grammar whose only sentence is a list of the same call three times (what a small model wrote
+    in ``eval chat`` when the grammar allowed up to three calls)."""
+
+    tools = [WordCountTool()]
+
+    def gbnf(self) -> str:
+        return ('root ::= "[" call ", " call ", " call "]"\n'
+                'call ::= "{\\"name\\": \\"word_count\\", \\"arguments\\": {\\"text\\": \\"one two three\\"}}"\n')
+
+
+def test_a_call_list_repeating_one_call_is_not_cut_as_a_loop(smol):
+    """The decoding-loop guard stopped such a list after its second call: incomplete JSON, so the turn fell back.
+    The list is bounded by the grammar; the repeated call runs once."""
+    deltas = list(smol.generate_stream(_msgs("Count the words of 'one two three'."), chat_grammar=_ThreeSameCalls(),
+                                       max_tokens=120))
+    text = "".join(d.content or "" for d in deltas)
+    assert text.count('"word_count"') == 3, text
+    calls = [c for d in deltas for c in (d.tool_calls or [])]
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [
+        ("word_count", {"text": "one two three"})]
