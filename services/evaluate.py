@@ -205,18 +205,15 @@ def evaluate_retrieval(services: Services, data_dir: Path | None = None, k: int 
     out["recall_at_1_per_type"] = {t: float(np.mean([r[2] == 1 for r in rows if r[1] == t]))
                                    for t in sorted({r[1] for r in rows})}
 
-    def _acc(sel: list[tuple]) -> float | None:
-        return round(sum(ok for _, ok in sel) / len(sel), 3) if sel else None
-
     out["type_confidence"] = {"threshold": TYPE_CONFIDENT, "n": len(calls),
-                              "confident_share": round(sum(c for c, _ in calls) / len(calls), 3) if calls else None,
-                              "accuracy_confident": _acc([c for c in calls if c[0]]),
-                              "accuracy_uncertain": _acc([c for c in calls if not c[0]])}
+                              "confident_share": _share([c for c, _ in calls]),
+                              "accuracy_confident": _share([ok for confident, ok in calls if confident]),
+                              "accuracy_uncertain": _share([ok for confident, ok in calls if not confident])}
     out["ms_per_query"] = round(ms, 1)
     # what a user is told: the agent names a defect type only for a photo that anomaly scoring flags
     known = [(f, r) for f, r in zip(flags, rows) if f is not None]
     flagged = [r for f, r in known if f]
-    out["flagged"] = {"n": len(flagged), "share": round(len(flagged) / len(known), 3) if known else None,
+    out["flagged"] = {"n": len(flagged), "share": _share([f for f, _ in known]),
                       "recall_at_1": _share([r[2] == 1 for r in flagged]),
                       "voted_type_accuracy": _share([r[4] for r in flagged]),
                       "per_product": {p: {"n": sum(r[0] == p for r in flagged),
@@ -228,7 +225,9 @@ def evaluate_retrieval(services: Services, data_dir: Path | None = None, k: int 
     out["model"] = index.model
     return out
 
+
 def _share(flags: list[bool]) -> float | None:
+    """Share of true values, rounded to 3 places; None for an empty list."""
     return round(sum(flags) / len(flags), 3) if flags else None
 
 
