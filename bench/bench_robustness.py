@@ -147,7 +147,9 @@ def bank_from(embs: list, n_select_ratio: float, presample: int | None, seed: in
 
 def score_maps(bank: torch.Tensor, embs: list, views: str) -> list[np.ndarray]:
     """Patch-distance map per image, averaged over the test-time views (float32 ``(h, w)``)."""
-    import faiss
+    from core.blas import import_faiss
+
+    faiss = import_faiss()
 
     index = faiss.IndexFlatL2(bank.shape[1])
     index.add(np.ascontiguousarray(bank.numpy()))

@@ -50,7 +50,9 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=5)
     args = ap.parse_args()
 
-    import faiss
+    from core.blas import import_faiss
+
+    faiss = import_faiss()
 
     from data.build import load_manifest
     from models.embedders import get_image_embedder

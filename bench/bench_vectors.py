@@ -51,12 +51,14 @@ from core.settings import apply_runtime_env  # noqa: E402
 
 apply_runtime_env()  # before torch / faiss / transformers load
 
-import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 
+from core.blas import import_faiss  # noqa: E402
 from stores.vector_store import (HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, HNSW_M, REFINE_FACTOR,  # noqa: E402
                                  FaissVectorStore, MilvusVectorStore)
+
+faiss = import_faiss()
 
 DEFAULT_DIM = 512 + 8  # core.settings image_global_dim + image_index.DEFECT_DIM
 

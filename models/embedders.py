@@ -36,6 +36,7 @@ from typing import Callable, Protocol, runtime_checkable
 
 import numpy as np
 
+from core.blas import import_faiss
 from core.profiles import require_available
 from core.settings import get_settings
 from models.backbones import load_lite0, to_tensor
@@ -130,7 +131,7 @@ class Lite0Embedder:
 @lru_cache(maxsize=8)
 def _random_rotation(d_in: int, d_out: int, seed: int):
     """Cached ``faiss.RandomRotationMatrix(d_in, d_out)`` initialised with ``seed`` (orthonormal rows)."""
-    import faiss
+    faiss = import_faiss()
 
     rot = faiss.RandomRotationMatrix(d_in, d_out)
     rot.init(seed)

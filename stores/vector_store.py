@@ -33,10 +33,12 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Iterable, Mapping
 
-import faiss
 import numpy as np
 
+from core.blas import import_faiss
 from stores.atomic import atomic_write_bytes
+
+faiss = import_faiss()
 
 # Exact search below this many items, HNSW from it on. Chosen with bench/bench_vectors.py
 # at d = 2568 and kept at the image vector's 520 (exact ~6 ms at 50k, HNSW build ~20 s on

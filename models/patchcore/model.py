@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F  # noqa: N812
 
+from core.blas import import_faiss
 from core.imageio import load_rgb
 from core.profiles import require_available
 from core.types import InspectionResult
@@ -91,8 +92,9 @@ def backbone_spec(name: str, blocks: Sequence[int] | None = None) -> BackboneSpe
 @lru_cache(maxsize=1)
 def faiss_patchcore_class() -> type:
     """The :class:`FaissPatchcoreModel` class (built lazily: importing anomalib takes seconds)."""
-    import faiss
     from anomalib.models.image.patchcore.torch_model import PatchcoreModel
+
+    faiss = import_faiss()
 
     class FaissPatchcoreModel(PatchcoreModel):
         """anomalib 2.7's ``PatchcoreModel`` with nearest-neighbour search by faiss.

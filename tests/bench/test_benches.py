@@ -54,3 +54,20 @@ def test_bench_bank_scale_small():
         assert r["peak_rss_mb"] > 0 and r["full_distance_matrix_gb"] >= 0
     assert rows[1]["patches"] == 2 * rows[0]["patches"]
     assert "full NxN matrix would be" in text
+
+
+@pytest.mark.slow
+def test_bench_openblas_small(built_state):
+    """Both variants run in their own process; ours runs the kernels the CPU flags name."""
+    from core.blas import cpu_flags, openblas_coretype
+
+    res, text = _run("bench_openblas.py", "--small", "--state", str(built_state))
+    assert res["n"] == 3 and res["rounds"] == 1
+    for variant in ("library", "ours"):
+        r = res[variant]
+        assert len(r["kernels"]) == 1 and r["bank"][1] > 0
+        assert r["search_p95"] >= r["search_p50"] > 0 and r["inspect_p95"] >= r["inspect_p50"] > 0
+    expected = openblas_coretype(cpu_flags())
+    if expected is not None:
+        assert res["ours"]["kernels"][0].lower() == expected.lower()
+    assert "ratio library / ours" in text

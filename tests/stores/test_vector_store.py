@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import faiss
 import numpy as np
 import pytest
 
+from core.blas import import_faiss
 from stores.vector_store import FaissVectorStore, MilvusVectorStore
+
+faiss = import_faiss()
 
 FIELDS = {"image": 32, "caption": 16}
 PRODUCTS = ("brick", "gravel", "grass")
