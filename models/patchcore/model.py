@@ -331,6 +331,7 @@ def config_from_meta(meta: dict) -> PatchCoreConfig:
                            coreset_ratio=float(meta["coreset_ratio"]), augment=meta.get("augment", "none"),
                            sigma=float(meta.get("sigma", DEFAULT_SIGMA)),
                            reweight=bool(meta.get("reweight", True)), tta=meta.get("tta", "none"),
+                           fold_bank=int(meta.get("fold_bank", MAX_FOLD_BANK)),
                            score_norm=str(meta.get("score_norm", "none")))
 
 
@@ -605,7 +606,7 @@ class PatchCore:
                 None: the legacy rule (:func:`models.patchcore.calibration.calibrate_threshold`).
             cross_fit: two-fold calibration: the memory bank is bank A (``train_images`` +
                 ``bank_extra``) and bank B (``val_normal``), each a coreset of at most
-                ``MAX_FOLD_BANK`` patches, so the bank covers every normal given; the threshold comes
+                ``cfg.fold_bank`` patches, so the bank covers every normal given; the threshold comes
                 from out-of-fold scores only: bank A on ``val_normal``, bank B on as many of
                 ``train_images + bank_extra``. Without it the bank is bank A and the calibration
                 normals are scored by it.
@@ -646,7 +647,7 @@ class PatchCore:
         model = new_model(spec, cfg, rt, guard)
         n = len(train_images)
         t_core = time.perf_counter()
-        cap = MAX_FOLD_BANK if cross_fit else None
+        cap = cfg.fold_bank if cross_fit else None
         bank_a, n_a, descs, cand_a = _coreset_bank(model, train_images + extra, n, cfg, spec, cap,
                                                    lambda f, m: report((0.45 if cross_fit else 0.75) * f, m))
         folds = [bank_a]
@@ -732,6 +733,7 @@ class PatchCore:
             "sigma": cfg.sigma,
             "reweight": cfg.reweight,
             "tta": cfg.tta,
+            "fold_bank": cfg.fold_bank,
             "score_norm": cfg.score_norm,
             "tta_views": views,
             "symmetry": symmetry,

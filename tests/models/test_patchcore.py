@@ -623,6 +623,29 @@ def test_config_resolution(tmp_path, monkeypatch):
         PatchCoreStore(Settings.from_env(state_dir=tmp_path), augment="sideways")
 
 
+def test_fold_bank_caps_each_calibration_fold(tmp_path):
+    """With cross-fitted calibration each fold's coreset keeps at most ``fold_bank`` patches; the bank holds
+    both folds and meta.json records the cap (gravel's 800 keeps its 8 test-time views' search small)."""
+    import models.patchcore.config as pc
+    from models.patchcore.model import config_from_meta
+
+    assert pc.PRODUCT_CONFIGS["gravel"].fold_bank == 800 and DEFAULT_CONFIG.fold_bank == pc.MAX_FOLD_BANK
+    settings = Settings.from_env(state_dir=tmp_path, patchcore_cross_fit=True, patchcore_acquisition_copies=0,
+                                 patchcore_calibration_copies=0)
+    store = PatchCoreStore(settings, image_size=64, coreset_ratio=0.5, augment="none", fold_bank=10)
+    info = store.fit("brick", _crops(3, seed=121, size=64), _crops(2, seed=122, size=64))
+    meta = store.meta("brick")
+    assert info["bank_size"] == meta["bank_size"] == 20  # 3 x 64 and 2 x 64 patches x 0.5, each capped at 10
+    assert meta["fold_bank"] == 10 and config_from_meta(meta).fold_bank == 10
+    uncapped = PatchCoreStore(Settings.from_env(state_dir=tmp_path / "u", patchcore_cross_fit=True,
+                                                patchcore_acquisition_copies=0, patchcore_calibration_copies=0),
+                              image_size=64, coreset_ratio=0.05, augment="none")
+    assert uncapped.fit("brick", _crops(3, seed=121, size=64), _crops(2, seed=122, size=64))["bank_size"] == 15  # 9 + 6
+    legacy = dict(meta)
+    legacy.pop("fold_bank")
+    assert config_from_meta(legacy).fold_bank == pc.MAX_FOLD_BANK
+
+
 def test_relative_score_is_the_distance_above_the_photos_median(tmp_path):
     """score_norm "median" (the default): each photo's patch map minus its own median patch distance;
     banks fitted before the setting (no ``score_norm`` in meta.json) keep the plain distance."""
