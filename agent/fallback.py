@@ -24,6 +24,7 @@ from typing import Any
 
 from agent.answers import expand_labels, heading, location_lines, manual_head, sources_section, summary_line
 from agent.types import AgentStep
+from core.reasons import localize_reason
 from tools.manual_retrieval import asked_sections, named_defects
 from tools.similar_defects import confidence_phrase
 
@@ -152,7 +153,7 @@ def _items(text: str, limit: int = 3) -> list[str]:
 
 def _note(reason: str, lang: str) -> str:
     if lang == "ko":
-        return f"> 결정론적 대체 경로가 작성한 답변입니다 (언어 모델 없이): {reason}"
+        return f"> 결정론적 대체 경로가 작성한 답변입니다 (언어 모델 없이): {localize_reason(reason, lang, 300)}"
     return f"> Written by the deterministic fallback (no language model): {reason}"
 
 

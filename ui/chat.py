@@ -39,6 +39,7 @@ from agent.types import AgentResult, AgentStep, AnswerDelta, ToolStarted
 from core.catalog import defect_types, products
 from core.errors import InputError
 from core.imageio import InvalidImageError
+from core.reasons import localize_reason
 from core.settings import get_settings
 from services.container import get_services
 from services.gallery import register_defect
@@ -260,7 +261,7 @@ def warnings_for(result: AgentResult, ctx, lang: str) -> list[str]:
     if ctx.product_source == "inferred" and conf is not None and conf < LOW_CONFIDENCE:
         out.append(t("chat.low_conf", lang, conf=f"{conf:.0%}", product=ctx.product))
     if result.fallback:
-        out.append(t("chat.fallback", lang, reason=(result.fallback_reason or "")[:200]))
+        out.append(t("chat.fallback", lang, reason=localize_reason(result.fallback_reason, lang)))
     return out
 
 

@@ -93,3 +93,11 @@ def test_an_uncertain_defect_type_is_said_in_the_summary(lang):
     assert "불확실" not in defect_part() and "uncertain" not in defect_part() and "%" not in defect_part()
     ctx.search.pop("type_confidence")  # no metric (e.g. a product without one): no claim either way
     assert "%" not in defect_part()
+
+
+def test_korean_fallback_note_says_why_in_korean():
+    """The note's reason starts in Korean; the English diagnostic follows as details."""
+    answer = write_answer(_ctx("offtopic", "주식 추천해 줘"), "offtopic",
+                          "the model's answer failed the checks after one retry: language")
+    first = answer.splitlines()[0]
+    assert "검사를 통과하지 못했습니다" in first and first.index("검사") < first.index("the model")
