@@ -145,8 +145,9 @@ def bank_from(embs: list, n_select_ratio: float, presample: int | None, seed: in
     return flat[torch.as_tensor(picks)].contiguous()
 
 
-def score_maps(bank: torch.Tensor, embs: list, views: str) -> list[np.ndarray]:
-    """Patch-distance map per image, averaged over the test-time views (float32 ``(h, w)``)."""
+def score_maps(bank: torch.Tensor, embs: list, views: str, knn: int = 1) -> list[np.ndarray]:
+    """Patch-distance map per image, averaged over the test-time views (float32 ``(h, w)``); with ``knn`` > 1
+    each patch's distance is the mean over its ``knn`` nearest bank patches."""
     from core.blas import import_faiss
 
     faiss = import_faiss()
@@ -159,8 +160,8 @@ def score_maps(bank: torch.Tensor, embs: list, views: str) -> list[np.ndarray]:
         for (transpose, k), e in zip(AUGMENTATIONS[views], per_view):
             d, h, w = e.shape
             q = np.ascontiguousarray(e.float().reshape(d, -1).T.numpy())
-            d2, _ = index.search(q, 1)
-            m = torch.from_numpy(np.sqrt(np.maximum(d2[:, 0], 0))).reshape(h, w)
+            d2, _ = index.search(q, knn)
+            m = torch.from_numpy(np.sqrt(np.maximum(d2, 0)).mean(axis=1)).reshape(h, w)
             m = torch.rot90(m, -k, dims=(0, 1))
             m = m.T if transpose else m
             acc = m if acc is None else acc + m
@@ -230,6 +231,10 @@ VARIANTS = {
     "native+acq+b4": {"acq": 1, "center": "b4"},
     # image-relative score (PatchCoreConfig.score_norm "median", shipped): each map minus its own median
     "native+acq+relative": {"acq": 1, "relative": True},
+    # the same with each patch scored by the mean distance to its k nearest bank patches (a smoother
+    # nearest-neighbour estimate on stochastic textures; PatchCore itself uses k = 1)
+    "native+acq+relative+knn3": {"acq": 1, "relative": True, "knn": 3},
+    "native+acq+relative+knn9": {"acq": 1, "relative": True, "knn": 9},
     # MH-PatchCore (anomalib 2.7 ``mh_patchcore``): the patch embeddings projected by incremental PCA
     # (99 % of the variance) and whitened with a shrunk covariance (0.07), both fitted on the bank's
     # embeddings (anomalib's StreamingPCA / CovarianceWhitening); coreset and search in that space
@@ -373,8 +378,9 @@ def run_variant(name: str, product: str, args) -> dict:
     else:
         bank = bank_from(centre(embs, how), args.ratio, args.presample)
         t_bank = time.perf_counter() - t0
-        val = score_maps(bank, centre(split_embeddings(product, "val", tta, size, gray), how), tta)
-        un = score_maps(bank, centre(split_embeddings(product, "unseen", tta, size, gray), how), tta)
+        knn = int(v.get("knn", 1))
+        val = score_maps(bank, centre(split_embeddings(product, "val", tta, size, gray), how), tta, knn)
+        un = score_maps(bank, centre(split_embeddings(product, "unseen", tta, size, gray), how), tta, knn)
     if v.get("relative"):
         val, un = [m - np.median(m) for m in val], [m - np.median(m) for m in un]
     normal_val = np.array([float(m.max()) for m, it in zip(val, val_its) if it["label"] == "good"])
