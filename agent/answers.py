@@ -99,16 +99,7 @@ def summary_line(ctx: Any, lang: str = "en") -> str:
              (f"결함 유형: **{_defect_name(defect, lang)}**{vote_note}." if ko
               else f"Defect type: **{_defect_name(defect, lang)}**{vote_note}.")]
     if insp:
-        score, thr = float(insp["score"]), float(insp["threshold"])
-        if insp.get("is_anomalous"):
-            parts.append(f"판정: **이상 (ANOMALOUS)**: 이상 점수 {score:.2f}가 임계값 {thr:.2f}보다 높습니다." if ko
-                         else f"Verdict: **ANOMALOUS**: anomaly score {score:.2f} is above the threshold {thr:.2f}.")
-        else:
-            parts.append(f"판정: **정상 (NORMAL)**: 이상 점수 {score:.2f}가 임계값 {thr:.2f}보다 낮습니다." if ko
-                         else f"Verdict: **NORMAL**: anomaly score {score:.2f} is below the threshold {thr:.2f}.")
-        note = uncertainty_note(insp, lang)
-        if note:
-            parts.append(note)
+        parts.append(verdict_sentence(insp, lang))
     else:
         parts.append("판정: 알 수 없음 (이상 점수 계산 실패)." if ko else "Verdict: unknown (anomaly scoring failed).")
     return " ".join(parts)
@@ -174,6 +165,37 @@ def sources_section(cited: list[tuple[str, int]], lang: str = "en") -> str:
     return "\n".join([heading("Sources", lang), *lines]) + "\n"
 
 
+def verdict_head(ctx: Any, lang: str = "en") -> str:
+    """The code-written verdict that starts a text answer about a photo sent with this message.
+
+    A photo scored NORMAL (or a verdict question) gets a short answer rather than a response manual;
+    its facts - verdict, anomaly score against the calibrated threshold, an uncertain margin - come from
+    the inspection record, not from the model's wording. Empty when no photo came with this message
+    or it was not scored.
+
+    Returns:
+        ``"<verdict sentence>[ <uncertainty note>]\n\n"`` or ``""``.
+    """
+    insp = getattr(ctx, "inspection", None) or {}
+    if not getattr(ctx, "new_photo", False) or "score" not in insp or "threshold" not in insp:
+        return ""
+    return verdict_sentence(insp, lang) + "\n\n"
+
+
+def verdict_sentence(insp: dict, lang: str = "en") -> str:
+    """``Verdict: **NORMAL** / **ANOMALOUS**: anomaly score S is below / above the threshold T.`` (or Korean),
+    followed by :func:`uncertainty_note` when the margin is inside the uncertain band."""
+    score, thr = float(insp["score"]), float(insp["threshold"])
+    ko = lang == "ko"
+    if insp.get("is_anomalous"):
+        line = (f"판정: **이상 (ANOMALOUS)**: 이상 점수 {score:.2f}가 임계값 {thr:.2f}보다 높습니다." if ko
+                else f"Verdict: **ANOMALOUS**: anomaly score {score:.2f} is above the threshold {thr:.2f}.")
+    else:
+        line = (f"판정: **정상 (NORMAL)**: 이상 점수 {score:.2f}가 임계값 {thr:.2f}보다 낮습니다." if ko
+                else f"Verdict: **NORMAL**: anomaly score {score:.2f} is below the threshold {thr:.2f}.")
+    return f"{line} {uncertainty_note(insp, lang)}".strip()
+
+
 def render_answer(raw: str, ctx: Any, form: str, final: bool = True) -> str:
     """The answer shown to the user from what the model wrote.
 
@@ -186,7 +208,7 @@ def render_answer(raw: str, ctx: Any, form: str, final: bool = True) -> str:
     lang = getattr(ctx, "lang", "en")
     body = expand_labels(raw, ctx)
     if form != "manual":
-        return body.strip() + ("\n" if final else "")
+        return verdict_head(ctx, lang) + body.strip() + ("\n" if final else "")
     text = manual_head(ctx, lang) + localize_headings(body.rstrip("\n"), lang)
     if final:
         text = text.rstrip("\n") + "\n\n" + sources_section(find_citations(body), lang)
