@@ -56,7 +56,7 @@ def child(variant: str, product: str, n: int, state: str) -> dict:
 
     svc = Services(Settings.from_env(state_dir=Path(state)))
     bank = svc.banks.get(product)
-    memory = np.ascontiguousarray(np.load(Path(state) / "banks" / product / "memory_bank.npy").astype("float32"))
+    memory = np.ascontiguousarray(bank.memory_bank.float().numpy())
     index = faiss.IndexFlatL2(memory.shape[1])
     index.add(memory)
     query = np.random.default_rng(0).standard_normal((8192, memory.shape[1])).astype("float32")

@@ -80,18 +80,13 @@ def import_faiss() -> ModuleType:
     Returns:
         the ``faiss`` module.
     """
-    if "faiss" in sys.modules or os.environ.get("OPENBLAS_CORETYPE"):
-        import faiss
-
-        return faiss
-    core = openblas_coretype(cpu_flags())
-    if core is None:
-        import faiss
-
-        return faiss
-    os.environ["OPENBLAS_CORETYPE"] = core
+    leave = "faiss" in sys.modules or os.environ.get("OPENBLAS_CORETYPE")
+    core = None if leave else openblas_coretype(cpu_flags())
+    if core:
+        os.environ["OPENBLAS_CORETYPE"] = core
     try:
         import faiss
     finally:
-        os.environ.pop("OPENBLAS_CORETYPE", None)
+        if core:
+            os.environ.pop("OPENBLAS_CORETYPE", None)
     return faiss
