@@ -8,6 +8,10 @@ keeps a small model safe:
   already ran on this photo in this turn is not offered again, manual retrieval at most twice
   per turn; arguments narrowed to what cannot be guessed wrong (product and defect-type enums,
   a one-line query, the configured ``k``);
+* **no manual for a normal part**: once this conversation's photo scored NORMAL outside the uncertain
+  band, manual retrieval is offered only if the message asks about the manual (:func:`asks_manual`:
+  it names a defect type, a manual section or the manual itself): a good part needs no response
+  manual, and a retrieval step costs the small model about a third of the turn;
 * **one rule before the first step**: a newly attached photo is looked at before it is answered
   (the first reply must be a call of the tools that use the photo: scoring, similar-defect
   search, or a registration the user asked for);
@@ -117,6 +121,22 @@ def classify(question: str | None, *, has_photo: bool, new_photo: bool, has_hist
     return "offtopic"
 
 
+_MANUAL_WORDS = re.compile(r"cause|action|prevent|avoid|procedure|manual|repair|원인|조치|예방|방지|매뉴얼|절차|수리")
+
+
+def asks_manual(question: str | None) -> bool:
+    """Whether a message asks about the manuals: it names a defect type (:func:`named_defects`), a manual
+    section (cause, action, prevention, in English or Korean) or the manual or a procedure itself."""
+    q = (question or "").lower()
+    return bool(named_defects(q)) or bool(_MANUAL_WORDS.search(q))
+
+
+def scored_normal(ctx) -> bool:
+    """Whether the conversation's photo scored NORMAL outside the uncertain band (``ctx.inspection``)."""
+    insp = getattr(ctx, "inspection", None) or {}
+    return bool(insp) and not insp.get("is_anomalous") and not insp.get("uncertain")
+
+
 @dataclass
 class ToolView:
     """What the model sees of a tool at one step: name, description and a narrowed input schema."""
@@ -178,6 +198,9 @@ def offered_tools(tools: list, ctx, rounds: int, only: list[str] | None = None) 
             continue
         if name == "manual_retrieval" and called.count(name) >= MAX_MANUAL_CALLS:
             continue
+        if (name == "manual_retrieval" and not (only and name in only) and scored_normal(ctx)
+                and not asks_manual(ctx.question)):
+            continue  # a good part needs no response manual
         if (only and name not in only) or (photo_first and name not in IMAGE_TOOLS):
             continue
         narrow = bool(only) and name == "manual_retrieval"

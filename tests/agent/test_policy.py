@@ -104,6 +104,32 @@ def test_offered_tools_follow_the_conversation(built_state):
     assert "register_correction" not in [t.name for t in offered_tools(build_tools(reader, services), reader, 0)]
 
 
+
+def test_a_part_scored_normal_gets_no_manual_unless_asked(built_state):
+    from services.container import get_services
+
+    services = get_services()
+
+    def offered(question, uncertain=False, only=None):
+        ctx = _ctx(question=question, new_photo=True, product="brick")
+        ctx.inspection = {"product": "brick", "score": 20.0, "threshold": 25.0, "is_anomalous": False,
+                          "uncertain": uncertain, "width": 64, "height": 64, "regions": []}
+        ctx.tool_calls += ["anomaly_scoring", "similar_defect_search"]
+        return [t.name for t in offered_tools(build_tools(ctx, services), ctx, 1, only=only)]
+
+    # a good part needs no response manual: after scoring, the model answers at once
+    assert offered(None) == [] and offered("What is wrong with this part?") == []
+    assert offered("이 부품에 무슨 문제가 있나요?") == []
+    # unless the message asks about the manual, or the verdict is within the uncertain band
+    for question in ("How do I prevent cracks?", "What does the manual say?", "얼룩의 원인은?"):
+        assert offered(question) == ["manual_retrieval"], question
+    assert offered("What is wrong with this part?", uncertain=True) == ["manual_retrieval"]
+    assert offered(None, only=["manual_retrieval"]) == ["manual_retrieval"]  # the checks asked for it
+    anomalous = _ctx(question="What is wrong with this part?", new_photo=True, product="brick")
+    anomalous.inspection = {"is_anomalous": True, "score": 30.0, "threshold": 25.0}
+    anomalous.tool_calls += ["anomaly_scoring", "similar_defect_search"]
+    assert [t.name for t in offered_tools(build_tools(anomalous, services), anomalous, 1)] == ["manual_retrieval"]
+
 def test_answer_grammars_compile_and_constrain():
     ctx = _analysed()
     assert answer_form(ctx) == "manual"
