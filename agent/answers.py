@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from agent.checks import find_citations
+from agent.checks import find_citations, writes_verdict_head
 from core import catalog
 from tools.similar_defects import confidence_phrase
 
@@ -74,7 +74,10 @@ def _defect_name(defect: str | None, lang: str) -> str:
 
 
 def summary_line(ctx: Any, lang: str = "en") -> str:
-    """The Defect summary's line: product (and how it was found), defect type (votes), verdict (score vs threshold)."""
+    """The Defect summary's line: product (and how it was found), defect type (votes), verdict (score vs threshold).
+
+    A photo that scored NORMAL gets no defect type: the nearest past defects of a normal part name no defect of it
+    (as :attr:`tools.context.RunContext.reported_defect_type`)."""
     insp = getattr(ctx, "inspection", None) or {}
     search = getattr(ctx, "search", None) or {}
     product = getattr(ctx, "product", None) or insp.get("product") or search.get("product") or "unknown"
@@ -95,9 +98,10 @@ def summary_line(ctx: Any, lang: str = "en") -> str:
         conf = confidence_phrase(search.get("type_confidence") if search.get("defect_type") == defect else None, lang)
         conf = f"; {conf}" if conf else ""
         vote_note = f" (유사 과거 결함 {k}건 중 {votes}건{conf})" if ko else f" ({votes} of {k} similar past defects{conf})"
-    parts = [f"제품: **{product}**{prod_note}." if ko else f"Product: **{product}**{prod_note}.",
-             (f"결함 유형: **{_defect_name(defect, lang)}**{vote_note}." if ko
-              else f"Defect type: **{_defect_name(defect, lang)}**{vote_note}.")]
+    parts = [f"제품: **{product}**{prod_note}." if ko else f"Product: **{product}**{prod_note}."]
+    if not (insp and insp.get("is_anomalous") is False):
+        parts.append(f"결함 유형: **{_defect_name(defect, lang)}**{vote_note}." if ko
+                     else f"Defect type: **{_defect_name(defect, lang)}**{vote_note}.")
     if insp:
         parts.append(verdict_sentence(insp, lang))
     else:
@@ -176,10 +180,9 @@ def verdict_head(ctx: Any, lang: str = "en") -> str:
     Returns:
         ``"<verdict sentence>[ <uncertainty note>]\n\n"`` or ``""``.
     """
-    insp = getattr(ctx, "inspection", None) or {}
-    if not getattr(ctx, "new_photo", False) or "score" not in insp or "threshold" not in insp:
+    if not writes_verdict_head(ctx):
         return ""
-    return verdict_sentence(insp, lang) + "\n\n"
+    return verdict_sentence(ctx.inspection, lang) + "\n\n"
 
 
 def verdict_sentence(insp: dict, lang: str = "en") -> str:

@@ -243,6 +243,13 @@ def other_products_named(text: str, ctx: Any) -> list[str]:
     return sorted(p for p in known if p != own and named(p))
 
 
+def writes_verdict_head(ctx: Any) -> bool:
+    """Whether a text answer of this turn starts with the code-written verdict
+    (:func:`agent.answers.verdict_head`): a photo sent with this message was scored."""
+    insp = getattr(ctx, "inspection", None) or {}
+    return bool(getattr(ctx, "new_photo", False)) and "score" in insp and "threshold" in insp
+
+
 def says_any(text: str, words) -> bool:
     """The text contains one of ``words`` (case-insensitive; a leading space in a word marks a word start)."""
     low = f" {(text or '').lower()}"
@@ -319,11 +326,16 @@ def check_turn(raw: Any, answer: str, ctx: Any, kind: str, form: str) -> list[st
     elif kind == "manual_question" and getattr(ctx, "manual_hits", None) and not find_citations(answer):
         problems.append("cite the manual passages you used with their labels, e.g. [P1]")
     # a verdict states it; a photo sent for analysis that scored NORMAL gets a short verdict, never a manual
+    # (when the code wrote it at the head of the answer, the model's words need only not contradict it)
     if insp and not missing and (kind == "verdict" or (kind == "manual" and not insp.get("is_anomalous"))):
-        verdict_words = DEFECT_WORDS if insp.get("is_anomalous") else NORMAL_WORDS
-        if not says_any(raw, verdict_words):
-            problems.append("state the verdict: the part is " + ("ANOMALOUS (a defect was found)"
-                                                                 if insp.get("is_anomalous") else "NORMAL (no defect)"))
+        anomalous = bool(insp.get("is_anomalous"))
+        verdict_words, other_words = (DEFECT_WORDS, NORMAL_WORDS) if anomalous else (NORMAL_WORDS, DEFECT_WORDS)
+        verdict = "ANOMALOUS (a defect was found)" if anomalous else "NORMAL (no defect)"
+        if form == "text" and writes_verdict_head(ctx):
+            if says_any(raw, other_words) and not says_any(raw, verdict_words):
+                problems.append(f"the part scored {verdict}: the answer must not say otherwise")
+        elif not says_any(raw, verdict_words):
+            problems.append("state the verdict: the part is " + verdict)
     others = other_products_named(raw, ctx) if insp and kind in ("verdict", "manual", "similar") else []
     if others:
         problems.append(f"this photo is {ctx.product} (anomaly scoring); the answer names "

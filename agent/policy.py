@@ -8,10 +8,12 @@ keeps a small model safe:
   already ran on this photo in this turn is not offered again, manual retrieval at most twice
   per turn; arguments narrowed to what cannot be guessed wrong (product and defect-type enums,
   a one-line query, the configured ``k``);
-* **no manual for a normal part**: once this conversation's photo scored NORMAL outside the uncertain
-  band, manual retrieval is offered only if the message asks about the manual (:func:`asks_manual`:
-  it names a defect type, a manual section or the manual itself): a good part needs no response
-  manual, and a retrieval step costs the small model about a third of the turn;
+* **nothing more for a normal part**: once this conversation's photo scored NORMAL outside the
+  uncertain band, manual retrieval is offered only if the message asks about the manual
+  (:func:`asks_manual`: it names a defect type, a manual section or the manual itself) and
+  similar-defect search only if it asks for similar cases: a good part needs no response manual, the
+  nearest past defects of a good part name no defect of it (the 1.5B model then wrote about them as
+  if they were found), and each such step costs the small model 15-20 s;
 * **one rule before the first step**: a newly attached photo is looked at before it is answered
   (the first reply must be a call of the tools that use the photo: scoring, similar-defect
   search, or a registration the user asked for);
@@ -198,9 +200,10 @@ def offered_tools(tools: list, ctx, rounds: int, only: list[str] | None = None) 
             continue
         if name == "manual_retrieval" and called.count(name) >= MAX_MANUAL_CALLS:
             continue
-        if (name == "manual_retrieval" and not (only and name in only) and scored_normal(ctx)
-                and not asks_manual(ctx.question)):
-            continue  # a good part needs no response manual
+        if scored_normal(ctx) and not (only and name in only) and (
+                (name == "manual_retrieval" and not asks_manual(ctx.question))
+                or (name == "similar_defect_search" and not _has(ctx.question or "", "similar"))):
+            continue  # a good part needs no response manual, and its nearest past defects are not its defects
         if (only and name not in only) or (photo_first and name not in IMAGE_TOOLS):
             continue
         narrow = bool(only) and name == "manual_retrieval"

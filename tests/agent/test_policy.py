@@ -110,11 +110,11 @@ def test_a_part_scored_normal_gets_no_manual_unless_asked(built_state):
 
     services = get_services()
 
-    def offered(question, uncertain=False, only=None):
+    def offered(question, uncertain=False, only=None, called=("anomaly_scoring", "similar_defect_search")):
         ctx = _ctx(question=question, new_photo=True, product="brick")
         ctx.inspection = {"product": "brick", "score": 20.0, "threshold": 25.0, "is_anomalous": False,
                           "uncertain": uncertain, "width": 64, "height": 64, "regions": []}
-        ctx.tool_calls += ["anomaly_scoring", "similar_defect_search"]
+        ctx.tool_calls += list(called)
         return [t.name for t in offered_tools(build_tools(ctx, services), ctx, 1, only=only)]
 
     # a good part needs no response manual: after scoring, the model answers at once
@@ -125,6 +125,11 @@ def test_a_part_scored_normal_gets_no_manual_unless_asked(built_state):
         assert offered(question) == ["manual_retrieval"], question
     assert offered("What is wrong with this part?", uncertain=True) == ["manual_retrieval"]
     assert offered(None, only=["manual_retrieval"]) == ["manual_retrieval"]  # the checks asked for it
+    # nor are its nearest past defects searched (they are not its defects), unless similar cases are asked for
+    assert offered("Is this part OK?", called=["anomaly_scoring"]) == []
+    assert offered("Show me similar cases.", called=["anomaly_scoring"]) == ["similar_defect_search"]
+    assert offered("Is this part OK?", uncertain=True, called=["anomaly_scoring"]) == [
+        "similar_defect_search", "manual_retrieval"]
     anomalous = _ctx(question="What is wrong with this part?", new_photo=True, product="brick")
     anomalous.inspection = {"is_anomalous": True, "score": 30.0, "threshold": 25.0}
     anomalous.tool_calls += ["anomaly_scoring", "similar_defect_search"]
@@ -185,6 +190,24 @@ def test_turn_checks_by_kind():
     assert check_turn(said, said, ko, "capabilities", "text") == ["the user wrote in Korean: answer in Korean"]
     assert check_turn("Hello.", "Hello.", ko, "capabilities", "text")[0].startswith("say what you do")
 
+
+
+def test_a_verdict_the_code_wrote_needs_no_restating_only_no_contradiction():
+    """A new photo's text answer starts with the code-written verdict: the model's words may add to it
+    ("the part is clean") but not contradict it; without that head (an earlier photo) the words state it."""
+    ctx = _ctx(question="이 부품에 무슨 문제가 있나요?", new_photo=True, product="gravel")
+    ctx.inspection = {"product": "gravel", "score": 4.66, "threshold": 6.09, "is_anomalous": False, "regions": []}
+    ctx.tool_calls.append("anomaly_scoring")
+    clean = "그 부품은 깨끗합니다."
+    assert check_turn(clean, render_answer(clean, ctx, "text"), ctx, "verdict", "text") == []
+    wrong = "crack의 결함은 52%입니다."
+    assert any("must not say otherwise" in p
+               for p in check_turn(wrong, render_answer(wrong, ctx, "text"), ctx, "verdict", "text"))
+    earlier = _ctx(question="Is it OK?", new_photo=False, product="gravel")
+    earlier.inspection = dict(ctx.inspection)
+    assert any(p.startswith("state the verdict") for p in check_turn("It looks clean.", "It looks clean.", earlier,
+                                                                     "verdict", "text"))
+    assert check_turn("It looks normal.", "It looks normal.", earlier, "verdict", "text") == []
 
 def test_a_photo_answer_that_names_only_another_product_goes_back():
     """The copy seen in a long CLI conversation: a gravel photo scored NORMAL, answered "Product: grass ... NORMAL"."""
