@@ -8,8 +8,8 @@ keeps a small model safe:
   already ran on this photo in this turn is not offered again, manual retrieval at most twice
   per turn; arguments narrowed to what cannot be guessed wrong (product and defect-type enums,
   a one-line query, the configured ``k``);
-* **nothing more for a normal part**: once this conversation's photo scored NORMAL outside the
-  uncertain band, manual retrieval is offered only if the message asks about the manual
+* **nothing more for a normal part**: once the photo sent with this message scored NORMAL outside
+  the uncertain band, manual retrieval is offered only if the message asks about the manual
   (:func:`asks_manual`: it names a defect type, a manual section or the manual itself) and
   similar-defect search only if it asks for similar cases: a good part needs no response manual, the
   nearest past defects of a good part name no defect of it (the 1.5B model then wrote about them as
@@ -134,9 +134,11 @@ def asks_manual(question: str | None) -> bool:
 
 
 def scored_normal(ctx) -> bool:
-    """Whether the conversation's photo scored NORMAL outside the uncertain band (``ctx.inspection``)."""
+    """Whether the photo sent with this message scored NORMAL outside the uncertain band (``ctx.inspection``).
+    False in a later turn about that photo: the model chooses its tools there."""
     insp = getattr(ctx, "inspection", None) or {}
-    return bool(insp) and not insp.get("is_anomalous") and not insp.get("uncertain")
+    return (bool(getattr(ctx, "new_photo", False)) and bool(insp) and not insp.get("is_anomalous")
+            and not insp.get("uncertain"))
 
 
 @dataclass

@@ -130,6 +130,10 @@ def test_a_part_scored_normal_gets_no_manual_unless_asked(built_state):
     assert offered("Show me similar cases.", called=["anomaly_scoring"]) == ["similar_defect_search"]
     assert offered("Is this part OK?", uncertain=True, called=["anomaly_scoring"]) == [
         "similar_defect_search", "manual_retrieval"]
+    later = _ctx(question="Tell me more.", new_photo=False, product="brick")  # a later turn: the model chooses
+    later.inspection = {"is_anomalous": False, "score": 20.0, "threshold": 25.0}
+    later.tool_calls += ["anomaly_scoring"]
+    assert "manual_retrieval" in [t.name for t in offered_tools(build_tools(later, services), later, 1)]
     anomalous = _ctx(question="What is wrong with this part?", new_photo=True, product="brick")
     anomalous.inspection = {"is_anomalous": True, "score": 30.0, "threshold": 25.0}
     anomalous.tool_calls += ["anomaly_scoring", "similar_defect_search"]
