@@ -95,7 +95,6 @@ def test_an_uncertain_defect_type_is_said_in_the_summary(lang):
     assert "%" not in defect_part()
 
 
-
 @pytest.mark.parametrize("lang", ["en", "ko"])
 def test_a_part_scored_normal_gets_no_defect_type_in_the_summary(lang):
     """The nearest past defects of a normal part are not its defect: the code-written summary names none."""
@@ -108,6 +107,7 @@ def test_a_part_scored_normal_gets_no_defect_type_in_the_summary(lang):
     assert "결함 유형" not in line and "Defect type" not in line and "crack" not in line
     answer = write_answer(ctx, "verdict", "test")
     assert "NORMAL" in answer and "Defect type" not in answer
+
 
 def test_korean_fallback_note_says_why_in_korean():
     """The note's reason starts in Korean; the English diagnostic follows as details."""

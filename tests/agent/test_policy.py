@@ -104,7 +104,6 @@ def test_offered_tools_follow_the_conversation(built_state):
     assert "register_correction" not in [t.name for t in offered_tools(build_tools(reader, services), reader, 0)]
 
 
-
 def test_a_part_scored_normal_gets_no_manual_unless_asked(built_state):
     from services.container import get_services
 
@@ -138,6 +137,7 @@ def test_a_part_scored_normal_gets_no_manual_unless_asked(built_state):
     anomalous.inspection = {"is_anomalous": True, "score": 30.0, "threshold": 25.0}
     anomalous.tool_calls += ["anomaly_scoring", "similar_defect_search"]
     assert [t.name for t in offered_tools(build_tools(anomalous, services), anomalous, 1)] == ["manual_retrieval"]
+
 
 def test_answer_grammars_compile_and_constrain():
     ctx = _analysed()
@@ -195,7 +195,6 @@ def test_turn_checks_by_kind():
     assert check_turn("Hello.", "Hello.", ko, "capabilities", "text")[0].startswith("say what you do")
 
 
-
 def test_a_verdict_the_code_wrote_needs_no_restating_only_no_contradiction():
     """A new photo's text answer starts with the code-written verdict: the model's words may add to it
     ("the part is clean") but not contradict it; without that head (an earlier photo) the words state it."""
@@ -212,6 +211,7 @@ def test_a_verdict_the_code_wrote_needs_no_restating_only_no_contradiction():
     assert any(p.startswith("state the verdict") for p in check_turn("It looks clean.", "It looks clean.", earlier,
                                                                      "verdict", "text"))
     assert check_turn("It looks normal.", "It looks normal.", earlier, "verdict", "text") == []
+
 
 def test_a_photo_answer_that_names_only_another_product_goes_back():
     """The copy seen in a long CLI conversation: a gravel photo scored NORMAL, answered "Product: grass ... NORMAL"."""
