@@ -24,16 +24,38 @@ def confidence_phrase(conf: dict | None, lang: str = "en") -> str:
             else f"type uncertain: defect metric {p:.0%}{alt}")
 
 
-def search_line(search: dict) -> str:
-    """One line about a search record: majority defect type, votes, how sure the metric is, top matches."""
+#: appended to the observation when the photo scored NORMAL: the nearest past defects of a good part
+#: name no defect of it (the 1.5B model wrote "crack 52 %" about a part it had just called normal)
+NOT_A_FINDING = ("the part scored NORMAL: these are the nearest past defects, not a defect found on this part; "
+                 "name no defect type for it")
+
+
+def search_line(search: dict, scored_normal: bool = False) -> str:
+    """One line about a search record: majority defect type, votes, how sure the metric is, top matches.
+
+    Args:
+        search: the search record (``ctx.search``: ``product``, ``hits``, ``defect_type``, ``votes``,
+            ``type_confidence``).
+        scored_normal: the photo searched was scored NORMAL (outside the uncertain band); the line then ends
+            with :data:`NOT_A_FINDING` and states no "type uncertain" (there is no defect to type).
+    """
     hits = search.get("hits") or []
     if not hits:
         return f"product={search.get('product')}: the gallery has no labelled images for this product"
     top = ", ".join(f"{h['defect_type']} {float(h['score']):.2f}" for h in hits[:5])
-    conf = confidence_phrase(search.get("type_confidence"))
+    conf = "" if scored_normal else confidence_phrase(search.get("type_confidence"))
     conf = f"; {conf}; say the type is uncertain" if conf else ""
+    tail = f"; {NOT_A_FINDING}" if scored_normal else ""
     return (f"{search.get('product')}: majority defect type {search.get('defect_type')} "
-            f"({search.get('votes')}/{len(hits)}){conf}; top matches: {top}")
+            f"({search.get('votes')}/{len(hits)}){conf}; top matches: {top}{tail}")
+
+
+def _scored_normal(ctx: RunContext, product: str) -> bool:
+    """Whether this photo was scored (for ``product``) NORMAL outside the uncertain band (as
+    :func:`agent.policy.scored_normal`; an uncertain NORMAL may still be a defect, its type may matter)."""
+    insp = ctx.inspection or {}
+    return (bool(insp) and insp.get("product") == product and not insp.get("is_anomalous")
+            and not insp.get("uncertain"))
 
 
 class SimilarDefectSearchTool(Tool):
@@ -41,7 +63,8 @@ class SimilarDefectSearchTool(Tool):
 
     Observation: the majority defect type with its votes, how sure the product's defect metric
     is of it (:func:`services.search.type_confidence`: "type uncertain" below
-    :data:`services.search.TYPE_CONFIDENT`) and the top matches (defect type, score); the majority type is stored as ``ctx.defect_type`` and the search report's JSON (hits
+    :data:`services.search.TYPE_CONFIDENT`) and the top matches (defect type, score); when this
+    photo was scored NORMAL, that these are not a finding (:data:`NOT_A_FINDING`); the majority type is stored as ``ctx.defect_type`` and the search report's JSON (hits
     with their gallery images, for the UI) as ``ctx.search``. A photo already searched in this
     conversation is not searched again. ``k`` is the configured ``settings.search_k`` (a vote needs it).
 
@@ -71,7 +94,7 @@ class SimilarDefectSearchTool(Tool):
         k = max(1, min(k, 20))
         prod = resolve_product(ctx, self.services, product)
         if ctx.search and ctx.search.get("product") == prod and len(ctx.search.get("hits") or []) >= k:
-            return search_line(ctx.search)
+            return search_line(ctx.search, _scored_normal(ctx, prod))
         # reuse the anomaly map of this photo's scoring (same product) instead of recomputing it
         amap = ctx.anomaly_map if ctx.inspection and ctx.inspection.get("product") == prod else None
         report = search_similar(self.services, ctx.image, mode="image", product=prod, k=k, anomaly_map=amap)
@@ -80,4 +103,4 @@ class SimilarDefectSearchTool(Tool):
         hits = [h.to_json() for h in report.hits]
         ctx.search = {**report.to_json(), "hits": hits, "defect_type": defect, "votes": count,
                       "type_confidence": type_confidence(report.type_probabilities, defect)}
-        return search_line(ctx.search)
+        return search_line(ctx.search, _scored_normal(ctx, prod))

@@ -42,6 +42,10 @@ def test_tools_chain_records_context(built_state, services, tmp_path):
 
     obs = search.forward(k=5)
     assert "majority defect type" in obs
+    from tools.similar_defects import NOT_A_FINDING
+
+    normal = not insp["is_anomalous"] and not insp["uncertain"]
+    assert (NOT_A_FINDING in obs) == normal
     assert len(ctx.search["hits"]) == 5 and all(h["product"] == "grass" for h in ctx.search["hits"])
     assert ctx.defect_type in {"scratch", "crack", "hole", "stain", "contamination"}
     # the metric's probabilities of the photo, and how sure it is of the majority type, in the observation
@@ -52,8 +56,8 @@ def test_tools_chain_records_context(built_state, services, tmp_path):
     from services.search import TYPE_CONFIDENT
 
     assert conf["confident"] == (conf["p"] >= TYPE_CONFIDENT)
-    assert ("type uncertain" in obs) != conf["confident"]
-    assert (f"defect metric {conf['p']:.0%}" in obs) == (not conf["confident"])
+    assert ("type uncertain" in obs) == (not conf["confident"] and not normal)
+    assert (f"defect metric {conf['p']:.0%}" in obs) == (not conf["confident"] and not normal)
 
     obs = manual.forward("cause action prevention")
     assert ctx.manual_hits, obs
@@ -66,6 +70,29 @@ def test_tools_chain_records_context(built_state, services, tmp_path):
     assert [p["label"] for p in ctx.passages] == [f"P{i + 1}" for i in range(len(ctx.passages))]
     # the same photo again: nothing is computed twice
     assert scoring.forward() == obs_score(ctx) and len(ctx.passages) == len(ctx.manual_hits)
+
+
+def test_similar_search_of_a_part_scored_normal_says_it_is_not_a_finding(built_state, services):
+    """A good part's nearest past defects are not its defects: the observation says so, and claims no type doubt."""
+    from tools import RunContext, build_tools
+    from tools.similar_defects import NOT_A_FINDING
+
+    manifest = json.loads((built_state / "data" / "manifest.json").read_text())
+    normals = [it for it in manifest["items"] if it["split"] == "train" and it["product"] == "brick"][:10]
+    for item in normals:
+        ctx = RunContext.from_path(built_state / "data" / item["image"], product="brick")
+        scoring, search, _ = build_tools(ctx, services)
+        scoring.forward()
+        if not ctx.inspection["is_anomalous"] and not ctx.inspection["uncertain"]:
+            break
+    else:
+        pytest.fail("no brick train normal scored NORMAL outside the uncertain band")
+    obs = search.forward()
+    assert obs.endswith(NOT_A_FINDING) and "type uncertain" not in obs
+    assert search.forward() == obs  # the cached search of the same photo says the same
+    # the same photo searched without scoring: the votes are all there is, no such note
+    fresh = RunContext.from_path(built_state / "data" / item["image"], product="brick")
+    assert NOT_A_FINDING not in build_tools(fresh, services)[1].forward()
 
 
 def obs_score(ctx):
