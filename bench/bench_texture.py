@@ -120,7 +120,8 @@ class TextureKNN:
                 rows.append(f[pick])
         x = np.concatenate(rows)
         self.mu, self.sd = x.mean(0), x.std(0) + 1e-6
-        bank = (x[np.random.default_rng(seed).choice(len(x), min(bank_size, len(x)), replace=False)] - self.mu) / self.sd
+        pick = np.random.default_rng(seed).choice(len(x), min(bank_size, len(x)), replace=False)
+        bank = (x[pick] - self.mu) / self.sd
         faiss = import_faiss()
         self.index = faiss.IndexFlatL2(bank.shape[1])
         self.index.add(np.ascontiguousarray(bank, dtype=np.float32))

@@ -64,8 +64,9 @@ class SimilarDefectSearchTool(Tool):
     Observation: the majority defect type with its votes, how sure the product's defect metric
     is of it (:func:`services.search.type_confidence`: "type uncertain" below
     :data:`services.search.TYPE_CONFIDENT`) and the top matches (defect type, score); when this
-    photo was scored NORMAL, that these are not a finding (:data:`NOT_A_FINDING`); the majority type is stored as ``ctx.defect_type`` and the search report's JSON (hits
-    with their gallery images, for the UI) as ``ctx.search``. A photo already searched in this
+    photo was scored NORMAL, that these are not a finding (:data:`NOT_A_FINDING`). The majority
+    type is stored as ``ctx.defect_type`` and the search report's JSON (hits with their gallery
+    images, for the UI) as ``ctx.search``. A photo already searched in this
     conversation is not searched again. ``k`` is the configured ``settings.search_k`` (a vote needs it).
 
     Raises:
