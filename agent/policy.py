@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 from core import catalog
 from tools import IMAGE_TOOLS, WRITE_TOOLS
+from tools.anomaly_scoring import clearly_normal
 from tools.manual_retrieval import named_defects, named_products
 
 KINDS = ("manual", "verdict", "similar", "manual_question", "followup", "capabilities", "offtopic", "register")
@@ -136,9 +137,7 @@ def asks_manual(question: str | None) -> bool:
 def scored_normal(ctx) -> bool:
     """Whether the photo sent with this message scored NORMAL outside the uncertain band (``ctx.inspection``).
     False in a later turn about that photo: the model chooses its tools there."""
-    insp = getattr(ctx, "inspection", None) or {}
-    return (bool(getattr(ctx, "new_photo", False)) and bool(insp) and not insp.get("is_anomalous")
-            and not insp.get("uncertain"))
+    return bool(getattr(ctx, "new_photo", False)) and clearly_normal(getattr(ctx, "inspection", None))
 
 
 @dataclass

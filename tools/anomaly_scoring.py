@@ -40,6 +40,15 @@ def resolve_product(ctx: RunContext, services, requested: str | None) -> str:
     return product
 
 
+def clearly_normal(insp: dict | None) -> bool:
+    """Whether an inspection record (``ctx.inspection``) says NORMAL outside the uncertain band.
+
+    False for no record, an ANOMALOUS verdict, or a NORMAL one within one normal spread of the
+    threshold (``uncertain``: that part may still be defective).
+    """
+    return bool(insp) and not insp.get("is_anomalous") and not insp.get("uncertain")
+
+
 def verdict_line(insp: dict) -> str:
     """One line about an inspection record: product, score vs threshold, verdict, regions, caveats."""
     score, thr = float(insp["score"]), float(insp["threshold"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 from smolagents import Tool
 
 from services.search import search_similar, type_confidence, vote_defect_type
-from tools.anomaly_scoring import require_photo, resolve_product
+from tools.anomaly_scoring import clearly_normal, require_photo, resolve_product
 from tools.context import RunContext
 
 
@@ -51,11 +51,8 @@ def search_line(search: dict, scored_normal: bool = False) -> str:
 
 
 def _scored_normal(ctx: RunContext, product: str) -> bool:
-    """Whether this photo was scored (for ``product``) NORMAL outside the uncertain band (as
-    :func:`agent.policy.scored_normal`; an uncertain NORMAL may still be a defect, its type may matter)."""
-    insp = ctx.inspection or {}
-    return (bool(insp) and insp.get("product") == product and not insp.get("is_anomalous")
-            and not insp.get("uncertain"))
+    """Whether this photo was scored for ``product`` and :func:`tools.anomaly_scoring.clearly_normal`."""
+    return clearly_normal(ctx.inspection) and ctx.inspection.get("product") == product
 
 
 class SimilarDefectSearchTool(Tool):
