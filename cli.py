@@ -9,7 +9,7 @@ exits non-zero with ``{"error": ...}`` on bad input. ``inspect`` and
     python cli.py inspect IMAGE... [--product P] [--out DIR]
     python cli.py search (--image IMAGE... | --text TEXT) [--product P] [--defect D] [-k K]
     python cli.py ingest PDF... [--product P]
-    python cli.py manual QUERY [--product P] [--defect D] [--section S] [-k K]
+    python cli.py manual QUERY [--product P] [--defect D] [--section S] [-k K] [--no-hyde]
     python cli.py ask [IMAGE] [--question Q] [--session ID] [--product P]
     python cli.py register IMAGE --product P --defect D [--note N]
     python cli.py relabel ID [--product P] [--defect D] [--note N]
@@ -37,6 +37,7 @@ apply_runtime_env()  # entry point: offline / no-telemetry environment before to
 
 from agent.ask import ask, ask_json, open_conversation, start_turn  # noqa: E402
 from agent.evaluate import evaluate_ask, evaluate_chat  # noqa: E402
+from agent.hyde import PassageWriter  # noqa: E402
 from core.catalog import parse_product  # noqa: E402
 from core.imageio import load_rgb  # noqa: E402
 from services.build import build_state  # noqa: E402
@@ -151,8 +152,10 @@ def cmd_ingest(args) -> dict:
 
 
 def cmd_manual(args) -> dict:
-    return query_manual(_services(), args.query, product=args.product, defect_type=args.defect,
-                        section=args.section, k=args.k).to_json()
+    svc = _services()
+    writer = PassageWriter(svc.settings) if svc.settings.manual_hyde and not args.no_hyde else None
+    return query_manual(svc, args.query, product=args.product, defect_type=args.defect,
+                        section=args.section, k=args.k, write_passage=writer).to_json()
 
 
 CLI_OWNER = "cli"
@@ -272,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--defect")
     sp.add_argument("--section", choices=["cause", "action", "prevention", "general"])
     sp.add_argument("-k", type=int, default=4)
+    sp.add_argument("--no-hyde", action="store_true",
+                    help="rank by the question alone (default with --product: the agent's model first writes a "
+                         "passage answering it, ~5 s; DRA_MANUAL_HYDE=0 turns it off everywhere)")
     sp.set_defaults(func=cmd_manual)
 
     sp = add("ask", "one turn of a conversation with the agent (a photo, a question, or both)")

@@ -4,6 +4,7 @@
     python bench/eval_manuals.py --grid               # tuning grid, on the tuning half only
     python bench/eval_manuals.py --split report --json
     python bench/eval_manuals.py --split held-out      # report + report2 (written after the settings were fixed)
+    python bench/eval_manuals.py --split report3 --hyde # + ranker "hyde": the shipped HyDE path (agent's model)
 
 The manuals are PDFs from Debian bookworm ``*-doc`` packages listed in
 ``bench/manual_eval/questions.json`` (package, version, path inside the package, sha256).
@@ -18,7 +19,11 @@ Metrics per package and split: hit@1, hit@3 (an expected page among the first 1 
 results: same file, any listed page), MRR@10 and the distinct-page rate (share of
 questions whose top 3 results are 3 different pages). Rankers: ``dense-chunks`` (the
 store before issue 15: Chroma cosine top-k chunks, pages may repeat), ``dense``, ``bm25``
-and ``hybrid`` (reciprocal rank fusion of both), each returning distinct pages.
+and ``hybrid`` (reciprocal rank fusion of both), each returning distinct pages; with ``--hyde`` also
+``hyde``: what ``cli.py manual`` ships, i.e. with a product filter the agent's model
+(:class:`agent.hyde.PassageWriter`) writes a passage and the store ranks by it
+(``RetrievalConfig.passage_mode``), without one the plain hybrid ranking. Passages are cached in
+``--cache``/hyde_shipped.json by prompt.
 
 Chunk embeddings are cached on disk by text hash (``--cache``/emb) so that the grid and
 reruns do not embed the same chunk twice; the cache returns exactly what the embedder
@@ -53,6 +58,7 @@ from stores.manual_store import (DEFAULT_RETRIEVAL, MAX_CHUNK_CHARS, SECTION_TIT
 
 QUESTIONS = Path(__file__).resolve().parent / "manual_eval" / "questions.json"
 RANKERS = ("dense-chunks", "dense", "bm25", "hybrid")
+ALL_RANKERS = RANKERS + ("hyde",)
 SCOPES = ("product", "all")
 #: question splits no setting was chosen on: ``report`` (written with the tuning half) and ``report2``
 #: (written after the settings were fixed, 2026-11-28). ``report3`` (20 more, sixth session) is kept for the
@@ -164,14 +170,41 @@ def build_store(pdfs: dict[str, Path], state: Path, embedder, chunk_chars: int,
     return store, info
 
 
+class CachedWriter:
+    """A passage writer (``agent.hyde.PassageWriter``) whose passages are kept in a JSON file by prompt."""
+
+    def __init__(self, path: Path):
+        from agent.hyde import PassageWriter, hyde_prompt
+
+        self.path, self.prompt, self.writer = path, hyde_prompt, PassageWriter()
+        self.cache = json.loads(path.read_text()) if path.is_file() else {}
+        self.written, self.seconds = 0, []
+
+    def __call__(self, question: str, product: str | None) -> str:
+        key = self.prompt(question, product)
+        if key not in self.cache:
+            t0 = time.perf_counter()
+            self.cache[key] = self.writer(question, product)
+            self.seconds.append(time.perf_counter() - t0)
+            self.written += 1
+            self.path.write_text(json.dumps(self.cache, indent=1, ensure_ascii=False))
+        return self.cache[key]
+
+
 def rank_pages(store: ManualStore, question: str, ranker: str, config: RetrievalConfig, k: int = 10,
-               product: str | None = None) -> list[tuple]:
-    """``[(source, page)]`` of the store's answer to one question under one ranker (optionally product-filtered)."""
+               product: str | None = None, writer=None) -> list[tuple]:
+    """``[(source, page)]`` of the store's answer to one question under one ranker (optionally product-filtered).
+
+    ``hyde`` needs ``writer``: with a product it writes the passage the store ranks by (the shipped path)."""
+    passage = None
     if ranker == "dense-chunks":
         cfg = dataclasses.replace(config, mode="dense", distinct_pages=False)
+    elif ranker == "hyde":
+        cfg = config
+        passage = writer(question, product) if product else None
     else:
         cfg = dataclasses.replace(config, mode=ranker)
-    rows = store.query(question, product=product, k=k, retrieval=cfg)
+    rows = store.query(question, product=product, k=k, retrieval=cfg, passage=passage)
     return [(r["source"], r["page"]) for r in rows]
 
 
@@ -190,7 +223,7 @@ def metrics(ranked: list[list[tuple]], expected: list[tuple[str, set]]) -> dict:
 
 
 def evaluate(store: ManualStore, spec: dict, sources: dict[str, str], rankers, config: RetrievalConfig,
-             splits=("tune", "report"), scopes=SCOPES) -> dict:
+             splits=("tune", "report"), scopes=SCOPES, writer=None) -> dict:
     """``{(doc or "all", split, scope, ranker): metrics}``; scope ``product`` filters by the manual's product
     (what ``cli.py manual Q --product P`` does), ``all`` asks the whole store."""
     out = {}
@@ -200,7 +233,8 @@ def evaluate(store: ManualStore, spec: dict, sources: dict[str, str], rankers, c
             for q in spec["questions"]:
                 if q["split"] not in splits:
                     continue
-                got = rank_pages(store, q["question"], ranker, config, product=q["doc"] if scope == "product" else None)
+                got = rank_pages(store, q["question"], ranker, config, product=q["doc"] if scope == "product" else None,
+                                 writer=writer)
                 exp = (sources[q["doc"]], set(q["pages"]))
                 keys = [(q["doc"], q["split"]), ("all", q["split"])]
                 if q["split"] in HELD_OUT and set(HELD_OUT) <= set(splits):
@@ -217,7 +251,7 @@ def evaluate(store: ManualStore, spec: dict, sources: dict[str, str], rankers, c
 def print_table(results: dict) -> None:
     """One Markdown table per filter scope: rows manual x split, one column per ranker
     (``hit@1 / hit@3 / MRR@10``, then the distinct-page rate of the top 3)."""
-    rankers = [r for r in RANKERS if any(key[3] == r for key in results)]
+    rankers = [r for r in ALL_RANKERS if any(key[3] == r for key in results)]
     for scope in SCOPES:
         keys = sorted({(d, s) for (d, s, f, _) in results if f == scope}, key=lambda ds: (ds[0] == "all", ds[0], ds[1]))
         if not keys:
@@ -245,6 +279,7 @@ def main() -> int:
                     default="both",
                     help="both: tune + report; held-out: report + report2; all: the three; report3: the fresh set "
                          "written 2026-11-28 (sixth session) for the next retrieval change, not yet run")
+    ap.add_argument("--hyde", action="store_true", help="also the shipped HyDE ranking (loads the agent's model)")
     ap.add_argument("--json", action="store_true", help="print the JSON report instead of the tables")
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON report to this file")
     args = ap.parse_args()
@@ -286,12 +321,17 @@ def main() -> int:
         store, info = build_store(pdfs, Path(tmp) / "state", embedder, MAX_CHUNK_CHARS, SECTION_TITLES)
         ingest_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        results = evaluate(store, spec, sources, RANKERS, DEFAULT_RETRIEVAL, splits=splits)
-        n_q = sum(q["split"] in splits for q in spec["questions"]) * len(RANKERS) * len(SCOPES)
+        rankers = ALL_RANKERS if args.hyde else RANKERS
+        writer = CachedWriter(args.cache / "hyde_shipped.json") if args.hyde else None
+        results = evaluate(store, spec, sources, rankers, DEFAULT_RETRIEVAL, splits=splits, writer=writer)
+        n_q = sum(q["split"] in splits for q in spec["questions"]) * len(rankers) * len(SCOPES)
         query_ms = (time.perf_counter() - t0) * 1000 / max(1, n_q)
     report = {"documents": info, "settings": dataclasses.asdict(DEFAULT_RETRIEVAL), "chunk_chars": MAX_CHUNK_CHARS,
               "section_titles": SECTION_TITLES, "ingest_s": round(ingest_s, 1), "query_ms_mean": round(query_ms, 1),
               "embedded_now": embedder.computed,
+              "hyde": None if writer is None else {
+                  "model": writer.writer.name, "written_now": writer.written,
+                  "seconds_p50": round(float(np.median(writer.seconds)), 2) if writer.seconds else None},
               "results": [{"manual": d, "split": s, "filter": f, "ranker": r, **m}
                           for (d, s, f, r), m in results.items()]}
     if args.out:
@@ -303,6 +343,8 @@ def main() -> int:
               f"documents: {info}")
         print(f"ingestion {ingest_s:.0f} s (chunks newly embedded: {embedder.computed}); "
               f"mean query {query_ms:.0f} ms")
+        if writer is not None:
+            print(f"hyde: {report['hyde']}")
         print_table(results)
     return 0
 

@@ -93,6 +93,7 @@ ENV_VARS: dict[str, str] = {
     "milvus_token": "DRA_MILVUS_TOKEN",
     "faiss_hnsw_threshold": "DRA_FAISS_HNSW_THRESHOLD",
     "manual_k": "DRA_MANUAL_K",
+    "manual_hyde": "DRA_MANUAL_HYDE",
     "host": "DRA_HOST",
     "port": "DRA_PORT",
     "max_upload_mb": "DRA_MAX_UPLOAD_MB",
@@ -203,6 +204,9 @@ class Settings:
     milvus_token: str = ""
     faiss_hnsw_threshold: int = 50_000
     manual_k: int = 4
+    # product-filtered English manual queries (cli.py manual, /manual): the agent's model first writes a passage
+    # that would answer the question and the store ranks by it (HyDE; docs/benchmarks.md)
+    manual_hyde: bool = True
     # app
     # where to listen: DRA_HOST / DRA_PORT, else Gradio's GRADIO_SERVER_NAME / GRADIO_SERVER_PORT and
     # PORT (set on Hugging Face Spaces and most hosts), else 127.0.0.1:7860 (see from_env)

@@ -315,11 +315,18 @@ class ManualReport:
     passages: list[ManualPassage]
     model: str
     elapsed_ms: float
+    #: the passage the agent's model wrote for the query and the store ranked by (HyDE), else None
+    written_passage: str | None = None
+    #: the model that wrote it, or why none was written ("" when HyDE was not asked for)
+    passage_model: str = ""
 
     def to_json(self) -> dict:
         """The JSON of ``cli.py manual``, the app's ``/manual`` and the manual tool."""
-        return {"query": self.query, "results": [p.to_json() for p in self.passages], "model": self.model,
-                "elapsed_ms": _r(self.elapsed_ms, 1)}
+        out = {"query": self.query, "results": [p.to_json() for p in self.passages], "model": self.model,
+               "elapsed_ms": _r(self.elapsed_ms, 1)}
+        if self.passage_model:
+            out["hyde"] = {"passage": self.written_passage, "model": self.passage_model}
+        return out
 
 
 def jsonable(value: Any) -> Any:

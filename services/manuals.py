@@ -8,7 +8,7 @@ agent's manual-retrieval tool).
 from __future__ import annotations
 
 import json
-
+import logging
 import shutil
 import time
 import uuid
@@ -22,9 +22,12 @@ from core.text import strip_markup
 from core.types import ManualPassage, ManualReport
 from core.uploads import safe_name
 from services.container import Services
-from stores.manual_store import SECTIONS
+from stores.manual_store import SECTIONS, detect_lang
 
+log = logging.getLogger("dra.manuals")
 Progress = Callable[[float, str], None] | None
+#: ``(question, product id) -> passage``: writes a hypothetical manual passage answering the question (HyDE)
+PassageWriter = Callable[[str, str], str]
 MAX_K = 20
 
 
@@ -63,8 +66,13 @@ def parse_manual_product(services: Services, value: str | None) -> str | None:
 
 def query_manual(services: Services, query: str, product: str | None = None, defect_type: str | None = None,
                  section: str | None = None, k: int = 4, *, previews: bool = False,
-                 lang: str | None = None) -> ManualReport:
+                 lang: str | None = None, write_passage: PassageWriter | None = None) -> ManualReport:
     """Most relevant manual passages for a question.
+
+    With ``write_passage``, a product filter and an English query, the passage it writes for the
+    question is ranked by too (HyDE: :meth:`stores.manual_store.ManualStore.query`'s ``passage``);
+    the measured gain is with a product filter only (docs/benchmarks.md), so other queries skip it.
+    A writer that fails or times out leaves the plain ranking (the report says why).
 
     Args:
         services: the process's services.
@@ -75,9 +83,12 @@ def query_manual(services: Services, query: str, product: str | None = None, def
         k: passages, clamped to 1..20.
         previews: also render a PNG of each passage's page (``preview``).
         lang: ``en`` / ``ko`` to prefer a language (default: the query's).
+        write_passage: ``(question, product) -> passage`` (e.g. :class:`agent.hyde.PassageWriter`), with a
+            ``name`` attribute for the report.
 
     Returns:
-        :class:`core.types.ManualReport`, passages best first.
+        :class:`core.types.ManualReport`, passages best first; ``written_passage`` / ``passage_model`` say
+        what the writer wrote (or why it wrote nothing).
 
     Raises:
         InputError: empty query, unknown section or defect type. UnknownProductError: unknown product.
@@ -93,8 +104,16 @@ def query_manual(services: Services, query: str, product: str | None = None, def
     defect = parse_defect(defect_type)
     store = services.manuals
     t0 = time.perf_counter()
+    passage, passage_model = None, ""
+    if write_passage is not None and prod and (lang or detect_lang(str(query))) == "en":
+        try:
+            passage = write_passage(str(query), prod) or None
+            passage_model = _writer_name(write_passage)
+        except Exception as exc:  # noqa: BLE001 - any writer failure leaves the plain ranking
+            log.warning("HyDE passage not written (%s); plain ranking", exc)
+            passage_model = f"{_writer_name(write_passage)} (no passage: {type(exc).__name__})"
     rows = store.query(str(query), product=prod, defect=defect, section=sec, k=max(1, min(int(k or 4), MAX_K)),
-                       lang=lang)
+                       lang=lang, passage=passage)
     passages = [ManualPassage.from_row({**r, "text": strip_markup(r["text"])}) for r in rows]
     if previews:
         for p in passages:
@@ -103,7 +122,13 @@ def query_manual(services: Services, query: str, product: str | None = None, def
             except (FileNotFoundError, ValueError, RuntimeError):
                 p.preview = None
     return ManualReport(query=str(query), passages=passages, model=store.model,
-                        elapsed_ms=(time.perf_counter() - t0) * 1000.0)
+                        elapsed_ms=(time.perf_counter() - t0) * 1000.0, written_passage=passage,
+                        passage_model=passage_model)
+
+
+def _writer_name(writer: PassageWriter) -> str:
+    """A passage writer's display name: its ``name`` (the model, once loaded), else the function's or class's."""
+    return str(getattr(writer, "name", "") or getattr(writer, "__name__", "") or type(writer).__name__)
 
 
 def list_manuals(services: Services) -> list[dict]:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from agent.hyde import PassageWriter
 from core.catalog import defect_types, products
 from core.errors import InputError
 from core.uploads import check_upload
@@ -68,8 +69,10 @@ def do_search(image=None, text=None, mode="auto", product=None, defect_type=None
 
 def do_manual(query, product=None, defect_type=None, section=None, k=4, previews=True) -> dict:
     """``/manual`` and the Manuals tab: :func:`services.manuals.query_manual` as JSON."""
-    return manuals_uc.query_manual(get_services(), query, product, defect_type, section, int(k or 4),
-                                   previews=previews).to_json()
+    svc = get_services()
+    writer = PassageWriter(svc.settings) if svc.settings.manual_hyde else None
+    return manuals_uc.query_manual(svc, query, product, defect_type, section, int(k or 4),
+                                   previews=previews, write_passage=writer).to_json()
 
 
 def _progress_cb(progress):

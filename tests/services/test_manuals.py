@@ -66,6 +66,11 @@ def test_cli_ingested_product_is_a_filter_and_pages_are_distinct(built_state, tm
     assert all(r["source"] == "valve_manual.pdf" for r in results)
     pages = [r["page"] for r in results]
     assert len(results) == 3 and len(set(pages)) == 3, pages
+    # with --product the agent's model wrote a passage the store ranked by (HyDE), and says so; --no-hyde skips it
+    assert out["hyde"]["model"].startswith("llamacpp:") and out["hyde"]["passage"], out["hyde"]
+    rc, plain, err = run_cli(["manual", "the stem packing is leaking, what do I do?", "--product", "valve", "-k", "3",
+                              "--no-hyde", "--json"], state)
+    assert rc == 0 and "hyde" not in plain and plain["results"][0]["page"] == 2, (plain, err)
     # a product nobody ingested is still refused, with the ingested one listed
     rc, out, err = run_cli(["manual", "packing", "--product", "pumpz", "--json"], state)
     assert rc != 0 and "unknown product" in out["error"] and "valve" in out["error"]

@@ -493,3 +493,29 @@ def test_section_titles_from_outline_and_navigation_pages_skipped(store, tmp_pat
         assert 1 not in pages and pages[0] == 3, (mode, pages)
     with_nav = store.query("seal replacement", k=4, retrieval=RetrievalConfig(mode="bm25", skip_navigation=False))
     assert 1 in [h["page"] for h in with_nav]
+
+
+def test_written_passage_ranks_by_the_manuals_words(store, tmp_path):
+    """HyDE (``query(passage=...)``): a question in the user's words misses the page that a passage in the
+    manual's words finds first; an exact part number is still found with a passage; the filters still hold."""
+    from stores.manual_store import RetrievalConfig
+
+    pages = PUMP_PAGES + [
+        "Flow curves. The head falls as the flow rises; read the duty point where the system curve crosses the "
+        "pump curve.\n\nNet positive suction head: keep NPSH available above NPSH required or the pump cavitates."]
+    _generic_pdf(tmp_path / "pump.pdf", pages)
+    store.ingest_pdf(tmp_path / "pump.pdf", product="pump")
+    question = "why is my pump making a gravel-like noise at the inlet?"
+    assert store.query(question, product="pump", k=1)[0]["page"] != 4
+    passage = "The pump cavitates when the net positive suction head available (NPSH) falls below the NPSH required."
+    hits = store.query(question, product="pump", k=3, passage=passage)
+    assert hits[0]["page"] == 4, hits
+    assert len({h["page"] for h in hits}) == 3
+    # the passage ranks by passage_mode (dense by default); a blank passage leaves the question's ranking
+    assert RetrievalConfig().passage_mode == "dense"
+    assert store.query(question, product="pump", k=3, passage="  ") == store.query(question, product="pump", k=3)
+    assert store.query("XJ-4471", product="pump", k=1,
+                       passage="Part XJ-4471 is a spare part; order it with the serial number.")[0]["page"] == 3
+    assert store.query(question, product="other", passage=passage) == []
+    with pytest.raises(ValueError, match="unknown retrieval mode"):
+        RetrievalConfig(passage_mode="rerank")
