@@ -61,8 +61,8 @@ RANKERS = ("dense-chunks", "dense", "bm25", "hybrid")
 ALL_RANKERS = RANKERS + ("hyde",)
 SCOPES = ("product", "all")
 #: question splits no setting was chosen on: ``report`` (written with the tuning half) and ``report2``
-#: (written after the settings were fixed, 2026-11-28). ``report3`` (20 more, sixth session) is kept for the
-#: next retrieval change: run it once, with that change and the settings before it side by side.
+#: (written after the settings were fixed, 2026-11-28). ``report3`` (20 more, sixth session) was read once for
+#: the HyDE change (ninth session); later changes need new questions to report on.
 HELD_OUT = ("report", "report2")
 
 
@@ -277,8 +277,8 @@ def main() -> int:
     ap.add_argument("--titles", type=int, nargs="*", default=[0, 1], help="grid: section titles off (0) / on (1)")
     ap.add_argument("--split", choices=("tune", "report", "report2", "report3", "both", "held-out", "all"),
                     default="both",
-                    help="both: tune + report; held-out: report + report2; all: the three; report3: the fresh set "
-                         "written 2026-11-28 (sixth session) for the next retrieval change, not yet run")
+                    help="both: tune + report; held-out: report + report2; all: the three; report3: 20 questions "
+                         "written 2026-11-28, read once for the HyDE change (ninth session)")
     ap.add_argument("--hyde", action="store_true", help="also the shipped HyDE ranking (loads the agent's model)")
     ap.add_argument("--json", action="store_true", help="print the JSON report instead of the tables")
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON report to this file")
