@@ -205,6 +205,10 @@ def ui_manual_query(query, product, defect, section, k):
                 for h in r["results"] if h.get("preview") and Path(h["preview"]).is_file()]
     md = "\n\n".join(f"**[{h['source']} p.{h['page']}]** · {h['section']} · score {h['score']:.2f}\n\n"
                      f"> {' '.join(h['text'].split())[:600]}" for h in r["results"]) or "_no passages found_"
+    if r.get("hyde", {}).get("passage"):
+        written = " ".join(str(r["hyde"]["passage"]).split())[:300]
+        md = (f"_Ranked by the question and a search passage {r['hyde']['model']} wrote for it (HyDE; a query, "
+              f"not a claim from any manual): “{written}”_\n\n" + md)
     return md, previews, r
 
 
