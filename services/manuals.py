@@ -107,7 +107,7 @@ def query_manual(services: Services, query: str, product: str | None = None, def
     passage, passage_model = None, ""
     if write_passage is not None and prod and (lang or detect_lang(str(query))) == "en":
         try:
-            passage = write_passage(str(query), prod) or None
+            passage = strip_markup(write_passage(str(query), prod)).strip() or None  # shown in the UI and JSON
             passage_model = _writer_name(write_passage)
         except Exception as exc:  # noqa: BLE001 - any writer failure leaves the plain ranking
             log.warning("HyDE passage not written (%s); plain ranking", exc)

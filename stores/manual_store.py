@@ -134,8 +134,9 @@ class RetrievalConfig:
         skip_navigation: leave out table-of-contents and index pages (:func:`is_navigation_page`).
         passage_mode: the ranking when the query comes with a written passage (HyDE, ``query(passage=...)``):
             ``dense`` ranks by the embedding of the question and the passage together (chosen on the 59 read
-            questions of ``bench/manual_eval``: hit@3 0.86 -> 0.90 with the product filter; see
-            docs/benchmarks.md "A passage written by the offline LLM"), or any ``mode``.
+            questions of ``bench/manual_eval``: hit@3 0.86 -> 0.90 with the product filter; on the 20 held-out
+            report3 questions 0.85 with and without it; see docs/benchmarks.md "A passage written by the
+            offline LLM"), or any ``mode``.
     """
 
     mode: str = "hybrid"

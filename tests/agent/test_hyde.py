@@ -74,6 +74,13 @@ def test_query_manual_ranks_by_the_written_passage_only_with_a_product(tmp_path,
     def broken(question, product):
         raise TimeoutError("deadline passed")
 
+    # what the writer returns is cleaned like manual text (it reaches the UI and the JSON): no links or HTML
+    def linking(question, product):
+        return "Tighten the gland nuts, see [the guide](http://evil.example/x) <script>alert(1)</script>"
+
+    rep = query_manual(svc, "the stem packing is leaking", product="valve", k=3, write_passage=linking)
+    written = rep.to_json()["hyde"]["passage"]
+    assert "http" not in written and "<script" not in written and "Tighten the gland nuts" in written
     rep = query_manual(svc, "the stem packing is leaking", product="valve", k=3, write_passage=broken)
     plain = query_manual(svc, "the stem packing is leaking", product="valve", k=3)
     assert rep.to_json()["hyde"] == {"passage": None, "model": "broken (no passage: TimeoutError)"}
