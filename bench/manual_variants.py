@@ -37,6 +37,7 @@ apply_runtime_env()
 import numpy as np  # noqa: E402
 
 import eval_manuals as em  # noqa: E402
+from agent.hyde import HYDE_PROMPT, MAX_TOKENS, hyde_prompt  # noqa: E402
 from core.settings import Settings  # noqa: E402
 from models.embedders import get_text_embedder  # noqa: E402
 from stores.manual_store import LexicalIndex, ManualStore, reciprocal_rank_fusion  # noqa: E402
@@ -208,18 +209,13 @@ def main() -> int:
     return 0
 
 
-HYDE_PROMPT = ("Write a short passage, as it would appear in {what}, that answers the question below. "
-               "Use the manual's own terms, commands and option names. At most 60 words, no preamble.\n\n"
-               "Question: {question}")
-
-
 def hyde_passages(qs: list[dict], path: Path) -> dict[str, dict[str, str]]:
     """``{"product"|"all": {question id: passage}}`` written by the offline GGUF at temperature 0, cached in ``path``.
 
     ``product``: the prompt names the manual (the product filter is known); ``all``: it does not.
     """
     cache = json.loads(path.read_text()) if path.is_file() else {}
-    key = HYDE_PROMPT
+    key = HYDE_PROMPT  # the cache is kept per prompt template
     got = cache.get(key, {"product": {}, "all": {}})
     todo = [(s, q) for s in ("product", "all") for q in qs if q["id"] not in got[s]]
     if todo:
@@ -230,11 +226,10 @@ def hyde_passages(qs: list[dict], path: Path) -> dict[str, dict[str, str]]:
         llm = Llama(model_path=str(assemble_gguf(Settings.from_env())), n_ctx=1024, n_threads=2, verbose=False)
         times = []
         for scope, q in todo:
-            what = f"the {q['doc']} manual" if scope == "product" else "a software manual"
             t0 = time.perf_counter()
-            out = llm.create_chat_completion(
-                messages=[{"role": "user", "content": HYDE_PROMPT.format(what=what, question=q["question"])}],
-                temperature=0.0, max_tokens=96)
+            prompt = hyde_prompt(q["question"], q["doc"] if scope == "product" else None)
+            out = llm.create_chat_completion(messages=[{"role": "user", "content": prompt}], temperature=0.0,
+                                             max_tokens=MAX_TOKENS)
             times.append(time.perf_counter() - t0)
             got[scope][q["id"]] = out["choices"][0]["message"]["content"].strip()
             cache[key] = got
