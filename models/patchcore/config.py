@@ -98,6 +98,9 @@ class PatchCoreConfig:
             region of the texture the bank has not seen - moves the median with it,
             while a defect stands out from the rest of its photo); ``none``: the plain
             distance (banks fitted before this setting).
+        features: the patch features: ``lite0`` (EfficientNet-Lite0 blocks ``blocks``, or the
+            runtime's timm backbone) or ``texture`` (pixel-level scale-space texture statistics,
+            :mod:`models.patchcore.texture`, no learned weights; ``blocks`` is then unused).
     """
 
     blocks: tuple[int, ...] = (4, 7)
@@ -112,6 +115,7 @@ class PatchCoreConfig:
     tta: str = "none"
     fold_bank: int = MAX_FOLD_BANK
     score_norm: str = SCORE_NORM
+    features: str = "lite0"
 
     def as_dict(self) -> dict:
         """JSON-ready dict (``blocks`` as a list)."""
@@ -119,7 +123,7 @@ class PatchCoreConfig:
                 "input_norm": self.input_norm, "pool_size": self.pool_size,
                 "coreset_ratio": self.coreset_ratio, "augment": self.augment, "sigma": self.sigma,
                 "reweight": self.reweight, "tta": self.tta, "fold_bank": self.fold_bank,
-                "score_norm": self.score_norm}
+                "score_norm": self.score_norm, "features": self.features}
 
 
 #: configuration of products without a tuned entry (e.g. uploaded from the UI)
@@ -200,17 +204,22 @@ def config_for(product: str, symmetry: str | None = None, **overrides) -> PatchC
     return replace(base, **over)
 
 
+#: patch features of a bank (:attr:`PatchCoreConfig.features`)
+FEATURES = ("lite0", "texture")
+
 #: what the model sees of the colours (:attr:`PatchCoreConfig.input_norm`)
 INPUT_NORMS = ("rgb", "gray")
 
 
 def check_views(over: dict) -> None:
-    """Raise ValueError for unknown ``augment`` / ``tta`` views, ``input_norm`` or a bad ``pixel_scale``."""
+    """Raise ValueError for unknown ``augment`` / ``tta`` views, ``input_norm``, ``features`` or a bad ``pixel_scale``."""
     for key in ("augment", "tta"):
         if key in over and over[key] not in AUGMENTATIONS:
             raise ValueError(f"unknown {key} views {over[key]!r}; choose from {sorted(AUGMENTATIONS)}")
     if "score_norm" in over and over["score_norm"] not in SCORE_NORMS:
         raise ValueError(f"unknown score_norm {over['score_norm']!r}; choose from {SCORE_NORMS}")
+    if "features" in over and over["features"] not in FEATURES:
+        raise ValueError(f"unknown features {over['features']!r}; choose from {FEATURES}")
     if "input_norm" in over and over["input_norm"] not in INPUT_NORMS:
         raise ValueError(f"unknown input_norm {over['input_norm']!r}; choose from {INPUT_NORMS}")
     if "pixel_scale" in over and not 0.05 <= float(over["pixel_scale"]) <= 4.0:

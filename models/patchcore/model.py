@@ -51,6 +51,11 @@ from models.patchcore.config import (AUGMENTATIONS, BATCH_SIZE, CORESET_CANDIDAT
                                      IMAGENET_STD, MAX_FOLD_BANK, MIN_INPUT_SIDE, NUM_NEIGHBORS, PIXEL_QUANTILE, SEED,
                                      UNCERTAIN_BAND, PatchCoreConfig)
 from models.patchcore.coreset import greedy_coreset_indices
+from models.patchcore.texture import LAYER as TEXTURE_LAYER
+from models.patchcore.texture import TextureFeatures
+
+#: row / column step of the texture features (every 2nd pixel; the anomaly map is upsampled back)
+TEXTURE_STRIDE = 2
 
 FORMAT_VERSION = 1
 Progress = Callable[[float, str], None]
@@ -81,6 +86,9 @@ def backbone_spec(name: str, blocks: Sequence[int] | None = None) -> BackboneSpe
             such as ``wide_resnet50_2`` (hub weights; anomalib's default).
         blocks: Lite0 MBConv block indices to take features from (default (4, 7)).
     """
+    if name == "texture":  # pixel-level texture statistics (models.patchcore.texture), RGB in 0..1
+        return BackboneSpec(name, (TEXTURE_LAYER,), f"texture[hessian+gradient+local stats, stride {TEXTURE_STRIDE}]",
+                            (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
     if name == "efficientnet-lite0":
         blocks = tuple(sorted(blocks or DEFAULT_LITE0_BLOCKS))
         return BackboneSpec(name, tuple(f"_blocks.{b}" for b in blocks),
@@ -203,7 +211,14 @@ def build_model(spec: BackboneSpec, pool_size: int = DEFAULT_POOL_SIZE, *, sigma
 
     cls = faiss_patchcore_class() if search == "faiss" else PatchcoreModel
     extra = {"bank_dtype": bank_dtype} if search == "faiss" else {}
-    if spec.name == "efficientnet-lite0":
+    if spec.name == "texture":  # anomalib's model around the Lite0 module, its extractor swapped for ours
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            model = cls(layers=["_blocks.0"], backbone=load_lite0(blocks=(0,), pretrained=False).net,
+                        pre_trained=False, num_neighbors=NUM_NEIGHBORS, **extra)
+        model.layers = list(spec.layers)
+        model.feature_extractor = TextureFeatures(TEXTURE_STRIDE)
+    elif spec.name == "efficientnet-lite0":
         blocks = tuple(int(layer.split(".")[1]) for layer in spec.layers)
         backbone = load_lite0(blocks=blocks, pretrained=True, with_head=False).net
         with warnings.catch_warnings():  # torchvision FX: "nodes ... in eval mode are a subsequence ..."
@@ -332,7 +347,8 @@ def config_from_meta(meta: dict) -> PatchCoreConfig:
                            sigma=float(meta.get("sigma", DEFAULT_SIGMA)),
                            reweight=bool(meta.get("reweight", True)), tta=meta.get("tta", "none"),
                            fold_bank=int(meta.get("fold_bank", MAX_FOLD_BANK)),
-                           score_norm=str(meta.get("score_norm", "none")))
+                           score_norm=str(meta.get("score_norm", "none")),
+                           features=str(meta.get("features", "lite0")))
 
 
 def model_input_size(height: int, width: int, cfg: PatchCoreConfig) -> tuple[int, int]:
@@ -643,7 +659,7 @@ class PatchCore:
         val_normal = [load_rgb(im) for im in val_normal]
         val_defect = [load_rgb(im) for im in (val_defect or [])]
 
-        spec = backbone_spec(rt.backbone, cfg.blocks)
+        spec = backbone_spec("texture" if cfg.features == "texture" else rt.backbone, cfg.blocks)
         model = new_model(spec, cfg, rt, guard)
         n = len(train_images)
         t_core = time.perf_counter()
@@ -735,6 +751,7 @@ class PatchCore:
             "tta": cfg.tta,
             "fold_bank": cfg.fold_bank,
             "score_norm": cfg.score_norm,
+            "features": cfg.features,
             "tta_views": views,
             "symmetry": symmetry,
             "image_score_rule": image_score_rule(cfg),

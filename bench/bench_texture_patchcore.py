@@ -1,0 +1,110 @@
+"""Texture features inside the shipped PatchCore path against its Lite0 banks (issue 15, tenth session).
+
+Why: ``bench/bench_texture.py`` (eighth session) measured a kNN over pixel-level texture statistics:
+on its tuning set it predicted, and on the unseen split it then showed, grass 0.50 -> 0.62 and gravel
+0.60 -> 0.64 image AUROC, brick 0.95 -> 0.69. It was not integrated because it was a second detector.
+:mod:`models.patchcore.texture` now makes those statistics PatchCore's patch features
+(``PatchCoreConfig(features="texture")``), so the memory bank, coreset, calibration, anomaly map and
+similar-defect search are the shipped ones. This bench fits each variant through
+:meth:`models.patchcore.model.PatchCore.fit`, as ``services.products.fit_bank`` does (train normals +
+one acquisition copy each in the bank, threshold from the val normals + 3 copies), but **without**
+cross-fitting, so the val normals stay outside the bank: the tuning set is cut from them.
+
+Tuning set: ``bench_texture.tune_set`` (the 30 val normals of the tuning region recropped to 128 px
+tall, half gray, 1-3 acquisition changes; 60 normals and 60 defects drawn by ``data.synth_alt``). No
+unseen photo is read here; the unseen split is read once, afterwards, by ``cli.py eval anomaly``.
+
+Choice rule, fixed before the first run (tenth session):
+* among the texture variants, the one with the highest mean tuning image AUROC over gravel and grass;
+* per product, the texture features replace the Lite0 entry of ``PRODUCT_CONFIGS`` when their tuning
+  image AUROC is at least the Lite0 bank's + 0.03 (one standard error at 60 + 60 photos is ~0.04;
+  the eighth session's kNN led by 0.04 / 0.21 on gravel / grass and trailed by 0.37 on brick).
+
+Usage::
+
+    .venv/bin/python bench/bench_texture_patchcore.py [--products brick gravel grass] [--variants ...]
+
+Prints one JSON line per product and variant: image / pixel / per-type AUROC on the tuning set,
+bank size, fit seconds, ms per photo (one process, 2 torch threads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_texture as bt  # noqa: E402  (sets the runtime environment first)
+import bench_robustness as br  # noqa: E402
+import torch  # noqa: E402
+from sklearn.metrics import roc_auc_score  # noqa: E402
+
+from core.imageio import load_rgb  # noqa: E402
+from models.patchcore.config import PRODUCT_CONFIGS, PatchCoreConfig  # noqa: E402
+from models.patchcore.model import PatchCore, Runtime  # noqa: E402
+from services.products import acquisition_copies  # noqa: E402
+
+#: texture variants: name -> PatchCoreConfig overrides (no symmetry views: the features are
+#: rotation-invariant up to the pixel grid; a 0.3 % coreset keeps about the 5,000 patches a cross-fitted
+#: fold keeps)
+VARIANTS = {
+    "texture-pool1": {"features": "texture", "pool_size": 1, "sigma": 2.0, "augment": "none", "tta": "none",
+                      "fold_bank": 5000, "coreset_ratio": 0.003},
+    "texture-pool3": {"features": "texture", "pool_size": 3, "sigma": 2.0, "augment": "none", "tta": "none",
+                      "fold_bank": 5000, "coreset_ratio": 0.003},
+}
+
+
+def fit(product: str, cfg: PatchCoreConfig) -> tuple[PatchCore, float]:
+    """A bank fitted like ``fit_bank`` (1 acquisition copy, 3 calibration copies), not cross-fitted."""
+    train = [load_rgb(it["path"]) for it in br.items(product, "train")]
+    val = [load_rgb(it["path"]) for it in br.items(product, "val") if it["label"] == "good"]
+    t0 = time.perf_counter()
+    pc, _ = PatchCore.fit(product, train, val + acquisition_copies(val, 3, seed=1), cfg=cfg, rt=Runtime(),
+                          bank_extra=acquisition_copies(train, 1), target_fpr=0.02, cross_fit=False)
+    return pc, time.perf_counter() - t0
+
+
+def evaluate(pc: PatchCore, photos: list[dict]) -> dict:
+    """Image / pixel / per-type AUROC of the bank's scores and maps on ``photos``; ms per photo."""
+    t0 = time.perf_counter()
+    res = pc.predict([p["rgb"] for p in photos])
+    ms = (time.perf_counter() - t0) * 1000 / len(photos)
+    labels = np.array([p["label"] == "defect" for p in photos])
+    scores = np.array([r.score for r in res])
+    per = {}
+    for t in bt.TYPES:
+        sel = np.array([(not lab) or p["defect_type"] == t for p, lab in zip(photos, labels)])
+        per[t] = round(float(roc_auc_score(labels[sel], scores[sel])), 3)
+    pixel = roc_auc_score(np.concatenate([p["mask"].ravel() for p in photos]),
+                          np.concatenate([r.anomaly_map.ravel() for r in res]))
+    return {"image_auroc": round(float(roc_auc_score(labels, scores)), 3), "pixel_auroc": round(float(pixel), 3),
+            "per_type": per, "ms_per_photo": round(ms, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--products", nargs="+", default=["brick", "gravel", "grass"])
+    ap.add_argument("--variants", nargs="+", default=["lite0", *VARIANTS])
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    for product in args.products:
+        photos = bt.tune_set(product)
+        for name in args.variants:
+            base = PRODUCT_CONFIGS.get(product, PatchCoreConfig())
+            cfg = base if name == "lite0" else replace(base, **VARIANTS[name])
+            pc, fit_s = fit(product, cfg)
+            row = {"product": product, "split": "tune", "variant": name, "model": pc.meta["model"],
+                   "bank_size": pc.meta["bank_size"], "fit_s": round(fit_s, 1), **evaluate(pc, photos)}
+            print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
