@@ -29,6 +29,11 @@ most of it, so a second rule, fixed before its run (the one gravel's bank size w
 Usage::
 
     .venv/bin/python bench/bench_texture_patchcore.py [--products brick gravel grass] [--variants ...]
+    .venv/bin/python bench/bench_texture_patchcore.py --latency STATE --anchor-state OLD_STATE [--product grass]
+
+``--latency``: ``PatchCore.predict`` p50 / p95 ms per photo of the bank a built state serves for the product
+against the bank of another state (the anchor: the Lite0 bank it replaced), one process, side by side, on 20
+val normals (256 px) and 20 tuning-set photos (128 px tall), 2 torch threads, after one warm-up call each.
 
 Prints one JSON line per product and variant: image / pixel / per-type AUROC on the tuning set,
 bank size, fit seconds, ms per photo (one process, 2 torch threads).
@@ -53,7 +58,7 @@ import torch  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
 from core.imageio import load_rgb  # noqa: E402
-from models.patchcore.config import PRODUCT_CONFIGS, PatchCoreConfig  # noqa: E402
+from models.patchcore.config import LITE0_CONFIGS, PatchCoreConfig  # noqa: E402
 from models.patchcore.model import PatchCore, Runtime  # noqa: E402
 from services.products import acquisition_copies  # noqa: E402
 
@@ -101,16 +106,52 @@ def evaluate(pc: PatchCore, photos: list[dict]) -> dict:
             "per_type": per, "ms_per_photo": round(ms, 1)}
 
 
+def latency(state: str, anchor_state: str, product: str, rounds: int = 2) -> None:
+    """Print p50 / p95 ms per photo of both states' banks of ``product`` (see the module doc)."""
+    from core.settings import Settings
+    from stores.banks import BankStore
+
+    banks = {"shipped": BankStore(Settings.from_env(state_dir=state)).get(product),
+             "anchor": BankStore(Settings.from_env(state_dir=anchor_state)).get(product)}
+    sets = {"val 256 px": [load_rgb(it["path"]) for it in br.items(product, "val") if it["label"] == "good"][:20],
+            "tune 128 px": [p["rgb"] for p in bt.tune_set(product)[:20]]}
+    for name, photos in sets.items():
+        times: dict[str, list[float]] = {k: [] for k in banks}
+        for k, bank in banks.items():
+            bank.predict(photos[:1])  # warm-up
+        for _ in range(rounds):
+            for im in photos:
+                for k, bank in banks.items():  # interleaved: the same machine state for both
+                    t0 = time.perf_counter()
+                    bank.predict([im])
+                    times[k].append((time.perf_counter() - t0) * 1000)
+        row = {"product": product, "photos": name}
+        for k, bank in banks.items():
+            row[k] = {"model": bank.meta["model"], "bank": int(bank.meta["bank_size"]),
+                      "p50_ms": round(float(np.percentile(times[k], 50)), 1),
+                      "p95_ms": round(float(np.percentile(times[k], 95)), 1)}
+        row["ratio_p50_shipped_over_anchor"] = round(row["shipped"]["p50_ms"] / row["anchor"]["p50_ms"], 2)
+        print(json.dumps(row), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--products", nargs="+", default=["brick", "gravel", "grass"])
     ap.add_argument("--variants", nargs="+", default=["lite0", *VARIANTS])
+    ap.add_argument("--latency", metavar="STATE", help="time the bank this built state serves ...")
+    ap.add_argument("--anchor-state", metavar="STATE", help="... against this state's bank of the same product")
+    ap.add_argument("--product", default="grass", help="the product --latency times")
     args = ap.parse_args()
     torch.set_num_threads(2)
+    if args.latency:
+        if not args.anchor_state:
+            ap.error("--latency needs --anchor-state")
+        latency(args.latency, args.anchor_state, args.product)
+        return
     for product in args.products:
         photos = bt.tune_set(product)
         for name in args.variants:
-            base = PRODUCT_CONFIGS.get(product, PatchCoreConfig())
+            base = LITE0_CONFIGS.get(product, PatchCoreConfig())
             cfg = base if name == "lite0" else replace(base, **VARIANTS[name])
             pc, fit_s = fit(product, cfg)
             row = {"product": product, "split": "tune", "variant": name, "model": pc.meta["model"],

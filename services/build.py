@@ -22,9 +22,10 @@ from data import synth, synth_alt
 from data.acquisition import random_acquisition
 from data.build import build_sample_data, load_manifest
 from models.embedders import DefectAwareEmbedder
+from models.patchcore.model import config_from_meta
 from services.container import Services
 from services.lock import MODEL_LOCK
-from services.products import fit_bank
+from services.products import fit_bank, fit_config
 
 Progress = Callable[[float, str], None]
 
@@ -231,12 +232,17 @@ def build_manuals(services: Services, data_dir: Path | None = None, progress: Pr
 
 
 def _bank_matches(services: Services, product: str, manifest: dict) -> bool:
-    """A bank fitted on this sample data version (banks of older data versions, or fitted before the
-    version was recorded, are refitted by :func:`build_state`)."""
+    """A bank fitted on this sample data version with the product's current configuration (banks of older
+    data versions, fitted before the version was recorded, or of another configuration - e.g. after
+    :data:`models.patchcore.config.PRODUCT_CONFIGS` changed - are refitted by :func:`build_state`)."""
     try:
-        return services.banks.read_meta(product).get("data_version") == data_version(manifest)
+        meta = services.banks.read_meta(product)
     except (OSError, ValueError, KeyError):
         return False
+    if meta.get("data_version") != data_version(manifest):
+        return False
+    # a bank of another configuration than the product's current one (e.g. its tuned entry changed)
+    return config_from_meta({"coreset_ratio": 0.01, **meta}).as_dict() == fit_config(services, product).as_dict()
 
 
 def build_state(services: Services, force: bool = False, progress: Progress | None = None) -> dict:
