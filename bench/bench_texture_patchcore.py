@@ -26,13 +26,6 @@ took 136 ms per photo, the faiss search of a 12-dim bank of ~10,000 patches (two
 most of it, so a second rule, fixed before its run (the one gravel's bank size was chosen by): the smallest bank
 (``-b3200``, ``-b1600``) whose tuning image AUROC is at least the ~4,400-patch bank's - 0.01.
 
-Bank rule result: ~4,400 / 3,200 / 1,600 patches gave grass .626 / .619 / .631, so ``-b1600`` (800 per fold).
-
-Then a third rule, fixed before its run: ``-b1600-std`` (each channel standardised by the bank normals' mean
-and spread, as the eighth session's kNN was) replaces the shipped grass entry if the mean tuning image AUROC
-over gravel and grass gains >= 0.02 and grass loses nothing; gravel then moves to it only by the first rule
-(>= Lite0 + 0.03).
-
 Usage::
 
     .venv/bin/python bench/bench_texture_patchcore.py [--products brick gravel grass] [--variants ...]
@@ -66,7 +59,6 @@ from sklearn.metrics import roc_auc_score  # noqa: E402
 
 from core.imageio import load_rgb  # noqa: E402
 from models.patchcore.config import LITE0_CONFIGS, PatchCoreConfig  # noqa: E402
-from models.patchcore import model as pc_model  # noqa: E402
 from models.patchcore.model import PatchCore, Runtime  # noqa: E402
 from services.products import acquisition_copies  # noqa: E402
 
@@ -84,13 +76,7 @@ VARIANTS = {
                             "fold_bank": 1600, "coreset_ratio": 0.0022},
     "texture-pool3-b1600": {"features": "texture", "pool_size": 3, "sigma": 2.0, "augment": "none", "tta": "none",
                             "fold_bank": 800, "coreset_ratio": 0.0011},
-    # the shipped grass entry with each channel standardised by the bank normals' mean and spread
-    # (models.patchcore.model.TEXTURE_STANDARDISE), as the eighth session's kNN did
-    "texture-pool3-b1600-std": {"features": "texture", "pool_size": 3, "sigma": 2.0, "augment": "none",
-                                "tta": "none", "fold_bank": 800, "coreset_ratio": 0.0011},
 }
-#: variants fitted with the texture channels standardised
-STANDARDISED = {"texture-pool3-b1600-std"}
 
 
 def fit(product: str, cfg: PatchCoreConfig) -> tuple[PatchCore, float]:
@@ -167,7 +153,6 @@ def main() -> None:
         for name in args.variants:
             base = LITE0_CONFIGS.get(product, PatchCoreConfig())
             cfg = base if name == "lite0" else replace(base, **VARIANTS[name])
-            pc_model.TEXTURE_STANDARDISE = name in STANDARDISED
             pc, fit_s = fit(product, cfg)
             row = {"product": product, "split": "tune", "variant": name, "model": pc.meta["model"],
                    "bank_size": pc.meta["bank_size"], "fit_s": round(fit_s, 1), **evaluate(pc, photos)}

@@ -52,13 +52,10 @@ from models.patchcore.config import (AUGMENTATIONS, BATCH_SIZE, CORESET_CANDIDAT
                                      UNCERTAIN_BAND, PatchCoreConfig)
 from models.patchcore.coreset import greedy_coreset_indices
 from models.patchcore.texture import LAYER as TEXTURE_LAYER
-from models.patchcore.texture import TextureFeatures, channel_scale
+from models.patchcore.texture import TextureFeatures
 
 #: row / column step of the texture features (every 2nd pixel; the anomaly map is upsampled back)
 TEXTURE_STRIDE = 2
-#: standardise each texture channel by its mean and spread on the bank's normals (measured at fit time and
-#: stored in meta.json); see bench/bench_texture_patchcore.py
-TEXTURE_STANDARDISE = False
 
 FORMAT_VERSION = 1
 Progress = Callable[[float, str], None]
@@ -592,8 +589,6 @@ class PatchCore:
         """
         spec = backbone_spec(meta["backbone"], meta.get("blocks"))
         model = new_model(spec, config_from_meta(meta), rt, guard)
-        if meta.get("feature_scale"):  # texture channels standardised at fit time
-            model.feature_extractor.set_scale(meta["feature_scale"]["mean"], meta["feature_scale"]["std"])
         model.memory_bank = torch.from_numpy(np.asarray(memory_bank, dtype=np.float32))
         return cls(model, spec, meta, torch.from_numpy(np.asarray(descriptors, dtype=np.float32)), train_paths)
 
@@ -667,10 +662,6 @@ class PatchCore:
         spec = backbone_spec("texture" if cfg.features == "texture" else rt.backbone, cfg.blocks)
         model = new_model(spec, cfg, rt, guard)
         n = len(train_images)
-        scale = None
-        if spec.name == "texture" and TEXTURE_STANDARDISE:  # channel spreads of the bank's normals
-            scale = channel_scale(model.feature_extractor, [prepare(im, cfg, spec) for im in train_images + extra])
-            model.feature_extractor.set_scale(*scale)
         t_core = time.perf_counter()
         cap = cfg.fold_bank if cross_fit else None
         bank_a, n_a, descs, cand_a = _coreset_bank(model, train_images + extra, n, cfg, spec, cap,
@@ -761,7 +752,6 @@ class PatchCore:
             "fold_bank": cfg.fold_bank,
             "score_norm": cfg.score_norm,
             "features": cfg.features,
-            "feature_scale": {"mean": scale[0], "std": scale[1]} if scale else None,
             "tta_views": views,
             "symmetry": symmetry,
             "image_score_rule": image_score_rule(cfg),

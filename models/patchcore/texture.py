@@ -130,58 +130,13 @@ class TextureFeatures(nn.Module):
         if stride < 1:
             raise ValueError(f"stride must be >= 1, got {stride}")
         self.stride = int(stride)
-        # per-channel standardisation (identity until :meth:`set_scale`): the channels have different
-        # spreads, and the nearest-neighbour distance should weigh each by its spread on normal parts
-        self.register_buffer("mean", torch.zeros(CHANNELS))
-        self.register_buffer("std", torch.ones(CHANNELS))
-
-    def set_scale(self, mean, std) -> None:
-        """Standardise channel ``c`` as ``(f_c - mean[c]) / std[c]`` from now on (``CHANNELS`` floats each).
-
-        Raises:
-            ValueError: wrong lengths or a non-positive std.
-        """
-        mean = torch.as_tensor(mean, dtype=torch.float32).flatten()
-        std = torch.as_tensor(std, dtype=torch.float32).flatten()
-        if mean.numel() != CHANNELS or std.numel() != CHANNELS or not bool((std > 0).all()):
-            raise ValueError(f"need {CHANNELS} means and {CHANNELS} positive stds")
-        self.mean.copy_(mean)
-        self.std.copy_(std)
-
-    def raw(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, CHANNELS, h, w)`` features at the stride, before standardisation."""
-        f = texture_maps(x)
-        return f[..., ::self.stride, ::self.stride] if self.stride > 1 else f
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """See the class docstring."""
-        f = (self.raw(x) - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
+        f = texture_maps(x)
+        if self.stride > 1:
+            f = f[..., ::self.stride, ::self.stride]
         return {LAYER: f.contiguous()}
-
-
-def channel_scale(extractor: TextureFeatures, inputs) -> tuple[list[float], list[float]]:
-    """Per-channel mean and standard deviation of ``extractor``'s raw features over model inputs.
-
-    Args:
-        inputs: float tensors ``(1, 3, h, w)`` (any sizes), RGB in 0..1.
-
-    Returns:
-        ``(means, stds)``: ``CHANNELS`` floats each (stds floored at 1e-6).
-    """
-    total = torch.zeros(CHANNELS, dtype=torch.float64)
-    squares = torch.zeros(CHANNELS, dtype=torch.float64)
-    n = 0
-    with torch.inference_mode():
-        for x in inputs:
-            f = extractor.raw(x).double().transpose(0, 1).reshape(CHANNELS, -1)
-            total += f.sum(dim=1)
-            squares += (f * f).sum(dim=1)
-            n += f.shape[1]
-    if n == 0:
-        raise ValueError("no inputs to measure the channel scale on")
-    mean = total / n
-    std = (squares / n - mean * mean).clamp_min(0).sqrt().clamp_min(1e-6)
-    return mean.tolist(), std.tolist()
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         """``(h, w)`` of the feature map for a ``height x width`` input."""
