@@ -26,6 +26,14 @@ took 136 ms per photo, the faiss search of a 12-dim bank of ~10,000 patches (two
 most of it, so a second rule, fixed before its run (the one gravel's bank size was chosen by): the smallest bank
 (``-b3200``, ``-b1600``) whose tuning image AUROC is at least the ~4,400-patch bank's - 0.01.
 
+Bank rule result: ~4,400 / 3,200 / 1,600 patches gave grass .626 / .619 / .631, so ``-b1600`` (800 per fold).
+
+Then a third rule, fixed before its run: each channel standardised by the bank normals' mean and spread (as
+the eighth session's kNN was; measured at fit time, stored in meta.json) replaces the shipped grass entry if
+the mean tuning image AUROC over gravel and grass gains >= 0.02 and grass loses nothing. Result (1,600-patch
+banks): grass .631 -> .611, gravel .545 -> .518 (gravel without it: .545, Lite0 .547); not adopted, and its
+code was reverted (commit bcd8c2c).
+
 Usage::
 
     .venv/bin/python bench/bench_texture_patchcore.py [--products brick gravel grass] [--variants ...]
