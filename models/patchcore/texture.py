@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
+from scipy import ndimage as ndi
 from torch import nn
-from torch.nn import functional as F  # noqa: N812
 
 #: the feature map's name in the extractor's output (the bank's "layer")
 LAYER = "texture"
@@ -41,75 +42,49 @@ LUMA = (0.299, 0.587, 0.114)
 TRUNCATE = 4.0
 
 
-def gaussian_kernel(sigma: float) -> torch.Tensor:
-    """1-D float32 Gaussian kernel of ``2 * round(TRUNCATE * sigma) + 1`` taps summing to 1."""
-    radius = max(1, int(TRUNCATE * sigma + 0.5))
-    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    k = torch.exp(-0.5 * (x / sigma) ** 2)
-    return k / k.sum()
-
-
-def blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of ``x (B, C, H, W)`` with reflected borders (same shape).
-
-    Raises:
-        ValueError: a side not larger than the kernel radius (reflection needs ``radius < side``).
-    """
-    k = gaussian_kernel(sigma).to(x.dtype)
-    r = (k.numel() - 1) // 2
-    if min(x.shape[-2:]) <= r:
-        raise ValueError(f"input {tuple(x.shape[-2:])} too small for a Gaussian of sigma {sigma} (radius {r})")
-    c = x.shape[1]
-    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
-    return F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
-
-
-def _d_rows(x: torch.Tensor) -> torch.Tensor:
-    """Central difference along rows (``numpy.gradient``'s interior rule, edge rows replicated)."""
-    p = F.pad(x, (0, 0, 1, 1), mode="replicate")
-    return (p[..., 2:, :] - p[..., :-2, :]) * 0.5
-
-
-def _d_cols(x: torch.Tensor) -> torch.Tensor:
-    """Central difference along columns."""
-    p = F.pad(x, (1, 1, 0, 0), mode="replicate")
-    return (p[..., :, 2:] - p[..., :, :-2]) * 0.5
-
-
-def robust_gray(x: torch.Tensor) -> torch.Tensor:
-    """``(B, 3, H, W)`` RGB in 0..1 -> ``(B, 1, H, W)`` gray minus its median, over its inter-quartile range.
+def robust_gray(rgb: np.ndarray) -> np.ndarray:
+    """``(3, H, W)`` RGB in 0..1 -> ``(H, W)`` float32 gray minus its median, over its inter-quartile range.
 
     Removes exposure and contrast: a brighter, darker or flatter photo of the same texture gives
     the same values (up to the change's nonlinearity). The range is floored at 1e-3.
     """
-    w = torch.tensor(LUMA, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    g = (x * w).sum(dim=1, keepdim=True)
-    flat = g.flatten(1)
-    q = torch.quantile(flat, torch.tensor([0.25, 0.5, 0.75], dtype=x.dtype, device=x.device), dim=1)
-    q25, q50, q75 = (v.view(-1, 1, 1, 1) for v in q)
-    return (g - q50) / (q75 - q25).clamp_min(1e-3)
+    g = np.tensordot(np.asarray(LUMA, np.float32), np.asarray(rgb, np.float32), axes=1)
+    q25, q50, q75 = np.percentile(g, [25, 50, 75])
+    return ((g - q50) / max(float(q75 - q25), 1e-3)).astype(np.float32)
+
+
+def texture_channels(g: np.ndarray) -> np.ndarray:
+    """``(CHANNELS, H, W)`` float32 texture features of a robust gray image ``g (H, W)``.
+
+    For each sigma in :data:`SCALES`: the two eigenvalues of the Hessian of the Gaussian-smoothed
+    image (larger first; second differences by ``numpy.gradient``, as scikit-image's ``hessian_matrix``
+    with ``use_gaussian_derivatives=False``) times sigma^2, and the gradient magnitude times sigma
+    (scale-normalised derivatives); then the local mean at each sigma of :data:`MEAN_SCALES` and the
+    local standard deviation at the first of them. Gaussians: ``scipy.ndimage.gaussian_filter``
+    (reflected borders, 4 sigmas).
+    """
+    out = []
+    for s in SCALES:
+        gs = ndi.gaussian_filter(g, s, mode="reflect", truncate=TRUNCATE)
+        dr, dc = np.gradient(gs)
+        hrr, hrc = np.gradient(dr)
+        hcc = np.gradient(dc, axis=1)
+        half_trace = 0.5 * (hrr + hcc)
+        root = np.sqrt((0.5 * (hrr - hcc)) ** 2 + hrc ** 2)
+        out += [(half_trace + root) * s * s, (half_trace - root) * s * s, np.hypot(dr, dc) * s]
+    means = [ndi.gaussian_filter(g, s, mode="reflect", truncate=TRUNCATE) for s in MEAN_SCALES]
+    local_sq = ndi.gaussian_filter(g * g, MEAN_SCALES[0], mode="reflect", truncate=TRUNCATE)
+    spread = np.sqrt(np.maximum(local_sq - means[0] ** 2, 0.0))
+    return np.stack(out + means + [spread]).astype(np.float32)
 
 
 def texture_maps(x: torch.Tensor) -> torch.Tensor:
     """``(B, CHANNELS, H, W)`` float32 texture features of RGB ``x (B, 3, H, W)`` in 0..1.
 
-    Channels, on the robust gray image (:func:`robust_gray`): for each sigma in :data:`SCALES` the two
-    eigenvalues of the Hessian of the Gaussian-smoothed image (larger first) times sigma^2 and the
-    gradient magnitude times sigma (scale-normalised derivatives); the local mean at each sigma of
-    :data:`MEAN_SCALES`; the local standard deviation at the first of them.
+    Each photo: :func:`robust_gray`, then :func:`texture_channels`.
     """
-    g = robust_gray(x.float())
-    out = []
-    for s in SCALES:
-        gs = blur(g, s)
-        dr, dc = _d_rows(gs), _d_cols(gs)
-        hrr, hrc, hcc = _d_rows(dr), _d_cols(dr), _d_cols(dc)
-        half_trace = 0.5 * (hrr + hcc)
-        root = torch.sqrt((0.5 * (hrr - hcc)) ** 2 + hrc ** 2)
-        out += [(half_trace + root) * s * s, (half_trace - root) * s * s, torch.hypot(dr, dc) * s]
-    means = [blur(g, s) for s in MEAN_SCALES]
-    spread = torch.sqrt((blur(g * g, MEAN_SCALES[0]) - means[0] ** 2).clamp_min(0.0))
-    return torch.cat(out + means + [spread], dim=1)
+    arr = x.detach().float().cpu().numpy()
+    return torch.from_numpy(np.stack([texture_channels(robust_gray(a)) for a in arr]))
 
 
 class TextureFeatures(nn.Module):
@@ -121,8 +96,8 @@ class TextureFeatures(nn.Module):
 
     ``forward(x)``: ``x`` float ``(B, 3, H, W)``, the photo's RGB in 0..1 (the bank's
     :class:`~models.patchcore.model.BackboneSpec` has mean 0 and std 1) -> ``{"texture": (B, 12,
-    ceil(H / stride), ceil(W / stride))}`` float32. The smallest side must exceed 32 px (the widest
-    Gaussian's radius); the bank's minimum input side is 64 px.
+    ceil(H / stride), ceil(W / stride))}`` float32. The filtering runs in numpy / scipy, one photo at a
+    time (no gradients).
     """
 
     def __init__(self, stride: int = 2) -> None:

@@ -11,7 +11,7 @@ from skimage.feature import hessian_matrix, hessian_matrix_eigvals
 
 from core.settings import Settings
 from models.patchcore.model import backbone_spec, config_from_meta
-from models.patchcore.texture import CHANNELS, SCALES, TextureFeatures, blur, robust_gray, texture_maps
+from models.patchcore.texture import CHANNELS, SCALES, TextureFeatures, robust_gray, texture_maps
 from tests.bank_helpers import PatchCoreBanks
 
 ROWS = 320  # never read rows 320..511
@@ -31,27 +31,20 @@ def _to_input(rgb: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255.0
 
 
-def test_blur_equals_scipy_in_the_interior():
-    img = np.random.default_rng(0).normal(size=(80, 90)).astype(np.float32)
-    for s in (1.0, 4.0):
-        ours = blur(torch.from_numpy(img)[None, None], s)[0, 0].numpy()
-        ref = ndi.gaussian_filter(img, s, truncate=4.0)
-        r = int(4 * s + 0.5) + 1
-        assert np.abs(ours - ref)[r:-r, r:-r].max() < 1e-5
-
-
 def test_hessian_eigenvalues_equal_scikit_image():
     """The Hessian channels are scikit-image's eigenvalues (Gaussian smoothing, then np.gradient twice),
     scale-normalised by sigma^2; compared away from the borders, where the padding rules differ."""
     rgb = _gravel_crops(1, seed=3)[0]
     feats = texture_maps(_to_input(rgb))[0].numpy()
-    g = robust_gray(_to_input(rgb))[0, 0].numpy()
+    g = robust_gray(_to_input(rgb)[0].numpy())
+    assert abs(float(np.median(g))) < 1e-5
     for i, s in enumerate(SCALES):
         l1, l2 = hessian_matrix_eigvals(hessian_matrix(g, sigma=s, order="rc", use_gaussian_derivatives=False,
                                                        mode="reflect"))
-        r = int(4 * s + 0.5) + 3
         for ours, ref in ((feats[3 * i], l1 * s * s), (feats[3 * i + 1], l2 * s * s)):
-            assert np.abs(ours - ref)[r:-r, r:-r].max() < 2e-3 * (np.abs(ref).max() + 1e-6)
+            assert np.abs(ours - ref).max() < 1e-4 * (np.abs(ref).max() + 1e-6)
+    # the local mean is scipy's Gaussian of the robust gray image
+    assert np.allclose(feats[3 * len(SCALES)], ndi.gaussian_filter(g, 3.0), atol=1e-5)
 
 
 def test_shape_stride_and_exposure_invariance():
@@ -64,8 +57,6 @@ def test_shape_stride_and_exposure_invariance():
     dim = (rgb.astype(np.float32) * 0.6 + 20).round().astype(np.uint8)
     a, b = texture_maps(_to_input(rgb)), texture_maps(_to_input(dim))
     assert torch.allclose(a, b, atol=0.05 * float(a.abs().max()))
-    with pytest.raises(ValueError, match="too small"):
-        texture_maps(torch.zeros(1, 3, 30, 30))
     with pytest.raises(ValueError, match="stride"):
         TextureFeatures(0)
 
