@@ -13,6 +13,12 @@ machine chose ``SkylakeX`` by itself.
 when the library loads) to the kernel family the CPU's feature flags allow, imports faiss, and
 puts the environment back. A value the user already set is kept. Importing this module has no
 side effects.
+
+It also sets faiss's ``distance_compute_blas_threshold`` (:data:`FAISS_BLAS_THRESHOLD`). faiss 1.15
+runs an exact search of ``nx`` queries of ``d`` dims one query at a time (no BLAS) while
+``nx * d < 128000``, its default: a 256 px photo's 1,024 Lite0 patches (120 dims) and every photo's
+texture patches (12 dims, up to 10,000) took that path, 3-40x slower than the BLAS one
+(``bench/bench_faiss_threshold.py``). The exact same nearest neighbours come back either way.
 """
 
 from __future__ import annotations
@@ -29,6 +35,10 @@ from types import ModuleType
 SKYLAKEX_FLAGS = frozenset({"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"})
 #: CPU flags OpenBLAS's Haswell kernels need
 HASWELL_FLAGS = frozenset({"avx2", "fma"})
+#: faiss's exact search uses BLAS from ``queries x dims >= `` this (faiss 1.15's default: 128000). Measured
+#: with ``bench/bench_faiss_threshold.py`` on 2 cores: BLAS is faster from 4-16 queries at 12, 120 and 520
+#: dims; one 520-d query (the gallery's search) stays on the sequential path, which is as fast or faster.
+FAISS_BLAS_THRESHOLD = 1024
 
 
 def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> frozenset[str]:
@@ -77,6 +87,9 @@ def import_faiss() -> ModuleType:
     is set only for the import and only when the caller has not set it; other libraries that
     load an OpenBLAS later (or subprocesses) keep their own detection.
 
+    faiss's ``distance_compute_blas_threshold`` is set to :data:`FAISS_BLAS_THRESHOLD` (a process-wide
+    setting of faiss).
+
     Returns:
         the ``faiss`` module.
     """
@@ -89,4 +102,5 @@ def import_faiss() -> ModuleType:
     finally:
         if core:
             os.environ.pop("OPENBLAS_CORETYPE", None)
+    faiss.cvar.distance_compute_blas_threshold = FAISS_BLAS_THRESHOLD
     return faiss

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from core.blas import cpu_flags, openblas_coretype
@@ -69,3 +70,26 @@ def test_a_coretype_the_user_set_is_kept():
     got = _probe({**os.environ, "OPENBLAS_CORETYPE": "Prescott"})
     assert [a.lower() for a in got["faiss_openblas"]] == ["prescott"], got
     assert got["env_after"] == "Prescott"
+
+
+def test_faiss_searches_small_query_sets_with_blas_and_the_same_neighbours():
+    """import_faiss lowers faiss's sequential-search cut-off (faiss 1.15: queries x dims < 128000); the
+    BLAS path must find the same nearest neighbours, at the distances of the sequential one."""
+    from core.blas import FAISS_BLAS_THRESHOLD, import_faiss
+
+    faiss = import_faiss()
+    assert faiss.cvar.distance_compute_blas_threshold == FAISS_BLAS_THRESHOLD
+    rng = np.random.default_rng(0)
+    for d, nq in ((12, 900), (120, 1024)):
+        bank = rng.normal(size=(1600, d)).astype(np.float32)
+        queries = rng.normal(size=(nq, d)).astype(np.float32)
+        index = faiss.IndexFlatL2(d)
+        index.add(bank)
+        d_blas, i_blas = index.search(queries, 1)
+        try:
+            faiss.cvar.distance_compute_blas_threshold = 10**9  # every query on the sequential path
+            d_seq, i_seq = index.search(queries, 1)
+        finally:
+            faiss.cvar.distance_compute_blas_threshold = FAISS_BLAS_THRESHOLD
+        assert (i_blas == i_seq).mean() > 0.999  # ties within float rounding may swap
+        assert np.allclose(d_blas, d_seq, rtol=1e-4, atol=1e-4)
