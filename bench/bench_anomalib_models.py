@@ -86,7 +86,7 @@ import bench_robustness as br  # noqa: E402
 from core.imageio import load_rgb  # noqa: E402
 from data import acquisition  # noqa: E402
 from models.backbones import load_lite0, load_lite0_onnx  # noqa: E402
-from models.patchcore.config import AUGMENTATIONS, LITE0_CONFIGS  # noqa: E402
+from models.patchcore.config import AUGMENTATIONS, PRODUCT_CONFIGS  # noqa: E402
 from models.patchcore.model import backbone_spec  # noqa: E402
 
 TILE = 128
@@ -411,7 +411,7 @@ def patchcore_reference(product: str) -> list[dict]:
             m(x)
             ts.append(time.perf_counter() - t0)
     ms = round(1000 * float(np.median(ts)), 2)
-    views = len(AUGMENTATIONS[LITE0_CONFIGS[product].tta])
+    views = len(AUGMENTATIONS[PRODUCT_CONFIGS[product].tta])
     rows = []
     for split in ("val", "unseen"):
         v = r[split]

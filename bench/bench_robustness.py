@@ -41,7 +41,7 @@ from torch.nn import functional as F  # noqa: E402,N812
 from core.imageio import load_rgb  # noqa: E402
 from data import acquisition  # noqa: E402
 from data.build import load_manifest  # noqa: E402
-from models.patchcore.config import AUGMENTATIONS, LITE0_CONFIGS  # noqa: E402
+from models.patchcore.config import AUGMENTATIONS, PRODUCT_CONFIGS  # noqa: E402
 from models.patchcore.coreset import greedy_coreset_indices  # noqa: E402
 from models.patchcore.model import augment_views, backbone_spec, build_model  # noqa: E402
 
@@ -347,7 +347,7 @@ ACQ_CHANGES = ("scale", "blur", "sharpen", "exposure", "gamma", "gray", "jpeg", 
 
 def run_variant(name: str, product: str, args) -> dict:
     v = dict(VARIANTS[name])
-    cfg = LITE0_CONFIGS[product]
+    cfg = PRODUCT_CONFIGS[product]
     views_bank = v.get("augment", cfg.augment)
     tta = v.get("tta", cfg.tta)
     size = v.get("size")
@@ -587,7 +587,7 @@ def auroc_table(its: list[dict], scores: np.ndarray, thr: float | None) -> dict:
 def run_ensemble(product: str, args) -> list[dict]:
     """PatchCore (variant ``args.variants[0]``) and the supervised head, alone and z-score fused."""
     v = dict(VARIANTS[args.variants[0]])
-    cfg = LITE0_CONFIGS[product]
+    cfg = PRODUCT_CONFIGS[product]
     views_bank, tta, gray = v.get("augment", cfg.augment), v.get("tta", cfg.tta), v.get("gray", False)
     embs = list(split_embeddings(product, "train", views_bank, None, gray))
     for c in range(v.get("acq", 0)):
@@ -659,7 +659,7 @@ def clean_val(product: str) -> tuple[list[np.ndarray], list[dict]]:
 def run_changes(product: str, args) -> list[dict]:
     """Cost of each acquisition change alone: image AUROC and normal-score shift on the clean val split."""
     v = dict(VARIANTS[args.variants[0]])
-    cfg = LITE0_CONFIGS[product]
+    cfg = PRODUCT_CONFIGS[product]
     views_bank, gray = v.get("augment", cfg.augment), v.get("gray", False)
     embs = list(split_embeddings(product, "train", views_bank, None, gray))
     for c in range(v.get("acq", 0)):

@@ -52,7 +52,7 @@ from sklearn.metrics import roc_auc_score  # noqa: E402
 from core.blas import import_faiss  # noqa: E402
 from core.imageio import load_rgb  # noqa: E402
 from data import acquisition, synth_alt  # noqa: E402
-from models.patchcore.config import LITE0_CONFIGS  # noqa: E402
+from models.patchcore.config import PRODUCT_CONFIGS  # noqa: E402
 
 TYPES = br.TYPES
 
@@ -137,7 +137,7 @@ class TextureKNN:
 
 def patchcore_maps(product: str, photos: list[dict]) -> list[np.ndarray]:
     """PatchCore maps at pixel resolution (nearest upsampling, no blur), shipped protocol of bench_robustness."""
-    cfg = LITE0_CONFIGS[product]
+    cfg = PRODUCT_CONFIGS[product]
     embs = list(br.split_embeddings(product, "train", cfg.augment, None))
     embs += br.acq_train_embeddings(product, cfg.augment, None, 1, 100, br.ACQ_CHANGES, (1, 3))
     bank = br.bank_from(embs, 0.01, 120_000)
