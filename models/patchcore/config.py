@@ -158,7 +158,7 @@ DEFAULT_CONFIG = PatchCoreConfig()
 #:   conditions (recropped 128 px val normals, half gray, acquisition changes, ``data.synth_alt`` defects) grass
 #:   .428 -> .638 image AUROC (gravel .547 -> .545, brick .872 -> .544), so grass was refitted with them (pool 3,
 #:   sigma 2, 800 patches per fold, no views). The built state then lost on the val split (grass image AUROC
-#:   .845 -> .742, defect-type Recall@1 .55 -> .40: the similar-defect descriptor pools under the map) and did
+#:   .845 -> .742, defect-type Recall@1 .65 -> .40: the similar-defect descriptor pools under the map) and did
 #:   not gain on the unseen split (.532 -> .510; .592 with an earlier torch implementation of the same
 #:   filters). Not kept: grass stays on Lite0; the features remain an option of ``PatchCoreConfig``.
 PRODUCT_CONFIGS: dict[str, PatchCoreConfig] = {
