@@ -8,9 +8,11 @@ structure finds lines and blobs, the gradient finds edges, local means and sprea
 
 The method is classical scale-space filtering (Lindeberg, "Feature detection with automatic scale
 selection", IJCV 1998: scale-normalised Hessian eigenvalues and gradients) used as the patch features
-of PatchCore's memory bank and nearest-neighbour scoring (Roth et al. 2022); the bench that chose it
-is ``bench/bench_texture.py`` (a kNN over these features, eighth session) and
-``bench/bench_texture_patchcore.py`` (this module inside the shipped PatchCore path).
+of PatchCore's memory bank and nearest-neighbour scoring (Roth et al. 2022); the benches that measured
+it are ``bench/bench_texture.py`` (a kNN over these features, eighth session) and
+``bench/bench_texture_patchcore.py`` (this module inside the shipped PatchCore path). No product uses
+it: on grass it gained on a tuning set, lost on the val split and did not gain on the unseen one
+(the notes above :data:`models.patchcore.config.PRODUCT_CONFIGS`, ``docs/benchmarks.md``).
 
 :class:`TextureFeatures` is an ``nn.Module`` with the interface of anomalib's feature extractor
 (``forward(x) -> {layer name: (B, C, h, w)}``), so the PatchCore model, its memory bank, coreset,
@@ -20,8 +22,6 @@ calibration, test-time views and anomaly map are the project's usual ones
 """
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import torch
@@ -112,7 +112,3 @@ class TextureFeatures(nn.Module):
         if self.stride > 1:
             f = f[..., ::self.stride, ::self.stride]
         return {LAYER: f.contiguous()}
-
-    def output_size(self, height: int, width: int) -> tuple[int, int]:
-        """``(h, w)`` of the feature map for a ``height x width`` input."""
-        return math.ceil(height / self.stride), math.ceil(width / self.stride)
