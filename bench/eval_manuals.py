@@ -62,7 +62,8 @@ ALL_RANKERS = RANKERS + ("hyde",)
 SCOPES = ("product", "all")
 #: question splits no setting was chosen on: ``report`` (written with the tuning half) and ``report2``
 #: (written after the settings were fixed, 2026-11-28). ``report3`` (20 more, sixth session) was read once for
-#: the HyDE change (ninth session); later changes need new questions to report on.
+#: the HyDE change (ninth session). ``report4`` (20 more, tenth session, committed before any run on it) is for
+#: the next retrieval change.
 HELD_OUT = ("report", "report2")
 
 
@@ -275,10 +276,11 @@ def main() -> int:
     ap.add_argument("--grid", action="store_true", help="tuning grid on the tuning half")
     ap.add_argument("--chunk-chars", type=int, nargs="*", default=None, help="grid: chunk sizes (default 500 900 1400)")
     ap.add_argument("--titles", type=int, nargs="*", default=[0, 1], help="grid: section titles off (0) / on (1)")
-    ap.add_argument("--split", choices=("tune", "report", "report2", "report3", "both", "held-out", "all"),
+    ap.add_argument("--split", choices=("tune", "report", "report2", "report3", "report4", "both", "held-out", "all"),
                     default="both",
                     help="both: tune + report; held-out: report + report2; all: the three; report3: 20 questions "
-                         "written 2026-11-28, read once for the HyDE change (ninth session)")
+                         "written 2026-11-28, read once for the HyDE change (ninth session); report4: 20 questions "
+                         "written 2026-11-29 (tenth session) for the next retrieval change, not yet read")
     ap.add_argument("--hyde", action="store_true", help="also the shipped HyDE ranking (loads the agent's model)")
     ap.add_argument("--json", action="store_true", help="print the JSON report instead of the tables")
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON report to this file")

@@ -1,4 +1,4 @@
-"""Ranking variants of manual retrieval on the questions already read (tune, report, report2), never report3.
+"""Ranking variants of manual retrieval on the questions already read (tune, report, report2), never report3 / 4.
 
     python bench/manual_variants.py            # shipped hybrid, dense, page-level fusions, neighbour pages
     python bench/manual_variants.py --use      # also fuse a second embedder (USE multilingual, numpy)
@@ -42,7 +42,7 @@ from core.settings import Settings  # noqa: E402
 from models.embedders import get_text_embedder  # noqa: E402
 from stores.manual_store import LexicalIndex, ManualStore, reciprocal_rank_fusion  # noqa: E402
 
-SPLITS = ("tune", "report", "report2")  # never report3
+SPLITS = ("tune", "report", "report2")  # never report3 / report4
 
 
 def main() -> int:
