@@ -27,6 +27,8 @@ most of it, so a second rule, fixed before its run (the one gravel's bank size w
 (``-b3200``, ``-b1600``) whose tuning image AUROC is at least the ~4,400-patch bank's - 0.01.
 
 Bank rule result: ~4,400 / 3,200 / 1,600 patches gave grass .626 / .619 / .631, so ``-b1600`` (800 per fold).
+(Most of the 136 ms turned out to be faiss searching a few thousand 12-dim queries one at a time; fixed since
+for every bank by ``core.blas.FAISS_BLAS_THRESHOLD``, ``bench/bench_faiss_threshold.py``.)
 
 Then a third rule, fixed before its run: each channel standardised by the bank normals' mean and spread (as
 the eighth session's kNN was; measured at fit time, stored in meta.json) replaces the shipped grass entry if
