@@ -17,7 +17,7 @@ from tests.bank_helpers import PatchCoreBanks
 ROWS = 320  # never read rows 320..511
 
 
-def _gravel_crops(n: int, seed: int, h: int = 128, w: int = 160, photo=data.gravel) -> list[np.ndarray]:
+def _crops(n: int, seed: int, h: int = 128, w: int = 160, photo=data.gravel) -> list[np.ndarray]:
     rows = photo()[:ROWS]
     rng = np.random.default_rng(seed)
     out = []
@@ -33,8 +33,8 @@ def _to_input(rgb: np.ndarray) -> torch.Tensor:
 
 def test_hessian_eigenvalues_equal_scikit_image():
     """The Hessian channels are scikit-image's eigenvalues (Gaussian smoothing, then np.gradient twice),
-    scale-normalised by sigma^2; compared away from the borders, where the padding rules differ."""
-    rgb = _gravel_crops(1, seed=3)[0]
+    scale-normalised by sigma^2, on every pixel (both reflect at the border)."""
+    rgb = _crops(1, seed=3)[0]
     feats = texture_maps(_to_input(rgb))[0].numpy()
     g = robust_gray(_to_input(rgb)[0].numpy())
     assert abs(float(np.median(g))) < 1e-5
@@ -48,7 +48,7 @@ def test_hessian_eigenvalues_equal_scikit_image():
 
 
 def test_shape_stride_and_exposure_invariance():
-    rgb = _gravel_crops(1, seed=4, h=100, w=130)[0]
+    rgb = _crops(1, seed=4, h=100, w=130)[0]
     out = TextureFeatures(2)(_to_input(rgb))
     assert list(out) == ["texture"]
     assert tuple(out["texture"].shape) == (1, CHANNELS, 50, 65) and out["texture"].dtype == torch.float32
@@ -81,7 +81,7 @@ def test_texture_bank_fits_scores_and_round_trips(tmp_path):
     settings = Settings.from_env(state_dir=tmp_path, patchcore_acquisition_copies=1, patchcore_calibration_copies=2)
     store = PatchCoreBanks(settings, features="texture", pool_size=3, sigma=2.0, augment="none", tta="none",
                            fold_bank=1600, coreset_ratio=0.01)
-    grass = lambda n, seed, **kw: _gravel_crops(n, seed, photo=data.grass, **kw)  # noqa: E731
+    grass = lambda n, seed, **kw: _crops(n, seed, photo=data.grass, **kw)  # noqa: E731
     train, val = grass(24, seed=11), grass(8, seed=12)
     info = store.fit("grass", train, val)
     meta = store.meta("grass")
