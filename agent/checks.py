@@ -243,6 +243,37 @@ def other_products_named(text: str, ctx: Any) -> list[str]:
     return sorted(p for p in known if p != own and named(p))
 
 
+_SUBJECT = r"\b(?:the part|this part|the product|this one|the brick|the gravel|the grass)"
+#: claims that contradict a verdict: (ANOMALOUS scored, NORMAL scored) -> patterns of the opposite claim
+_CONTRADICTIONS = {
+    True: (_SUBJECT + r"\s+(?:looks|is|seems|appears)\s+(?:to be\s+)?(?:normal|ok|okay|fine|good|defect-free)\b",
+           r"\bis below the threshold\b", r"\bno defects? (?:was |were |is )?(?:found|detected)\b",
+           r"\bnot (?:anomalous|defective)\b", r"정상입니다", r"임계값보다 낮", r"결함이 (?:발견되지 않|없습니다)"),
+    False: (_SUBJECT + r"\s+(?:looks|is|seems|appears)\s+(?:to be\s+)?(?:anomalous|defective|damaged)\b",
+            r"\bis above the threshold\b", r"\b(?:a|the) defect (?:was |is )?(?:found|detected)\b",
+            r"임계값보다 높", r"불량입니다", r"결함이 발견되었"),
+}
+
+
+def contradicting_claim(text: str, anomalous: bool) -> str | None:
+    """The first phrase of ``text`` that claims the opposite of the scored verdict, or ``None``.
+
+    A small model copies the prompt's example sentence ("The part looks normal: its anomaly score ... is below
+    the threshold ...") under an ANOMALOUS verdict while also naming the defect, which a word-presence check
+    lets through. These patterns are claims about the part or the score (English and Korean), not single words,
+    so "the rest of the surface looks normal" passes.
+
+    Args:
+        text: the model's answer.
+        anomalous: the verdict anomaly scoring gave this photo.
+    """
+    for pat in _CONTRADICTIONS[bool(anomalous)]:
+        m = re.search(pat, text or "", re.IGNORECASE)
+        if m:
+            return m.group(0)
+    return None
+
+
 def writes_verdict_head(ctx: Any) -> bool:
     """Whether a text answer of this turn starts with the code-written verdict
     (:func:`agent.answers.verdict_head`): a photo sent with this message was scored."""
@@ -299,7 +330,8 @@ def check_turn(raw: Any, answer: str, ctx: Any, kind: str, form: str) -> list[st
     Checks: non-empty; labels and citations only of passages retrieved in this conversation;
     a response manual passes :func:`check_answer`; the evidence :func:`required_tools` names;
     a manual question answered with at least one citation; a verdict states the scored verdict
-    (:data:`NORMAL_WORDS` / :data:`DEFECT_WORDS`); similar cases are named by their defect types; a
+    (:data:`NORMAL_WORDS` / :data:`DEFECT_WORDS`) and no answer about a scored photo claims the opposite
+    (:func:`contradicting_claim`); similar cases are named by their defect types; a
     photo turn's answer does not name another product instead of the turn's own
     (:func:`other_products_named`); a capabilities reply says what the assistant does, an off-topic
     reply what it helps with; a Korean message answered in Korean.
@@ -336,6 +368,13 @@ def check_turn(raw: Any, answer: str, ctx: Any, kind: str, form: str) -> list[st
                 problems.append(f"the part scored {verdict}: the answer must not say otherwise")
         elif not says_any(raw, verdict_words):
             problems.append("state the verdict: the part is " + verdict)
+    if insp and "is_anomalous" in insp and not any("must not say otherwise" in p for p in problems):
+        claim = contradicting_claim(raw, bool(insp.get("is_anomalous")))
+        if claim:
+            verdict = "ANOMALOUS (a defect was found)" if insp.get("is_anomalous") else "NORMAL (no defect)"
+            problems.append(f"the part scored {verdict}, score {float(insp.get('score', 0)):.2f} against the "
+                            f"threshold {float(insp.get('threshold', 0)):.2f}; the answer says '{claim}': "
+                            "the answer must not say otherwise")
     others = other_products_named(raw, ctx) if insp and kind in ("verdict", "manual", "similar") else []
     if others:
         problems.append(f"this photo is {ctx.product} (anomaly scoring); the answer names "

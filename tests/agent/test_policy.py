@@ -249,3 +249,31 @@ def test_a_photo_scored_normal_reports_no_defect_type():
     ctx.new_photo = False
     facts = known_facts(ctx)
     assert "NORMAL" in facts and "defect type" not in facts, facts
+
+
+def test_an_answer_that_restates_the_opposite_verdict_goes_back():
+    """Seen in a dev chat run: under the code-written ANOMALOUS verdict the 1.5B model copied the prompt's
+    example, "The part looks normal: its anomaly score 10.67 is below the threshold 8.22. The defect found is a
+    scratch". It names the defect too, so the word check let it through; the claim check does not."""
+    from agent.checks import contradicting_claim
+
+    ctx = _ctx(question="Is this part OK?", new_photo=True, product="brick")
+    ctx.inspection = {"product": "brick", "score": 10.67, "threshold": 8.22, "is_anomalous": True, "regions": []}
+    ctx.tool_calls.append("anomaly_scoring")
+    copied = ("The part looks normal: its anomaly score 10.67 is below the threshold 8.22. "
+              "The defect found is a scratch on the brick.")
+    problems = check_turn(copied, render_answer(copied, ctx, "text"), ctx, "verdict", "text")
+    assert any("says 'The part looks normal'" in p and "must not say otherwise" in p for p in problems), problems
+    fine = "A scratch was found: the score is above the threshold. The rest of the surface looks normal."
+    assert check_turn(fine, render_answer(fine, ctx, "text"), ctx, "verdict", "text") == []
+    assert contradicting_claim("It is good practice to store panels on bearers.", True) is None
+    assert contradicting_claim("부품은 정상입니다.", True) == "정상입니다"
+    # and the other way round: a part scored NORMAL
+    assert contradicting_claim("No defect was found; the score is below the threshold.", False) is None
+    assert contradicting_claim("No similar defect found in the gallery.", False) is None
+    assert contradicting_claim("Clean surface, but the defect found is a crack.", False) == "the defect found"
+    assert contradicting_claim("Its score is above the threshold.", False) == "is above the threshold"
+    # a follow-up turn (no new photo) about the scored part is held to the same verdict
+    later = _ctx(question="What about it?", new_photo=False, product="brick")
+    later.inspection = dict(ctx.inspection)
+    assert any("must not say otherwise" in p for p in check_turn(copied, copied, later, "followup", "text"))
