@@ -208,15 +208,19 @@ def main() -> int:
             "hybrid + hyde dense + hyde bm25": lambda rk: fuse(
                 rk, {"minilm": 1.0, "bm25": 1.0, "hyde": 1.0, "hyde-bm25": 1.0}),
         })
+    def top_pages(rk) -> list[int]:
+        """The HyDE ranking (shipped with the filter), one chunk per page, best first."""
+        cand: list[int] = []
+        for j in rk["hyde"]:
+            if key_of[j] not in [key_of[c] for c in cand]:
+                cand.append(j)
+        return cand
+
     if args.rerank:
         reranker = LlmReranker(args.cache / "rerank.json")
 
         def rerank(rk, qi):
-            q = qs[qi]
-            cand: list[int] = []
-            for j in rk["hyde"]:
-                if key_of[j] not in [key_of[c] for c in cand]:
-                    cand.append(j)
+            q, cand = qs[qi], top_pages(rk)
             head = cand[:RERANK_N]
             picks = reranker(q["id"], q["question"], q["doc"], [docs[j] for j in head])
             return [head[i] for i in picks] + [j for i, j in enumerate(head) if i not in picks] + cand[RERANK_N:]
@@ -225,11 +229,7 @@ def main() -> int:
         scorer = YesNoScorer(args.cache / "pointwise.json")
 
         def pointwise(rk, qi):
-            q = qs[qi]
-            cand: list[int] = []
-            for j in rk["hyde"]:
-                if key_of[j] not in [key_of[c] for c in cand]:
-                    cand.append(j)
+            q, cand = qs[qi], top_pages(rk)
             head = cand[:RERANK_N]
             sc = scorer(q["id"], q["question"], q["doc"], [docs[j] for j in head])
             return [head[i] for i in sorted(range(len(head)), key=lambda i: (-sc[i], i))] + cand[RERANK_N:]
@@ -267,60 +267,77 @@ def main() -> int:
     return 0
 
 
-class LlmReranker:
+class _CachedJudge:
+    """What both LLM re-rankers share: answers cached in ``path`` under ``key`` (prompt template and sizes), the
+    offline GGUF loaded on the first uncached question, seconds per question printed at exit (stderr)."""
+
+    label = "judge"
+
+    def __init__(self, path: Path, key: str):
+        self.path, self.key, self.llm, self.times = path, key, None, []
+        self.cache = json.loads(path.read_text()) if path.is_file() else {}
+
+    def load(self, n_ctx: int):
+        """The llama.cpp model, loaded once."""
+        if self.llm is None:
+            from llama_cpp import Llama
+
+            from agent.assemble import assemble_gguf
+
+            self.llm = Llama(model_path=str(assemble_gguf(Settings.from_env())), n_ctx=n_ctx, n_threads=2,
+                             verbose=False)
+        return self.llm
+
+    def store(self, qid: str, value, t0: float) -> None:
+        """Cache one question's answer and its time."""
+        self.times.append(time.perf_counter() - t0)
+        self.cache.setdefault(self.key, {})[qid] = value
+        self.path.write_text(json.dumps(self.cache, indent=1))
+
+    def __del__(self):
+        if self.times:
+            print(f"[variants] {self.label}: {len(self.times)} questions, {np.median(self.times):.1f} s p50, "
+                  f"{max(self.times):.1f} s max", file=sys.stderr)
+
+
+class LlmReranker(_CachedJudge):
     """``(qid, question, product, passages) -> indices`` of up to 3 passages, best first, by the offline GGUF.
 
-    One grammar-constrained chat completion per question at temperature 0 (:data:`RERANK_PROMPT`); answers are
-    cached in ``path`` per prompt template. Prints the time per call at the end of the run (stderr).
+    One grammar-constrained chat completion per question at temperature 0 (:data:`RERANK_PROMPT`).
     """
 
+    label = "re-rank"
+
     def __init__(self, path: Path):
-        self.path, self.llm, self.times = path, None, []
-        self.cache = json.loads(path.read_text()) if path.is_file() else {}
-        self.key = f"{RERANK_PROMPT}|{RERANK_N}|{RERANK_CHARS}"
+        super().__init__(path, f"{RERANK_PROMPT}|{RERANK_N}|{RERANK_CHARS}")
 
     def __call__(self, qid: str, question: str, product: str, passages: list[str]) -> list[int]:
-        got = self.cache.setdefault(self.key, {})
-        if qid not in got:
-            if self.llm is None:
-                from llama_cpp import Llama
-
-                from agent.assemble import assemble_gguf
-
-                self.llm = Llama(model_path=str(assemble_gguf(Settings.from_env())), n_ctx=4096, n_threads=2,
-                                 verbose=False)
+        if qid not in self.cache.get(self.key, {}):
+            llm = self.load(4096)
             n = len(passages)
             body = "\n\n".join(f"[{i + 1}] " + " ".join(p.split())[:RERANK_CHARS] for i, p in enumerate(passages))
             prompt = RERANK_PROMPT.format(n=n, product=product, question=question.strip(), passages=body)
             schema = {"type": "object", "required": ["best"], "properties": {"best": {
                 "type": "array", "minItems": 1, "maxItems": 3, "items": {"enum": list(range(1, n + 1))}}}}
             t0 = time.perf_counter()
-            out = self.llm.create_chat_completion(messages=[{"role": "user", "content": prompt}], temperature=0.0,
-                                                  max_tokens=24,
-                                                  response_format={"type": "json_object", "schema": schema})
-            self.times.append(time.perf_counter() - t0)
-            best = json.loads(out["choices"][0]["message"]["content"])["best"]
-            got[qid] = [int(b) for b in best]
-            self.path.write_text(json.dumps(self.cache, indent=1))
+            out = llm.create_chat_completion(messages=[{"role": "user", "content": prompt}], temperature=0.0,
+                                             max_tokens=24, response_format={"type": "json_object", "schema": schema})
+            self.store(qid, [int(b) for b in json.loads(out["choices"][0]["message"]["content"])["best"]], t0)
         seen: list[int] = []
-        for b in got[qid]:
+        for b in self.cache[self.key][qid]:
             if 1 <= b <= len(passages) and b - 1 not in seen:
                 seen.append(b - 1)
         return seen
 
-    def __del__(self):
-        if self.times:
-            print(f"[variants] re-rank: {len(self.times)} calls, {np.median(self.times):.1f} s p50, "
-                  f"{max(self.times):.1f} s max", file=sys.stderr)
 
-
-class YesNoScorer:
+class YesNoScorer(_CachedJudge):
     """``(qid, question, product, passages) -> scores``: ``logit("Yes") - logit("No")`` per passage, offline GGUF.
 
     The prompt is the GGUF's Qwen2.5 chat format written out (system, user, assistant turn opened); the part up
     to the passage is evaluated once and kept in llama.cpp's KV cache for every passage of the question.
-    Scores are cached in ``path``.
     """
+
+    label = "yes/no"
 
     SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
     HEAD = ("<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\nA user of the {product} manual asks: "
@@ -328,21 +345,13 @@ class YesNoScorer:
     TAIL = "{passage}\n\nAnswer Yes or No.<|im_end|>\n<|im_start|>assistant\n"
 
     def __init__(self, path: Path):
-        self.path, self.llm, self.times = path, None, []
-        self.cache = json.loads(path.read_text()) if path.is_file() else {}
-        self.key = f"{self.HEAD}{self.TAIL}|{RERANK_N}|{RERANK_CHARS}"
+        super().__init__(path, f"{self.HEAD}{self.TAIL}|{RERANK_N}|{RERANK_CHARS}")
 
     def __call__(self, qid: str, question: str, product: str, passages: list[str]) -> list[float]:
-        got = self.cache.setdefault(self.key, {})
-        if qid not in got:
+        if qid not in self.cache.get(self.key, {}):
             import llama_cpp
 
-            if self.llm is None:
-                from agent.assemble import assemble_gguf
-
-                self.llm = llama_cpp.Llama(model_path=str(assemble_gguf(Settings.from_env())), n_ctx=2048,
-                                           n_threads=2, verbose=False)
-            llm = self.llm
+            llm = self.load(2048)
             yes, no = llm.tokenize(b"Yes", add_bos=False), llm.tokenize(b"No", add_bos=False)
             assert len(yes) == 1 and len(no) == 1, (yes, no)
             t0 = time.perf_counter()
@@ -358,15 +367,8 @@ class YesNoScorer:
                 llm.eval(tail)
                 logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(llm.ctx), shape=(llm.n_vocab(),))
                 scores.append(float(logits[yes[0]] - logits[no[0]]))
-            self.times.append(time.perf_counter() - t0)
-            got[qid] = scores
-            self.path.write_text(json.dumps(self.cache, indent=1))
-        return got[qid]
-
-    def __del__(self):
-        if self.times:
-            print(f"[variants] yes/no: {len(self.times)} questions, {np.median(self.times):.1f} s p50, "
-                  f"{max(self.times):.1f} s max", file=sys.stderr)
+            self.store(qid, scores, t0)
+        return self.cache[self.key][qid]
 
 
 def hyde_passages(qs: list[dict], path: Path) -> dict[str, dict[str, str]]:
