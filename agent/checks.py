@@ -353,6 +353,7 @@ def check_turn(raw: Any, answer: str, ctx: Any, kind: str, form: str) -> list[st
         problems += check_answer(answer, ctx)
     missing = required_tools(kind, ctx)
     insp = getattr(ctx, "inspection", None) or {}
+    contradicted = False
     if missing:
         problems.append("the user's message needs " + ", ".join(missing) + ": call it before answering")
     elif kind == "manual_question" and getattr(ctx, "manual_hits", None) and not find_citations(answer):
@@ -366,9 +367,10 @@ def check_turn(raw: Any, answer: str, ctx: Any, kind: str, form: str) -> list[st
         if form == "text" and writes_verdict_head(ctx):
             if says_any(raw, other_words) and not says_any(raw, verdict_words):
                 problems.append(f"the part scored {verdict}: the answer must not say otherwise")
+                contradicted = True
         elif not says_any(raw, verdict_words):
             problems.append("state the verdict: the part is " + verdict)
-    if insp and "is_anomalous" in insp and not any("must not say otherwise" in p for p in problems):
+    if insp and "is_anomalous" in insp and not contradicted:
         claim = contradicting_claim(raw, bool(insp.get("is_anomalous")))
         if claim:
             verdict = "ANOMALOUS (a defect was found)" if insp.get("is_anomalous") else "NORMAL (no defect)"

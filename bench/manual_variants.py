@@ -216,6 +216,7 @@ def main() -> int:
                 cand.append(j)
         return cand
 
+    llm_variants = {}  # name -> fn(rankings, question index); with the product filter only
     if args.rerank:
         reranker = LlmReranker(args.cache / "rerank.json")
 
@@ -224,6 +225,8 @@ def main() -> int:
             head = cand[:RERANK_N]
             picks = reranker(q["id"], q["question"], q["doc"], [docs[j] for j in head])
             return [head[i] for i in picks] + [j for i, j in enumerate(head) if i not in picks] + cand[RERANK_N:]
+
+        llm_variants["hyde dense + LLM re-rank"] = rerank
 
     if args.pointwise:
         scorer = YesNoScorer(args.cache / "pointwise.json")
@@ -234,17 +237,16 @@ def main() -> int:
             sc = scorer(q["id"], q["question"], q["doc"], [docs[j] for j in head])
             return [head[i] for i in sorted(range(len(head)), key=lambda i: (-sc[i], i))] + cand[RERANK_N:]
 
+        llm_variants["hyde dense + LLM yes/no"] = pointwise
+
     print("| filter | variant | " + " | ".join(f"hit@3 {s}" for s in SPLITS) + " | hit@3 all 59 | hit@1 | MRR@10 |")
     print("|---|---|" + "---|" * (len(SPLITS) + 3))
     for scope in ("product", "all"):
-        extra = (["hyde dense + LLM re-rank"] if args.rerank else []) + (
-            ["hyde dense + LLM yes/no"] if args.pointwise else [])
-        per = {v: [] for v in list(variants) + (extra if scope == "product" else [])}
+        per = {v: [] for v in list(variants) + (list(llm_variants) if scope == "product" else [])}
         for qi, q in enumerate(qs):
             rk = rankings(qi, q["doc"] if scope == "product" else None)
             for name in per:
-                order = (rerank(rk, qi) if name == "hyde dense + LLM re-rank" else
-                         pointwise(rk, qi) if name == "hyde dense + LLM yes/no" else variants[name](rk))
+                order = llm_variants[name](rk, qi) if name in llm_variants else variants[name](rk)
                 pages: list[tuple] = []
                 for j in order:
                     if key_of[j] not in pages:
