@@ -205,9 +205,9 @@ class _TurnModel(Model):
     """
 
     def __init__(self, inner: Model, ctx, tools: list, deadline: float, cancel: threading.Event | None,
-                 timings: dict, max_calls: int = 3):
+                 timings: dict, max_calls: int = 3, kind: str | None = None):
         super().__init__(model_id=getattr(inner, "model_id", None))
-        self.inner, self.ctx, self.tools = inner, ctx, tools
+        self.inner, self.ctx, self.tools, self.kind = inner, ctx, tools, kind
         self.deadline, self.cancel, self.timings = deadline, cancel, timings
         self.rounds = 0
         self.max_calls = max_calls
@@ -218,7 +218,7 @@ class _TurnModel(Model):
     def step_grammar(self) -> ChatGrammar:
         """The grammar of the next step (tools offered, answer allowed and its shape)."""
         ctx = self.ctx
-        self.form = answer_form(ctx)
+        self.form = answer_form(ctx, self.kind)
         views = self.views()
         # a new photo is looked at first; an answer that lacked evidence is followed by a call of what it lacked
         must_call = bool(views) and ((ctx.new_photo and self.rounds == 0) or bool(self.needs_evidence))
@@ -257,7 +257,7 @@ class _TurnModel(Model):
             if calls:
                 self.rounds += 1
             return
-        self.form = answer_form(self.ctx)
+        self.form = answer_form(self.ctx, self.kind)
         views = self.views()
         self.needs_evidence = []
         final = [t for t in (tools_to_call_from or []) if t.name == "final_answer"]
@@ -430,7 +430,8 @@ class DefectAgent:
         fall back, or cancelled)."""
         settings = self.settings
         deadline = t0 + settings.agent_timeout_s
-        turn_model = _TurnModel(model, ctx, tools, deadline, cancel, timings, max_calls=self.max_calls)
+        turn_model = _TurnModel(model, ctx, tools, deadline, cancel, timings, max_calls=self.max_calls,
+                                kind=kind)
         state = {"failures": 0, "problems": []}
         template = self.extra_prompts["answer_problems"]
 
@@ -505,7 +506,7 @@ class DefectAgent:
                         steps.append(step)
                         timings["tools_done_s"] = time.monotonic() - t0
                         yield step
-                        if not pending and answer_form(ctx) == "manual" and "_facts_at" not in run:
+                        if not pending and answer_form(ctx, kind) == "manual" and "_facts_at" not in run:
                             # the evidence of a response manual is complete: its code-written facts show now
                             run["_facts_at"] = time.monotonic() - t0
                             timings.setdefault("first_answer_s", run["_facts_at"])

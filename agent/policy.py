@@ -18,7 +18,8 @@ keeps a small model safe:
   (the first reply must be a call of the tools that use the photo: scoring, similar-defect
   search, or a registration the user asked for);
 * **the answer's shape** (:func:`answer_form`, :func:`answer_gbnf`): once the turn has scored an
-  anomalous photo, found its defect type and retrieved its manual, the answer is the response
+  anomalous photo (or the message asks what to do about a photo scored earlier), found its defect
+  type and retrieved its manual, the answer is the response
   manual and the model writes only its causes, actions and prevention, each item ending with a
   label ``[P<n>]`` of a passage of that section; after a manual retrieval otherwise, one to three
   items, each ending with a label; any other answer is free text without headings (no ``#``: a
@@ -64,6 +65,12 @@ _WORDS = {
     "analyse": ("analy", "inspect", "check this", "look at", "what should i do", "what do i do", "what to do",
                 "what should we do", "how should", "handle", "deal with", "response manual", "report",
                 "분석", "검사", "조치", "처리", "어떻게 해", "대응"),
+    # asks what to do about the part: after a verdict turn this is still a request for the response manual
+    "act": ("what should i do", "what do i do", "what to do", "what should we do", "what can i do",
+            "deal with", "handle it", "handle this", "handle that", "response manual",
+            "어떻게 해야", "어떻게 하면", "어떻게 처리", "어떻게 조치", "조치해야", "대응해야"),
+    # a follow-up about one part of the answer ("What should I do first?") rather than the whole manual
+    "detail": ("why", "which", "first", "more", "explain", "왜", "어떤", "어느", "먼저", "자세히", "설명"),
     "followup": ("why", "which", "first", "and for", "what about", "more", "explain", "that", "it?", "this?",
                  "왜", "어떤", "어느", "먼저", "그럼", "그러면", "자세히", "설명", "그건", "그것"),
     "domain": ("defect", "part", "manual", "cause", "prevent", "action", "inspection", "anomal", "quality",
@@ -109,6 +116,8 @@ def classify(question: str | None, *, has_photo: bool, new_photo: bool, has_hist
     if new_photo:
         return "manual" if _has(q, "analyse") or sections or not _has(q, "followup") else "verdict"
     short = len(q.split()) <= 8
+    if has_photo and _has(q, "act") and not _has(q, "detail") and not names:
+        return "manual"
     if has_history and short and _has(q, "followup") and not names:
         return "followup"
     if has_photo and _has(q, "analyse") and not names:
@@ -235,12 +244,14 @@ def offered_tools(tools: list, ctx, rounds: int, only: list[str] | None = None) 
     return offered
 
 
-def answer_form(ctx) -> str:
+def answer_form(ctx, kind: str | None = None) -> str:
     """The shape of the answer at this point of the turn.
 
     ``"manual"``: the photo scored ANOMALOUS, its defect type is known, this turn called manual
-    retrieval and scoring or similar-defect search, and passages of that defect were retrieved: the
-    response manual. ``"cited"``: this turn retrieved manual passages (otherwise, and the photo, if
+    retrieval and scoring or similar-defect search (or the message asks for the response manual,
+    ``kind == "manual"``, about a photo scored in an earlier turn: "What should I do about it?" after
+    "Is this part OK?"), and passages of that defect were retrieved: the response manual.
+    ``"cited"``: this turn retrieved manual passages (otherwise, and the photo, if
     scored, is not a normal part): one to three items ``- <text> [P<n>]``, like the passage lines of
     the observation. ``"text"``: anything else (a normal part gets a short verdict, which may still cite
     labels, never defect items).
@@ -249,7 +260,7 @@ def answer_form(ctx) -> str:
     called = set(ctx.tool_calls)
     retrieved = "manual_retrieval" in called and bool(ctx.manual_hits)
     if (ctx.has_photo and insp.get("is_anomalous") and ctx.defect_type and retrieved
-            and called & {"anomaly_scoring", "similar_defect_search"}
+            and (kind == "manual" or called & {"anomaly_scoring", "similar_defect_search"})
             and any(h.get("defect") == ctx.defect_type for h in ctx.manual_hits)):
         return "manual"
     if ctx.has_photo and insp and not insp.get("is_anomalous"):

@@ -53,6 +53,10 @@ def _analysed(question: str | None = None, lang_ui: str = "en") -> RunContext:
     ("벽돌에 구멍이 생기면 즉시 어떤 조치를 해야 하나요?", False, False, False, "manual_question"),
     ("Which action should I take first?", True, False, True, "followup"),
     ("Why?", True, False, True, "followup"),
+    ("What should I do about it?", True, False, True, "manual"),  # after "Is this part OK?": the manual
+    ("그럼 어떻게 조치해야 하나요?", True, False, True, "manual"),
+    ("What should I do first?", True, False, True, "followup"),
+    ("What should I do about cracks?", False, False, True, "manual_question"),
     ("And for grass?", False, False, True, "manual_question"),
     ("What can you do?", False, False, False, "capabilities"),
     ("Who won the football world cup in 2010?", False, False, False, "offtopic"),
@@ -153,6 +157,13 @@ def test_answer_grammars_compile_and_constrain():
     normal = _analysed()
     normal.inspection["is_anomalous"] = False
     assert answer_form(normal) == "text"  # no defect manual for a normal part
+    assert answer_form(normal, "manual") == "text"
+    # a later turn about the photo scored before, which only retrieved the manual: cited items for a
+    # question about it, the response manual when the message asks what to do about the part
+    later = _analysed("What should I do about it?")
+    later.new_photo, later.tool_calls = False, ["manual_retrieval"]
+    assert answer_form(later) == "cited" and answer_form(later, "followup") == "cited"
+    assert answer_form(later, "manual") == "manual"
     with pytest.raises(ValueError):
         ChatGrammar().gbnf()
 
