@@ -50,6 +50,9 @@ MAX_TOOL_ROUNDS = 2
 #: manual retrieval calls per turn
 MAX_MANUAL_CALLS = 2
 
+#: a follow-up about one part of the answer ("What should I do first?") rather than the whole manual
+_DETAIL = ("why", "which", "first", "more", "explain", "왜", "어떤", "어느", "먼저", "자세히", "설명")
+
 _WORDS = {
     "register": ("register", "add it to the gallery", "add this to the gallery", "save it as", "label it",
                  "relabel", "correct label", "wrong label", "등록", "라벨"),
@@ -69,10 +72,8 @@ _WORDS = {
     "act": ("what should i do", "what do i do", "what to do", "what should we do", "what can i do",
             "deal with", "handle it", "handle this", "handle that", "response manual",
             "어떻게 해야", "어떻게 하면", "어떻게 처리", "어떻게 조치", "조치해야", "대응해야"),
-    # a follow-up about one part of the answer ("What should I do first?") rather than the whole manual
-    "detail": ("why", "which", "first", "more", "explain", "왜", "어떤", "어느", "먼저", "자세히", "설명"),
-    "followup": ("why", "which", "first", "and for", "what about", "more", "explain", "that", "it?", "this?",
-                 "왜", "어떤", "어느", "먼저", "그럼", "그러면", "자세히", "설명", "그건", "그것"),
+    "detail": _DETAIL,
+    "followup": _DETAIL + ("and for", "what about", "that", "it?", "this?", "그럼", "그러면", "그건", "그것"),
     "domain": ("defect", "part", "manual", "cause", "prevent", "action", "inspection", "anomal", "quality",
                "결함", "부품", "매뉴얼", "원인", "예방", "조치", "검사", "품질", "제품"),
 }
