@@ -33,6 +33,7 @@ from core.uploads import UploadError, images_from_uploads
 from data.acquisition import ACQUISITION_CHANGES, random_acquisition
 from models.patchcore.config import SYMMETRIES, PatchCoreConfig, config_for
 from models.patchcore.model import PatchCore
+from models.patchcore.simplenet import HEAD_COPIES
 from services.container import Services
 from services.lock import MODEL_LOCK
 
@@ -43,6 +44,9 @@ NORMAL_REFERENCES = 6  # normal images of a fitted product added to the image in
 #: acquisition changes of the bank's and the calibration's copies, and how many per copy
 ACQUISITION_N_CHANGES = (1, 3)
 ACQUISITION_SEED = 15
+#: seed of the acquisition copies a SimpleNet-scored bank's head is trained on (the set-up of
+#: bench/bench_simplenet.py, where the scorer was chosen)
+HEAD_COPY_SEED = 5
 
 
 def acquisition_copies(images: list[np.ndarray], copies: int, seed: int = ACQUISITION_SEED,
@@ -89,7 +93,8 @@ def fit_bank(services: Services, product: str, train: list[np.ndarray], val_norm
     """Fit and save ``product``'s memory bank (:meth:`models.patchcore.model.PatchCore.fit` + :class:`stores.banks.BankStore`).
 
     The bank gets ``settings.patchcore_acquisition_copies`` acquisition-changed copies of each
-    training normal; the threshold is calibrated on ``val_normal`` plus
+    training normal (a ``scorer="simplenet"`` configuration's head is trained on the training normals and
+    :data:`models.patchcore.simplenet.HEAD_COPIES` other copies of each); the threshold is calibrated on ``val_normal`` plus
     ``settings.patchcore_calibration_copies`` changed copies of each, at
     ``settings.patchcore_target_fpr`` (see the module docstring). With ``settings.patchcore_cross_fit``
     (default) those calibration normals form a second fold of the bank and the threshold comes from
@@ -119,10 +124,11 @@ def fit_bank(services: Services, product: str, train: list[np.ndarray], val_norm
         raise ValueError(f"need at least 2 calibration normals, got {len(val_normal)}")
     cfg = fit_config(services, product, symmetry, **overrides)
     extra = acquisition_copies(train, s.patchcore_acquisition_copies)
+    head_extra = acquisition_copies(train, HEAD_COPIES, seed=HEAD_COPY_SEED) if cfg.scorer == "simplenet" else None
     calib = [load_rgb(im) for im in val_normal] + acquisition_copies(val_normal, s.patchcore_calibration_copies,
                                                                       seed=ACQUISITION_SEED + 1)
     bank, summary = PatchCore.fit(product, train, calib, val_defect, cfg=cfg, rt=services.banks.runtime,
-                                  train_paths=train_paths, symmetry=symmetry, bank_extra=extra,
+                                  train_paths=train_paths, symmetry=symmetry, bank_extra=extra, head_extra=head_extra,
                                   target_fpr=s.patchcore_target_fpr, cross_fit=s.patchcore_cross_fit,
                                   uncertain_band=s.patchcore_uncertain_band,
                                   progress=progress, guard=MODEL_LOCK.exclusive)

@@ -4,7 +4,9 @@
 ``train_descriptors.npy`` (float32 ``(N_train, C)``, global features used to find the
 nearest normal training image) and ``meta.json`` (backbone, layers, image size, coreset
 ratio, thresholds and their rules, colour scale, training image paths relative to the
-state directory as ``state:<path>``).
+state directory as ``state:<path>``); a bank scored by a SimpleNet-style head
+(``scorer: simplenet``) also holds ``head.safetensors`` (its weights, safetensors format:
+no pickle is loaded).
 
 Crash safety: a bank is written to a temporary folder and swapped in with ``os.replace``
 (the previous folder is first renamed to ``.old-<product>-*``); a store opened after a
@@ -27,17 +29,21 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+import safetensors
+import safetensors.torch
 
 from core.catalog import UnknownProductError
 from core.settings import Settings
 from core.types import BankMeta
 from models.patchcore.model import BuildGuard, PatchCore, Runtime
+from models.patchcore.simplenet import head_from_state
 
 log = logging.getLogger("dra.banks")
 
 META_NAME = "meta.json"
 BANK_NAME = "memory_bank.npy"
 DESCRIPTORS_NAME = "train_descriptors.npy"
+HEAD_NAME = "head.safetensors"
 
 
 class BankNotFoundError(UnknownProductError, KeyError):
@@ -184,9 +190,12 @@ class BankStore:
         try:
             meta = json.loads((folder / META_NAME).read_text(encoding="utf-8"))
             paths = [self._abs_path(p) for p in meta.get("train_paths", [])]
+            head = None
+            if meta.get("scorer", "knn") == "simplenet":
+                head = head_from_state(safetensors.torch.load_file(folder / HEAD_NAME))
             bank = PatchCore.from_arrays(meta, np.load(folder / BANK_NAME), np.load(folder / DESCRIPTORS_NAME),
-                                         paths, self.runtime, self.guard)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+                                         paths, self.runtime, self.guard, head=head)
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError, safetensors.SafetensorError) as exc:
             with self._lock:
                 self._broken[product] = f"{type(exc).__name__}: {exc}"
             log.warning("skipping the PatchCore bank of %r: %s", product, self._broken[product])
@@ -211,6 +220,9 @@ class BankStore:
             dtype = np.float16 if meta.get("bank_dtype") == "float16" else np.float32
             np.save(tmp / BANK_NAME, bank.memory_bank.detach().cpu().numpy().astype(dtype))
             np.save(tmp / DESCRIPTORS_NAME, bank.descriptors.detach().cpu().numpy().astype(np.float32))
+            if bank.head is not None:
+                safetensors.torch.save_file({k: v.detach().contiguous() for k, v in bank.head.state_dict().items()},
+                                            tmp / HEAD_NAME)
             (tmp / META_NAME).write_text(json.dumps(meta, indent=1, ensure_ascii=False), encoding="utf-8")
             target = self.banks_dir / product
             old = None

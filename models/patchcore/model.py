@@ -51,6 +51,7 @@ from models.patchcore.config import (AUGMENTATIONS, BATCH_SIZE, CORESET_CANDIDAT
                                      IMAGENET_STD, MAX_FOLD_BANK, MIN_INPUT_SIDE, NUM_NEIGHBORS, PIXEL_QUANTILE, SEED,
                                      UNCERTAIN_BAND, PatchCoreConfig)
 from models.patchcore.coreset import greedy_coreset_indices
+from models.patchcore.simplenet import NOISE_SIGMA, STEPS, SimpleNetHead, train_head
 from models.patchcore.texture import LAYER as TEXTURE_LAYER
 from models.patchcore.texture import TextureFeatures
 
@@ -305,13 +306,15 @@ class Runtime:
 def image_score_rule(cfg: PatchCoreConfig) -> str:
     """How a bank's image score is computed, in words (recorded in meta.json)."""
     views = len(AUGMENTATIONS[cfg.tta])
+    what = "SimpleNet head's patch scores" if cfg.scorer == "simplenet" else "patch distances"
     if cfg.tta != "none":
-        rule = f"max of the patch distances averaged over {views} test-time views ({cfg.tta})"
-    elif cfg.score_norm == "median":  # one view through _views_forward: no Eq. 7 re-weighting
-        rule = "max patch distance"
+        rule = f"max of the {what} averaged over {views} test-time views ({cfg.tta})"
+    elif cfg.score_norm == "median" or cfg.scorer == "simplenet":  # one view through _views_forward: no Eq. 7
+        rule = "max SimpleNet head's patch score" if cfg.scorer == "simplenet" else "max patch distance"
     else:
         return "paper Eq. 7 re-weighted max patch distance (9 neighbours)" if cfg.reweight else "max patch distance"
-    return rule + (" minus the photo's median patch distance" if cfg.score_norm == "median" else "")
+    med = " minus the photo's median patch " + ("score" if cfg.scorer == "simplenet" else "distance")
+    return rule + (med if cfg.score_norm == "median" else "")
 
 
 def model_label(spec: BackboneSpec, cfg: PatchCoreConfig) -> str:
@@ -324,8 +327,9 @@ def model_label(spec: BackboneSpec, cfg: PatchCoreConfig) -> str:
         size = "native" if cfg.pixel_scale == 1.0 else f"native-x{cfg.pixel_scale:g}"
     gray = "/gray" if cfg.input_norm == "gray" else ""
     rel = "/relative" if cfg.score_norm == "median" else ""
+    scorer = "/simplenet" if cfg.scorer == "simplenet" else ""
     return (f"patchcore/{spec.label}@{size}{gray}/pool{cfg.pool_size}/coreset{cfg.coreset_ratio:g}"
-            f"{aug}{tta}{rel}")
+            f"{aug}{tta}{rel}{scorer}")
 
 
 def new_model(spec: BackboneSpec, cfg: PatchCoreConfig, rt: Runtime, guard: BuildGuard | None = None):
@@ -348,7 +352,8 @@ def config_from_meta(meta: dict) -> PatchCoreConfig:
                            reweight=bool(meta.get("reweight", True)), tta=meta.get("tta", "none"),
                            fold_bank=int(meta.get("fold_bank", MAX_FOLD_BANK)),
                            score_norm=str(meta.get("score_norm", "none")),
-                           features=str(meta.get("features", "lite0")))
+                           features=str(meta.get("features", "lite0")),
+                           scorer=str(meta.get("scorer", "knn")), head_steps=int(meta.get("head_steps", STEPS)))
 
 
 def model_input_size(height: int, width: int, cfg: PatchCoreConfig) -> tuple[int, int]:
@@ -424,7 +429,8 @@ def _forward(model, images, spec: BackboneSpec, size: int | None = None):
 SEARCH_ROWS = 32_768
 
 
-def _views_forward(model, x: torch.Tensor, views: Sequence[tuple[bool, int]], relative: bool = False):
+def _views_forward(model, x: torch.Tensor, views: Sequence[tuple[bool, int]], relative: bool = False,
+                   head: SimpleNetHead | None = None):
     """Test-time symmetry views of a same-shaped batch ``x (B, 3, h, w)``: averaged patch-distance map.
 
     Each view (``np.rot90(transpose?(img), k)``) goes through anomalib's feature extractor,
@@ -438,7 +444,9 @@ def _views_forward(model, x: torch.Tensor, views: Sequence[tuple[bool, int]], re
     by their own shape. Image score: the maximum of the averaged map (Eq. 7 needs one nearest
     bank patch per location, which an average of views does not have). With ``relative`` each
     photo's averaged map is moved by its own median patch distance
-    (:attr:`PatchCoreConfig.score_norm` ``median``), so maps and scores may be negative.
+    (:attr:`PatchCoreConfig.score_norm` ``median``), so maps and scores may be negative. With a
+    ``head`` (:mod:`models.patchcore.simplenet`) a patch's score is the head's instead of its
+    nearest-neighbour distance; everything else is the same.
 
     Returns:
         ``(scores (B,), averaged patch maps (B, h', w'), anomaly maps (B, h, w), descriptors (B, C))``,
@@ -463,7 +471,9 @@ def _views_forward(model, x: torch.Tensor, views: Sequence[tuple[bool, int]], re
                 embs.append(model.reshape_embedding(emb))
                 last = len(grids) == len(views)
                 if last or sum(e.shape[0] for e in embs) >= SEARCH_ROWS:  # one query per SEARCH_ROWS patches
-                    dists.append(model.nearest_neighbors(torch.cat(embs), n_neighbors=1)[0])
+                    q = torch.cat(embs)
+                    dists.append(head.patch_scores(q) if head is not None
+                                 else model.nearest_neighbors(q, n_neighbors=1)[0])
                     embs = []
             dist = torch.cat(dists)
             back, offset = [], 0
@@ -491,6 +501,22 @@ def _forward_views(model, images: Sequence[np.ndarray], spec: BackboneSpec, size
     """
     scores, _, amap, desc = _views_forward(model, preprocess(images, size, spec.mean, spec.std), views)
     return scores, amap, desc
+
+
+def _patch_embeddings(model, images: list[np.ndarray], cfg: PatchCoreConfig, spec: BackboneSpec) -> torch.Tensor:
+    """``(N, D)`` float32 patch embeddings of ``images`` (identity view, :func:`prepare`d as the bank's inputs).
+
+    The same features the memory bank holds: the model's feature extractor, pooling and
+    ``generate_embedding`` (anomalib's ``PatchcoreModel``); N = the patches of all images.
+    """
+    xs = [prepare(im, cfg, spec) for im in images]
+    rows = []
+    with torch.inference_mode():
+        for idx in shape_groups(xs):
+            feats = model.feature_extractor(torch.cat([xs[i] for i in idx]))
+            feats = {layer: model.feature_pooler(f) for layer, f in feats.items()}
+            rows.append(model.reshape_embedding(model.generate_embedding(feats)).float())
+    return torch.cat(rows).clone()
 
 
 def _coreset_bank(model, images: list[np.ndarray], n_desc: int, cfg: PatchCoreConfig, spec: BackboneSpec,
@@ -553,14 +579,16 @@ class PatchCore:
         descriptors: float32 ``(N_train, C)`` global features of the training images (to
             find the nearest normal training image).
         train_paths: the training images' file paths (entries may be None).
+        head: the SimpleNet-style patch scorer of a ``scorer="simplenet"`` bank (else None).
 
     Thread safety: one lock serialises the model's forward passes (anomalib's model keeps
     per-call state); share one instance between threads.
     """
 
     def __init__(self, model, spec: BackboneSpec, meta: dict, descriptors: torch.Tensor,
-                 train_paths: list[str | None]):
+                 train_paths: list[str | None], head: SimpleNetHead | None = None):
         self.model, self.spec, self.meta = model, spec, meta
+        self.head = head
         self.descriptors = descriptors
         self.train_paths = list(train_paths)
         self._lock = threading.Lock()
@@ -577,7 +605,8 @@ class PatchCore:
 
     @classmethod
     def from_arrays(cls, meta: dict, memory_bank: np.ndarray, descriptors: np.ndarray,
-                    train_paths: list[str | None], rt: Runtime, guard: BuildGuard | None = None) -> "PatchCore":
+                    train_paths: list[str | None], rt: Runtime, guard: BuildGuard | None = None,
+                    head: SimpleNetHead | None = None) -> "PatchCore":
         """Rebuild a fitted bank from its stored arrays (same scores as when it was fitted).
 
         Args:
@@ -586,19 +615,25 @@ class PatchCore:
             train_paths: absolute paths of the training images (or None entries).
             rt: runtime choices (search, dtype, feature runtime); ``rt.backbone`` is ignored.
             guard: held while the model is built (see :data:`BuildGuard`).
+            head: the stored SimpleNet-style head of a ``scorer="simplenet"`` bank.
+
+        Raises:
+            ValueError: a ``simplenet`` bank without its head.
         """
+        if meta.get("scorer", "knn") == "simplenet" and head is None:
+            raise ValueError("a bank with scorer 'simplenet' needs its head (head.safetensors)")
         spec = backbone_spec(meta["backbone"], meta.get("blocks"))
         model = new_model(spec, config_from_meta(meta), rt, guard)
         model.memory_bank = torch.from_numpy(np.asarray(memory_bank, dtype=np.float32))
-        return cls(model, spec, meta, torch.from_numpy(np.asarray(descriptors, dtype=np.float32)), train_paths)
+        return cls(model, spec, meta, torch.from_numpy(np.asarray(descriptors, dtype=np.float32)), train_paths, head)
 
     # ---- fitting
     @classmethod
     def fit(cls, product: str, train_images: list[np.ndarray], val_normal: list[np.ndarray],
             val_defect: list[np.ndarray] | None = None, *, cfg: PatchCoreConfig, rt: Runtime,
             train_paths: list[str | None] | None = None, symmetry: str | None = None,
-            bank_extra: list[np.ndarray] | None = None, target_fpr: float | None = None,
-            cross_fit: bool = False, uncertain_band: float = UNCERTAIN_BAND, progress: Progress | None = None,
+            bank_extra: list[np.ndarray] | None = None, head_extra: list[np.ndarray] | None = None,
+            target_fpr: float | None = None, cross_fit: bool = False, uncertain_band: float = UNCERTAIN_BAND, progress: Progress | None = None,
             guard: BuildGuard | None = None) -> tuple["PatchCore", dict]:
         """Build the memory bank of ``product`` from normal images and calibrate its thresholds.
 
@@ -617,6 +652,8 @@ class PatchCore:
             symmetry: the symmetry name the views came from (recorded only).
             bank_extra: more normal images for the memory bank only (e.g. acquisition changes
                 of ``train_images``); not nearest-normal references.
+            head_extra: with ``cfg.scorer == "simplenet"``: more normal images the head is trained
+                on besides ``train_images`` (e.g. acquisition changes of them); unused otherwise.
             target_fpr: the false-positive rate the image threshold aims at on the
                 calibration normals (:func:`models.patchcore.calibration.fpr_threshold`);
                 None: the legacy rule (:func:`models.patchcore.calibration.calibrate_threshold`).
@@ -625,7 +662,9 @@ class PatchCore:
                 ``cfg.fold_bank`` patches, so the bank covers every normal given; the threshold comes
                 from out-of-fold scores only: bank A on ``val_normal``, bank B on as many of
                 ``train_images + bank_extra``. Without it the bank is bank A and the calibration
-                normals are scored by it.
+                normals are scored by it. Ignored with ``cfg.scorer == "simplenet"``: the head is
+                trained on ``train_images + head_extra`` and scores the calibration normals, which
+                it has not seen.
             uncertain_band: a verdict whose margin is within this many normal spreads of the
                 threshold is reported as uncertain (recorded in meta.json).
             progress: ``progress(fraction 0..1, message)``; the message of the coreset
@@ -654,6 +693,8 @@ class PatchCore:
         if train_paths is not None and len(train_paths) != len(train_images):
             raise ValueError("train_paths must have one entry per training image")
         report = progress or (lambda _f, _m: None)
+        simplenet = cfg.scorer == "simplenet"
+        cross_fit = cross_fit and not simplenet
         train_images = [load_rgb(im) for im in train_images]
         extra = [load_rgb(im) for im in (bank_extra or [])]
         val_normal = [load_rgb(im) for im in val_normal]
@@ -675,10 +716,17 @@ class PatchCore:
             n_patches, sampled = n_a + n_b, cand_a or cand_b
         coreset_s = time.perf_counter() - t_core
         model.eval()
+        head, head_s, head_rows = None, 0.0, 0
+        if simplenet:
+            report(0.76, "training the SimpleNet head on the train normals' patches")
+            t_head = time.perf_counter()
+            rows = _patch_embeddings(model, train_images + [load_rgb(im) for im in (head_extra or [])], cfg, spec)
+            head, head_rows = train_head(rows, NOISE_SIGMA, cfg.head_steps, seed=SEED), int(rows.shape[0])
+            head_s = time.perf_counter() - t_head
         pc = cls(model, spec, {"image_size": cfg.image_size, "pixel_scale": cfg.pixel_scale,
                                "input_norm": cfg.input_norm, "pool_size": cfg.pool_size, "tta": cfg.tta,
-                               "score_norm": cfg.score_norm},
-                 descs, list(train_paths or [None] * n))
+                               "score_norm": cfg.score_norm, "scorer": cfg.scorer},
+                 descs, list(train_paths or [None] * n), head)
 
         report(0.8, "calibrating thresholds on the calibration normals")
         # out-of-fold scores: bank A (train normals) scores the calibration normals; with cross-fitting
@@ -732,7 +780,8 @@ class PatchCore:
         pc.meta = {
             "format_version": FORMAT_VERSION,
             "product": product,
-            "method": "PatchCore (Roth et al. 2022), anomalib 2.7 PatchcoreModel",
+            "method": "PatchCore (Roth et al. 2022), anomalib 2.7 PatchcoreModel"
+                      + ("; patches scored by a SimpleNet-style head (Liu et al. 2023)" if simplenet else ""),
             "model": model_label(spec, cfg),
             "backbone": spec.name,
             "layers": list(spec.layers),
@@ -752,6 +801,12 @@ class PatchCore:
             "fold_bank": cfg.fold_bank,
             "score_norm": cfg.score_norm,
             "features": cfg.features,
+            "scorer": cfg.scorer,
+            "head_steps": cfg.head_steps,
+            "head_rule": (f"adaptor + discriminator, truncated L1 (margin 0.5), Gaussian noise sigma {NOISE_SIGMA} "
+                          f"(standardised units), {cfg.head_steps} steps, seed {SEED}, on {head_rows} patches of "
+                          f"{n} train normals and {len(head_extra or [])} extra normals; {head_s:.1f} s")
+                         if simplenet else None,
             "tta_views": views,
             "symmetry": symmetry,
             "image_score_rule": image_score_rule(cfg),
@@ -822,9 +877,9 @@ class PatchCore:
         with self._lock:
             for idx in shape_groups(xs):
                 x = torch.cat([xs[i] for i in idx])
-                if tta != "none" or cfg.score_norm == "median":
+                if tta != "none" or cfg.score_norm == "median" or self.head is not None:
                     score, pmap, amap, desc = _views_forward(self.model, x, AUGMENTATIONS[tta],
-                                                             relative=cfg.score_norm == "median")
+                                                             relative=cfg.score_norm == "median", head=self.head)
                 else:
                     out, desc = _forward(self.model, x, self.spec)
                     score, amap = out.pred_score.reshape(-1), out.anomaly_map[:, 0]

@@ -80,7 +80,7 @@ def test_texture_bank_fits_scores_and_round_trips(tmp_path):
     the map peaks, and a small gray photo of a normal part is not flagged."""
     settings = Settings.from_env(state_dir=tmp_path, patchcore_acquisition_copies=1, patchcore_calibration_copies=2)
     store = PatchCoreBanks(settings, features="texture", pool_size=3, sigma=2.0, augment="none", tta="none",
-                           fold_bank=1600, coreset_ratio=0.01)
+                           fold_bank=1600, coreset_ratio=0.01, scorer="knn")
     grass = lambda n, seed, **kw: _crops(n, seed, photo=data.grass, **kw)  # noqa: E731
     train, val = grass(24, seed=11), grass(8, seed=12)
     info = store.fit("grass", train, val)
