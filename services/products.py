@@ -93,9 +93,9 @@ def fit_bank(services: Services, product: str, train: list[np.ndarray], val_norm
     """Fit and save ``product``'s memory bank (:meth:`models.patchcore.model.PatchCore.fit` + :class:`stores.banks.BankStore`).
 
     The bank gets ``settings.patchcore_acquisition_copies`` acquisition-changed copies of each
-    training normal (a ``scorer="simplenet"`` configuration's head is trained on the training normals and
-    :data:`models.patchcore.simplenet.HEAD_COPIES` other copies of each); the threshold is calibrated on ``val_normal`` plus
-    ``settings.patchcore_calibration_copies`` changed copies of each, at
+    training normal (a ``scorer="simplenet"`` configuration's head is trained on the training
+    normals and :data:`models.patchcore.simplenet.HEAD_COPIES` other copies of each); the threshold
+    is calibrated on ``val_normal`` plus ``settings.patchcore_calibration_copies`` changed copies of each, at
     ``settings.patchcore_target_fpr`` (see the module docstring). With ``settings.patchcore_cross_fit``
     (default) those calibration normals form a second fold of the bank and the threshold comes from
     out-of-fold scores only (:meth:`models.patchcore.model.PatchCore.fit`).

@@ -235,7 +235,8 @@ INPUT_NORMS = ("rgb", "gray")
 
 
 def check_views(over: dict) -> None:
-    """Raise ValueError for unknown ``augment`` / ``tta`` views, ``input_norm``, ``features`` or a bad ``pixel_scale``."""
+    """Raise ValueError for unknown ``augment`` / ``tta`` views, ``input_norm``, ``features``, ``scorer``, a bad
+    ``pixel_scale`` or ``head_steps``."""
     for key in ("augment", "tta"):
         if key in over and over[key] not in AUGMENTATIONS:
             raise ValueError(f"unknown {key} views {over[key]!r}; choose from {sorted(AUGMENTATIONS)}")

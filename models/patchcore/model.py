@@ -633,8 +633,8 @@ class PatchCore:
             val_defect: list[np.ndarray] | None = None, *, cfg: PatchCoreConfig, rt: Runtime,
             train_paths: list[str | None] | None = None, symmetry: str | None = None,
             bank_extra: list[np.ndarray] | None = None, head_extra: list[np.ndarray] | None = None,
-            target_fpr: float | None = None, cross_fit: bool = False, uncertain_band: float = UNCERTAIN_BAND, progress: Progress | None = None,
-            guard: BuildGuard | None = None) -> tuple["PatchCore", dict]:
+            target_fpr: float | None = None, cross_fit: bool = False, uncertain_band: float = UNCERTAIN_BAND,
+            progress: Progress | None = None, guard: BuildGuard | None = None) -> tuple["PatchCore", dict]:
         """Build the memory bank of ``product`` from normal images and calibrate its thresholds.
 
         Args:
