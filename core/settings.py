@@ -79,6 +79,7 @@ ENV_VARS: dict[str, str] = {
     "multilingual_text_embedder": "DRA_MULTILINGUAL_TEXT_EMBEDDER",
     "patchcore_image_size": "DRA_PATCHCORE_IMAGE_SIZE",
     "patchcore_coreset_ratio": "DRA_PATCHCORE_CORESET_RATIO",
+    "patchcore_head_steps": "DRA_PATCHCORE_HEAD_STEPS",
     "patchcore_search": "DRA_PATCHCORE_SEARCH",
     "patchcore_runtime": "DRA_PATCHCORE_RUNTIME",
     "patchcore_bank_dtype": "DRA_PATCHCORE_BANK_DTYPE",
@@ -180,6 +181,8 @@ class Settings:
     # PatchCore image size / coreset ratio: 0 = the product's tuned config (models.patchcore.config)
     patchcore_image_size: int = 0
     patchcore_coreset_ratio: float = 0.0
+    # training steps of a SimpleNet-scored product's head (grass): 0 = the product's configuration (2,000)
+    patchcore_head_steps: int = 0
     # nearest-neighbour search over the memory bank: faiss | torch (anomalib's chunked distances)
     patchcore_search: str = "faiss"
     # EfficientNet-Lite0 feature extraction: onnxruntime (exported in memory, faster) | torch (eager, anomalib's)

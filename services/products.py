@@ -73,7 +73,8 @@ def fit_config(services: Services, product: str, symmetry: str | None = None, **
     """The :class:`models.patchcore.config.PatchCoreConfig` a fit of ``product`` uses.
 
     Field by field: an override if given (not None), else the settings' non-zero
-    ``patchcore_image_size`` / ``patchcore_coreset_ratio``, else the product's tuned entry,
+    ``patchcore_image_size`` / ``patchcore_coreset_ratio`` / ``patchcore_pixel_scale`` /
+    ``patchcore_head_steps``, else the product's tuned entry,
     else the default; ``symmetry`` sets the bank and test-time views.
 
     Raises:
@@ -81,7 +82,7 @@ def fit_config(services: Services, product: str, symmetry: str | None = None, **
     """
     s = services.settings
     over = {"image_size": s.patchcore_image_size or None, "coreset_ratio": s.patchcore_coreset_ratio or None,
-            "pixel_scale": s.patchcore_pixel_scale or None}
+            "pixel_scale": s.patchcore_pixel_scale or None, "head_steps": s.patchcore_head_steps or None}
     over.update({k: v for k, v in overrides.items() if v is not None})
     return config_for(product, symmetry, **over)
 

@@ -249,8 +249,10 @@ def test_space_like_start_builds_then_answers_chat(tmp_path):
     env = {**os.environ, "SPACE_ID": "test/defect-agent", "GRADIO_SERVER_NAME": "0.0.0.0", "PORT": str(port),
            "DRA_STATE_DIR": str(state), "DRA_AGENT_MODEL": smollm2_path(),
            # a small build for CI: smaller PatchCore inputs, few synthesized defects for the metric, one fit per
-           # product (no cross-fit folds, no acquisition copies in the bank, one per calibration normal)
+           # product (no cross-fit folds, no acquisition copies in the bank, one per calibration normal), a short
+           # SimpleNet head training for grass
            "DRA_PATCHCORE_IMAGE_SIZE": "128", "DRA_SYNTH_PER_TYPE": "6", "DRA_PATCHCORE_CROSS_FIT": "0",
+           "DRA_PATCHCORE_HEAD_STEPS": "200",
            "DRA_PATCHCORE_ACQUISITION_COPIES": "0", "DRA_PATCHCORE_CALIBRATION_COPIES": "1"}
     for k in ("DRA_HOST", "DRA_PORT", "DRA_PUBLIC"):
         env.pop(k, None)

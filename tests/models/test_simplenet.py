@@ -58,8 +58,11 @@ def test_simplenet_bank_fits_scores_and_round_trips(tmp_path):
     above every normal and the map peaks on it; a small gray photo of a normal part is not flagged; a bank whose
     head file is gone is reported, not served with the wrong scorer."""
     assert PRODUCT_CONFIGS["grass"].scorer == "simplenet"
-    settings = Settings.from_env(state_dir=tmp_path, patchcore_acquisition_copies=1, patchcore_calibration_copies=2)
-    store = PatchCoreBanks(settings, head_steps=300)
+    settings = Settings.from_env(state_dir=tmp_path, patchcore_acquisition_copies=1, patchcore_calibration_copies=2,
+                                 patchcore_head_steps=300)  # DRA_PATCHCORE_HEAD_STEPS; 0 = the configuration's 2,000
+    assert PatchCoreBanks(Settings.from_env(state_dir=tmp_path)).config_for("grass").head_steps == 2000
+    store = PatchCoreBanks(settings)
+    assert store.config_for("grass").head_steps == 300
     train, val = _grass(16, seed=21), _grass(8, seed=22)
     store.fit("grass", train, val)
     meta = store.meta("grass")
