@@ -60,6 +60,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -71,18 +72,13 @@ import bench_robustness as br  # noqa: E402
 import bench_texture_patchcore as btp  # noqa: E402
 import torch  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
-from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402,N812
 
 from core.imageio import load_rgb  # noqa: E402
 from models.patchcore.config import AUGMENTATIONS, PRODUCT_CONFIGS, PatchCoreConfig  # noqa: E402
 from models.patchcore.model import PatchCore, prepare  # noqa: E402
+from models.patchcore.simplenet import SimpleNetHead, train_head  # noqa: E402
 from services.products import acquisition_copies  # noqa: E402
-
-MARGIN = 0.5  # SimpleNet's truncation threshold (th+ = th- = 0.5)
-STEPS = 2000
-BATCH = 2048
-HIDDEN = 512
 
 
 def embed(pc: PatchCore, rgb: np.ndarray, view: tuple[bool, int] = (False, 0)) -> torch.Tensor:
@@ -95,47 +91,6 @@ def embed(pc: PatchCore, rgb: np.ndarray, view: tuple[bool, int] = (False, 0)) -
         feats = pc.model.feature_extractor(x)
         feats = {layer: pc.model.feature_pooler(f) for layer, f in feats.items()}
         return pc.model.generate_embedding(feats)[0].float()
-
-
-class SimpleNetHead(nn.Module):
-    """Feature adaptor + discriminator of SimpleNet on ``(N, D)`` standardised patch embeddings."""
-
-    def __init__(self, d: int, mu: torch.Tensor, sd: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("mu", mu)
-        self.register_buffer("sd", sd)
-        self.adaptor = nn.Linear(d, d)
-        with torch.no_grad():
-            self.adaptor.weight.copy_(torch.eye(d))
-            self.adaptor.bias.zero_()
-        self.disc = nn.Sequential(nn.Linear(d, HIDDEN), nn.BatchNorm1d(HIDDEN), nn.LeakyReLU(0.2), nn.Linear(HIDDEN, 1))
-
-    def adapt(self, f: torch.Tensor) -> torch.Tensor:
-        return self.adaptor((f - self.mu) / self.sd)
-
-    def patch_scores(self, f: torch.Tensor) -> torch.Tensor:
-        """``(N,)`` anomaly score (minus the discriminator's output) of ``(N, D)`` raw embeddings."""
-        return -self.disc(self.adapt(f))[:, 0]
-
-
-def train_head(rows: torch.Tensor, sigma: float, seed: int = 0) -> SimpleNetHead:
-    """A :class:`SimpleNetHead` trained on ``(N, D)`` normal patch embeddings with noise ``sigma``."""
-    torch.manual_seed(seed)
-    mu, sd = rows.mean(0), rows.std(0) + 1e-6
-    head = SimpleNetHead(rows.shape[1], mu, sd)
-    opt = torch.optim.Adam([{"params": head.adaptor.parameters(), "lr": 1e-4},
-                            {"params": head.disc.parameters(), "lr": 2e-4}], weight_decay=1e-5)
-    gen = torch.Generator().manual_seed(seed)
-    head.train()
-    for _ in range(STEPS):
-        f = head.adapt(rows[torch.randint(len(rows), (BATCH,), generator=gen)])
-        noisy = f + sigma * torch.randn(f.shape, generator=gen)
-        out = head.disc(torch.cat([f, noisy]))[:, 0]
-        loss = torch.clamp(MARGIN - out[:BATCH], min=0).mean() + torch.clamp(out[BATCH:] + MARGIN, min=0).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return head.eval()
 
 
 def training_rows(pc: PatchCore, product: str, copies: int = 2) -> torch.Tensor:
@@ -190,7 +145,8 @@ def main() -> None:
         photos = bt.load_split(product, "unseen") if args.unseen else bt.tune_set(product)
         split = "unseen" if args.unseen else "tune"
         vals = [load_rgb(it["path"]) for it in br.items(product, "val") if it["label"] == "good"]
-        pc, fit_s = btp.fit(product, PRODUCT_CONFIGS.get(product, PatchCoreConfig()))
+        # the anchor is the nearest-neighbour scorer (grass's shipped configuration uses this bench's head since)
+        pc, fit_s = btp.fit(product, replace(PRODUCT_CONFIGS.get(product, PatchCoreConfig()), scorer="knn"))
         t0 = time.perf_counter()
         res = pc.predict([p["rgb"] for p in photos])
         pc_ms = (time.perf_counter() - t0) * 1000 / len(photos)

@@ -182,7 +182,9 @@ def main() -> None:
     for product in args.products:
         photos = bt.tune_set(product)
         for name in args.variants:
-            base = PRODUCT_CONFIGS.get(product, PatchCoreConfig())
+            # the nearest-neighbour scorer these variants were measured with (grass is SimpleNet-scored since the
+            # thirteenth session, bench_simplenet.py)
+            base = replace(PRODUCT_CONFIGS.get(product, PatchCoreConfig()), scorer="knn")
             cfg = base if name == "lite0" else replace(base, **VARIANTS[name])
             pc, fit_s = fit(product, cfg)
             row = {"product": product, "split": "tune", "variant": name, "model": pc.meta["model"],

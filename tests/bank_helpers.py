@@ -61,3 +61,50 @@ class PatchCoreBanks:
 
     def evaluate(self, product: str, limit: int | None = None) -> dict:
         return evaluate_anomaly(self.services, product, limit=limit)
+
+
+def bright_scratches(photos: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each photo with a 5 px wide line, 100 gray levels brighter, from (30, 30) to (100, 130): ``(image, mask)``."""
+    from scipy import ndimage as ndi
+    from skimage import draw
+
+    out = []
+    for im in photos:
+        img, mask = im.copy(), np.zeros(im.shape[:2], bool)
+        rr, cc = draw.line(30, 30, 100, 130)
+        mask[rr, cc] = True
+        mask = ndi.binary_dilation(mask, iterations=2)  # 5 px wide
+        img[mask] = (img[mask].astype(np.int16) + 100).clip(0, 255).astype(np.uint8)
+        out.append((img, mask))
+    return out
+
+
+def assert_scratches_found(store: "PatchCoreBanks", product: str, normals: list[np.ndarray], near_px: int) -> list:
+    """:func:`bright_scratches` of ``normals`` all score above every normal, and each anomaly map peaks within
+    ``near_px`` px of its scratch. Returns the normals' results."""
+    from scipy import ndimage as ndi
+
+    scratched = bright_scratches(normals)
+    res_n = store.inspect_batch(normals, product)
+    res_d = store.inspect_batch([s for s, _ in scratched], product)
+    assert min(r.score for r in res_d) > max(r.score for r in res_n)
+    for r, (_, mask) in zip(res_d, scratched):
+        peak = np.unravel_index(np.argmax(r.anomaly_map), r.anomaly_map.shape)
+        assert ndi.binary_dilation(mask, iterations=near_px)[peak]
+    return res_n
+
+
+#: rows 320..511 of the scikit-image photos are reserved: never read
+ALLOWED_ROWS = 320
+
+
+def gray_crops(n: int, seed: int, photo, h: int = 128, w: int = 160) -> list[np.ndarray]:
+    """``n`` seeded ``h x w`` crops of a scikit-image gray photo (``photo()``, e.g. ``skimage.data.grass``),
+    rows 0-319 only, as RGB uint8 ``(h, w, 3)``."""
+    rows = photo()[:ALLOWED_ROWS]
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        y, x = int(rng.integers(0, ALLOWED_ROWS - h + 1)), int(rng.integers(0, rows.shape[1] - w + 1))
+        out.append(np.repeat(rows[y:y + h, x:x + w, None], 3, axis=2).astype(np.uint8))
+    return out

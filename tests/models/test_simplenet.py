@@ -6,8 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from scipy import ndimage as ndi
-from skimage import data, draw
+from skimage import data
 from sklearn.metrics import roc_auc_score
 
 from core.settings import Settings
@@ -15,19 +14,10 @@ from models.patchcore.config import PRODUCT_CONFIGS
 from models.patchcore.model import config_from_meta
 from models.patchcore.simplenet import SimpleNetHead, head_from_state, train_head
 from stores.banks import HEAD_NAME, BankNotFoundError
-from tests.bank_helpers import PatchCoreBanks
-
-ROWS = 320  # never read rows 320..511
-
+from tests.bank_helpers import PatchCoreBanks, assert_scratches_found, gray_crops
 
 def _grass(n: int, seed: int, h: int = 128, w: int = 160) -> list[np.ndarray]:
-    rows = data.grass()[:ROWS]
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        y, x = int(rng.integers(0, ROWS - h + 1)), int(rng.integers(0, rows.shape[1] - w + 1))
-        out.append(np.repeat(rows[y:y + h, x:x + w, None], 3, axis=2).astype(np.uint8))
-    return out
+    return gray_crops(n, seed, data.grass, h, w)  # rows 0-319 only
 
 
 def test_train_head_learns_the_noise_boundary_and_is_seeded():
@@ -75,20 +65,7 @@ def test_simplenet_bank_fits_scores_and_round_trips(tmp_path):
     bank = store.services.banks.get("grass")
     assert isinstance(bank.head, SimpleNetHead) and bank.head.dim == meta["embedding_dim"]
     normals = _grass(6, seed=23)
-    scratched = []
-    for im in normals:
-        out, mask = im.copy(), np.zeros(im.shape[:2], bool)
-        rr, cc = draw.line(30, 30, 100, 130)
-        mask[rr, cc] = True
-        mask = ndi.binary_dilation(mask, iterations=2)  # 5 px wide
-        out[mask] = (out[mask].astype(np.int16) + 100).clip(0, 255).astype(np.uint8)
-        scratched.append((out, mask))
-    res_n = store.inspect_batch(normals, "grass")
-    res_d = store.inspect_batch([s for s, _ in scratched], "grass")
-    assert min(r.score for r in res_d) > max(r.score for r in res_n)
-    for r, (_, mask) in zip(res_d, scratched):
-        peak = np.unravel_index(np.argmax(r.anomaly_map), r.anomaly_map.shape)
-        assert ndi.binary_dilation(mask, iterations=8)[peak]
+    res_n = assert_scratches_found(store, "grass", normals, near_px=8)
     # the head, not the memory bank, scores: the same photos through the nearest-neighbour distance differ
     knn_scores, _, _ = bank.__class__(bank.model, bank.spec, bank.meta, bank.descriptors, bank.train_paths,
                                       None).predict_maps(normals[:2])

@@ -12,19 +12,12 @@ from skimage.feature import hessian_matrix, hessian_matrix_eigvals
 from core.settings import Settings
 from models.patchcore.model import backbone_spec, config_from_meta
 from models.patchcore.texture import CHANNELS, SCALES, TextureFeatures, robust_gray, texture_maps
-from tests.bank_helpers import PatchCoreBanks
+from tests.bank_helpers import PatchCoreBanks, assert_scratches_found, gray_crops
 
-ROWS = 320  # never read rows 320..511
 
 
 def _crops(n: int, seed: int, h: int = 128, w: int = 160, photo=data.gravel) -> list[np.ndarray]:
-    rows = photo()[:ROWS]
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        y, x = int(rng.integers(0, ROWS - h + 1)), int(rng.integers(0, rows.shape[1] - w + 1))
-        out.append(np.repeat(rows[y:y + h, x:x + w, None], 3, axis=2).astype(np.uint8))
-    return out
+    return gray_crops(n, seed, photo, h, w)
 
 
 def _to_input(rgb: np.ndarray) -> torch.Tensor:
@@ -89,20 +82,7 @@ def test_texture_bank_fits_scores_and_round_trips(tmp_path):
     assert meta["model"].startswith("patchcore/texture[") and config_from_meta(meta).features == "texture"
     assert 0 < info["bank_size"] <= 3200
     normals = grass(6, seed=13)
-    scratched = []
-    for im in normals:
-        out, mask = im.copy(), np.zeros(im.shape[:2], bool)
-        rr, cc = draw.line(30, 30, 100, 130)
-        mask[rr, cc] = True
-        mask = ndi.binary_dilation(mask, iterations=2)  # 5 px wide
-        out[mask] = (out[mask].astype(np.int16) + 100).clip(0, 255).astype(np.uint8)
-        scratched.append((out, mask))
-    res_n = store.inspect_batch(normals, "grass")
-    res_d = store.inspect_batch([s for s, _ in scratched], "grass")
-    assert min(r.score for r in res_d) > max(r.score for r in res_n)
-    for r, (_, mask) in zip(res_d, scratched):
-        peak = np.unravel_index(np.argmax(r.anomaly_map), r.anomaly_map.shape)
-        assert ndi.binary_dilation(mask, iterations=4)[peak]
+    res_n = assert_scratches_found(store, "grass", normals, near_px=4)
     # rebuilt from the stored arrays (a new process would do the same): the same scores
     again = PatchCoreBanks(Settings.from_env(state_dir=tmp_path)).inspect_batch(normals[:2], "grass")
     assert [r.score for r in again] == pytest.approx([r.score for r in res_n[:2]], abs=1e-5)
