@@ -15,7 +15,6 @@ from models.patchcore.texture import CHANNELS, SCALES, TextureFeatures, robust_g
 from tests.bank_helpers import PatchCoreBanks, assert_scratches_found, gray_crops
 
 
-
 def _crops(n: int, seed: int, h: int = 128, w: int = 160, photo=data.gravel) -> list[np.ndarray]:
     return gray_crops(n, seed, photo, h, w)
 
