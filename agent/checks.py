@@ -359,12 +359,14 @@ def check_turn(raw: Any, answer: str, ctx: Any, kind: str, form: str) -> list[st
     elif kind == "manual_question" and getattr(ctx, "manual_hits", None) and not find_citations(answer):
         problems.append("cite the manual passages you used with their labels, e.g. [P1]")
     # a verdict states it; a photo sent for analysis that scored NORMAL gets a short verdict, never a manual
-    # (when the code wrote it at the head of the answer, the model's words need only not contradict it)
+    # (when the code wrote it at the head of the answer - a new photo's text answer, or the response manual's
+    # Defect summary - the model's words need only not contradict it: a manual's items copied from passages
+    # that name no defect word, e.g. grass contamination, state no verdict of their own)
     if insp and not missing and (kind == "verdict" or (kind == "manual" and not insp.get("is_anomalous"))):
         anomalous = bool(insp.get("is_anomalous"))
         verdict_words, other_words = (DEFECT_WORDS, NORMAL_WORDS) if anomalous else (NORMAL_WORDS, DEFECT_WORDS)
         verdict = "ANOMALOUS (a defect was found)" if anomalous else "NORMAL (no defect)"
-        if form == "text" and writes_verdict_head(ctx):
+        if form == "manual" or (form == "text" and writes_verdict_head(ctx)):
             if says_any(raw, other_words) and not says_any(raw, verdict_words):
                 problems.append(f"the part scored {verdict}: the answer must not say otherwise")
                 contradicted = True

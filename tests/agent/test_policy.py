@@ -7,7 +7,7 @@ import pytest
 from llama_cpp import LlamaGrammar
 
 from agent.answers import expand_labels, render_answer
-from agent.checks import check_answer, check_turn, required_tools
+from agent.checks import DEFECT_WORDS, check_answer, check_turn, required_tools, says_any
 from agent.models import ChatGrammar, parse_call_list
 from agent.policy import answer_form, answer_gbnf, classify, offered_tools
 from tools import build_tools
@@ -222,6 +222,23 @@ def test_a_verdict_the_code_wrote_needs_no_restating_only_no_contradiction():
     assert any(p.startswith("state the verdict") for p in check_turn("It looks clean.", "It looks clean.", earlier,
                                                                      "verdict", "text"))
     assert check_turn("It looks normal.", "It looks normal.", earlier, "verdict", "text") == []
+
+
+def test_a_verdict_question_answered_with_the_manual_needs_no_restating():
+    """"Is this part OK?" about an anomalous photo, answered with the response manual: its code-written Defect
+    summary states ANOMALOUS, so the model's sections pass without a defect word of their own (seen: grass
+    contamination passages name none; the check sent the answer back twice and the turn fell back); sections
+    that say the part is fine still go back."""
+    ctx = _analysed("Is this part OK?")
+    raw = ("## Likely causes\n- Uneven kiln cooling. [P1]\n## Immediate actions\n- Hold the panel. [P2]\n"
+           "## Prevention\n- Check the cooling curve. [P3]\n")
+    answer = render_answer(raw, ctx, "manual")
+    assert "ANOMALOUS" in answer.split("## Location")[0]
+    assert not says_any(raw, DEFECT_WORDS)
+    assert check_turn(raw, answer, ctx, "verdict", "manual") == []
+    wrong = raw.replace("- Hold the panel. [P2]", "- The part looks normal: nothing to do. [P2]")
+    assert any("must not say otherwise" in p
+               for p in check_turn(wrong, render_answer(wrong, ctx, "manual"), ctx, "verdict", "manual"))
 
 
 def test_a_photo_answer_that_names_only_another_product_goes_back():
